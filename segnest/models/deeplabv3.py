@@ -1,0 +1,116 @@
+"""DeepLabV3 on a dilated ResNeSt backbone, with the auxiliary FCN head on layer3.
+
+Head layout as in the authors' segmentation code: ASPP with ``channels`` per branch (1x1,
+three dilated 3x3, image pooling) -> concat -> 1x1 projection + BN + ReLU + Dropout(0.5)
+-> 3x3 conv + BN + ReLU + Dropout(0.1) -> 1x1 classifier. Logits are upsampled
+bilinearly (align_corners=True) to the input size, so any input size works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segnest.models.resnest import ResNeSt
+from segnest.models.splat import NormLayer
+
+# ASPP dilation rates per output stride (the rates scale with the feature resolution).
+ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, norm_layer: NormLayer,
+                 dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, bias=False),
+        norm_layer(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPPPooling(nn.Module):
+    """Image-level branch: global average pool -> 1x1 conv + BN + ReLU -> broadcast."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = conv_bn_relu(in_ch, out_ch, 1, norm_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Every position gets the same vector: expand is exact and cheaper than interpolate.
+        return self.conv(self.pool(x)).expand(-1, -1, x.shape[2], x.shape[3])
+
+
+class ASPP(nn.Module):
+    def __init__(self, in_ch: int, channels: int, rates: tuple[int, int, int],
+                 norm_layer: NormLayer, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_ch, channels, 1, norm_layer)]
+            + [conv_bn_relu(in_ch, channels, 3, norm_layer, dilation=r) for r in rates]
+            + [ASPPPooling(in_ch, channels, norm_layer)]
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(channels * len(self.branches), channels, 1, bias=False),
+            norm_layer(channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+
+
+class DeepLabV3Head(nn.Sequential):
+    def __init__(self, in_ch: int, num_classes: int, channels: int = 256,
+                 rates: tuple[int, int, int] = (12, 24, 36),
+                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__(
+            ASPP(in_ch, channels, rates, norm_layer),
+            conv_bn_relu(channels, channels, 3, norm_layer),
+            nn.Dropout(0.1),
+            nn.Conv2d(channels, num_classes, 1),
+        )
+
+
+class FCNHead(nn.Sequential):
+    """Auxiliary head on layer3: 3x3 conv to in/4 channels + BN + ReLU + Dropout + 1x1."""
+
+    def __init__(self, in_ch: int, num_classes: int, norm_layer: NormLayer = nn.BatchNorm2d):
+        inter = in_ch // 4
+        super().__init__(
+            conv_bn_relu(in_ch, inter, 3, norm_layer),
+            nn.Dropout(0.1),
+            nn.Conv2d(inter, num_classes, 1),
+        )
+
+
+class DeepLabV3(nn.Module):
+    """Backbone + DeepLabV3 head (+ auxiliary FCN head).
+
+    ``forward`` returns ``{"out": logits}`` at input size, plus ``"aux"`` in training when
+    the auxiliary head is enabled.
+    """
+
+    def __init__(self, backbone: ResNeSt, num_classes: int, aux: bool = True,
+                 head_channels: int = 256, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        if backbone.num_classes != 0:
+            raise ValueError("DeepLabV3 needs a feature backbone (num_classes=0)")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        channels = backbone.feature_channels
+        rates = ASPP_RATES[backbone.output_stride]
+        self.head = DeepLabV3Head(channels[3], num_classes, head_channels, rates, norm_layer)
+        self.aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone.forward_stages(x)
+        out = {"out": F.interpolate(self.head(features["layer4"]), size=size,
+                                    mode="bilinear", align_corners=True)}
+        if self.training and self.aux_head is not None:
+            out["aux"] = F.interpolate(self.aux_head(features["layer3"]), size=size,
+                                       mode="bilinear", align_corners=True)
+        return out
