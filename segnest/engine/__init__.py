@@ -1,0 +1,1 @@
+"""Engine: training loops, inference strategies, metrics, checkpoints and visualization."""
