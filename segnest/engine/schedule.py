@@ -1,0 +1,120 @@
+"""Per-iteration learning-rate schedules: poly (segmentation) and warmup + cosine (pretraining).
+
+Both are ``torch.optim.lr_scheduler.LRScheduler`` subclasses stepped once per iteration
+and computed in closed form from the iteration count, so ``state_dict`` /
+``load_state_dict`` resume a run exactly. Each parameter group follows the schedule from its
+own initial learning rate, which keeps the head's 10x multiplier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+def linear_warmup_factor(iteration: int, warmup_iters: int, warmup_ratio: float) -> float:
+    """Multiplier rising linearly from ``warmup_ratio`` at 0 to 1 at ``warmup_iters``."""
+    if iteration >= warmup_iters:
+        return 1.0
+    return warmup_ratio + (1.0 - warmup_ratio) * iteration / warmup_iters
+
+
+def _per_group_floor(min_lr: float | Sequence[float], optimizer: Optimizer) -> list[float]:
+    group_count = len(optimizer.param_groups)
+    if isinstance(min_lr, int | float):
+        return [float(min_lr)] * group_count
+    floors = [float(value) for value in min_lr]
+    if len(floors) != group_count:
+        raise ValueError(f"min_lr has {len(floors)} values for {group_count} parameter groups")
+    return floors
+
+
+def _check_lengths(total_iters: int, warmup_iters: int, warmup_ratio: float) -> None:
+    if total_iters <= 0:
+        raise ValueError(f"total_iters must be positive, got {total_iters}")
+    if not 0 <= warmup_iters <= total_iters:
+        raise ValueError(f"warmup_iters must be in [0, {total_iters}], got {warmup_iters}")
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+
+
+class PolyLR(LRScheduler):
+    """Poly decay ``(base - min_lr) * (1 - t / T) ** power + min_lr`` with optional warmup.
+
+    ``min_lr=0`` is the authors' plain poly (``base * (1 - t/T) ** 0.9``); a positive floor
+    follows mmsegmentation, where the floor is an absolute learning rate shared by all groups
+    (so the ratio between groups shrinks towards 1 near the end); pass one floor per group to
+    scale it instead. During the first ``warmup_iters`` iterations the poly value is
+    multiplied by ``warmup_ratio + (1 - warmup_ratio) * t / warmup_iters``. Past
+    ``total_iters`` the learning rate stays at the floor.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_iters: int,
+        power: float = 0.9,
+        min_lr: float | Sequence[float] = 0.0,
+        warmup_iters: int = 0,
+        warmup_ratio: float = 1e-6,
+        last_epoch: int = -1,
+    ) -> None:
+        _check_lengths(total_iters, warmup_iters, warmup_ratio)
+        self.total_iters = total_iters
+        self.power = power
+        self.min_lrs = _per_group_floor(min_lr, optimizer)
+        self.warmup_iters = warmup_iters
+        self.warmup_ratio = warmup_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        iteration = min(self.last_epoch, self.total_iters)
+        decay = (1.0 - iteration / self.total_iters) ** self.power
+        warmup = linear_warmup_factor(iteration, self.warmup_iters, self.warmup_ratio)
+        return [
+            ((base_lr - floor) * decay + floor) * warmup
+            for base_lr, floor in zip(self.base_lrs, self.min_lrs, strict=True)
+        ]
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup from ``warmup_ratio * base`` to ``base``, then cosine decay to ``min_lr``.
+
+    Over ``warmup_iters`` iterations the learning rate rises linearly; over the remaining
+    ``total_iters - warmup_iters`` it follows
+    ``min_lr + (base - min_lr) * (1 + cos(pi * progress)) / 2``; past ``total_iters`` it
+    stays at ``min_lr``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_iters: int,
+        warmup_iters: int = 0,
+        warmup_ratio: float = 1e-6,
+        min_lr: float | Sequence[float] = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        _check_lengths(total_iters, warmup_iters, warmup_ratio)
+        self.total_iters = total_iters
+        self.warmup_iters = warmup_iters
+        self.warmup_ratio = warmup_ratio
+        self.min_lrs = _per_group_floor(min_lr, optimizer)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        iteration = min(self.last_epoch, self.total_iters)
+        if iteration < self.warmup_iters:
+            factor = linear_warmup_factor(iteration, self.warmup_iters, self.warmup_ratio)
+            return [base_lr * factor for base_lr in self.base_lrs]
+        # max(..., 1): when warmup fills the whole run, the last iteration sits at progress 0.
+        decay_iters = max(self.total_iters - self.warmup_iters, 1)
+        progress = (iteration - self.warmup_iters) / decay_iters
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return [
+            floor + (base_lr - floor) * cosine
+            for base_lr, floor in zip(self.base_lrs, self.min_lrs, strict=True)
+        ]
