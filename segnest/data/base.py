@@ -1,0 +1,187 @@
+"""What every segmentation dataset shares: image/mask reading, validation, the sample dict.
+
+A dataset adapter only has to list its ``(image, mask)`` pairs, say how a raw mask maps to
+train ids (``_to_train_ids``) and how a sample is named. Reading, converting any image mode
+to RGB uint8, and checking every sample happens here, lazily in ``load``, so that a bad file
+is reported by name when it is first used instead of giving a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from segnest.data.transforms import to_normalized_tensors
+from segnest.errors import SegnestError
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+# Pillow's modes that hold more than 8 bits per channel in a single band.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Modes a mask may have: one integer value per pixel.
+_LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+# (image, mask) -> (image tensor, mask tensor); see segnest.data.transforms.
+SampleTransform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_data_root(dataset: str) -> Path:
+    """Where a dataset lives when no root is given: ``$SEGNEST_DATA/<dataset>`` or
+    ``./data/<dataset>``."""
+    base = os.environ.get("SEGNEST_DATA")
+    return Path(base) / dataset if base else Path("data") / dataset
+
+
+def missing_layout_error(looked_at: Path, layout: str) -> SegnestError:
+    """The error for a dataset root or split folder that is not there."""
+    return SegnestError(
+        f"dataset folder not found: {looked_at}; expected layout {layout}; pass the right "
+        "root with --data-root or set SEGNEST_DATA (see datasets/README.md)"
+    )
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning any decoding failure into a SegnestError."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError as err:
+        raise SegnestError(f"file not found: {path}") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise SegnestError(
+            f"cannot read image {path} ({err}); the file is corrupt or truncated, "
+            "replace or remove it"
+        ) from err
+    return image
+
+
+def open_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file of any mode (grey, palette, RGBA, 16-bit, ...) as an RGB image.
+
+    No EXIF rotation is applied: annotations are aligned with the stored pixels.
+    """
+    image = _open_image(Path(path))
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit data is scaled to 8 bits; float images are taken to be on a 0-255 scale.
+        if image.mode != "F":
+            values = values / 257.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("P", "PA", "LA", "RGBA"):
+        # Palette images with transparency must go through RGBA; alpha is then dropped.
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file of any mode as an HxWx3 uint8 RGB array."""
+    return np.asarray(open_rgb_image(path), dtype=np.uint8).copy()
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a single-channel label PNG (8- or 16-bit, grey or palette indices) as int64."""
+    image = _open_image(Path(path))
+    if image.mode not in _LABEL_MODES:
+        raise SegnestError(
+            f"mask {path} is a {image.mode} image; masks must be single-channel PNGs "
+            "holding one class id per pixel (grey or palette indices), not colour images"
+        )
+    return np.asarray(image).astype(np.int64)
+
+
+class SegmentationDataset(Dataset):
+    """Pairs of images and masks; ``__getitem__`` returns a dict ready for a DataLoader.
+
+    Subclasses fill ``samples`` and may override ``_to_train_ids`` (raw mask values to
+    train ids, 255 = ignore) and ``name``.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        samples: Sequence[tuple[Path, Path | None]],
+        classes: Sequence[str],
+        palette: np.ndarray,
+        transform: SampleTransform | None = None,
+    ) -> None:
+        if not samples:
+            raise SegnestError(
+                f"no images found for split '{split}' under {root}; check the folder "
+                "layout (see datasets/README.md)"
+            )
+        palette = np.asarray(palette, dtype=np.uint8)
+        if palette.shape != (len(classes), 3):
+            raise ValueError(
+                f"palette has shape {palette.shape}, expected ({len(classes)}, 3)"
+            )
+        self.root = Path(root)
+        self.split = split
+        self.samples: list[tuple[Path, Path | None]] = list(samples)
+        self.classes: list[str] = list(classes)
+        self.num_classes = len(self.classes)
+        self.palette = palette
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def name(self, index: int) -> str:
+        """Stem used for prediction file names."""
+        return self.samples[index][0].stem
+
+    def _to_train_ids(self, raw: np.ndarray, mask_path: Path) -> np.ndarray:
+        """Map raw mask values to train ids; by default the file holds train ids already."""
+        return raw
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the RGB uint8 image and its int64 train-id mask at original size.
+
+        A sample without a mask (e.g. a test split) gets a mask that is all ignore.
+        """
+        image_path, mask_path = self.samples[index]
+        image = read_rgb_image(image_path)
+        if mask_path is None:
+            return image, np.full(image.shape[:2], self.ignore_index, dtype=np.int64)
+        mask = self._to_train_ids(read_label_image(mask_path), mask_path).astype(np.int64)
+        if mask.shape != image.shape[:2]:
+            raise SegnestError(
+                f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} but "
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH); they must match"
+            )
+        bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            values = np.unique(mask[bad])
+            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+            raise SegnestError(
+                f"mask {mask_path} has values outside the {self.num_classes} classes "
+                f"after label mapping: {shown}; fix the mask or the class list "
+                f"(valid train ids are 0..{self.num_classes - 1} and {self.ignore_index} "
+                "for ignore)"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        if self.transform is None:
+            image_tensor, mask_tensor = to_normalized_tensors(image, mask)
+        else:
+            image_tensor, mask_tensor = self.transform(image=image, mask=mask, index=index)
+        return {
+            "image": image_tensor,
+            "mask": mask_tensor,
+            "name": self.name(index),
+            "index": index,
+        }
