@@ -1,0 +1,399 @@
+"""Evaluation: one routine (``evaluate``) for ``segnest eval`` and for training's validation.
+
+Each image is evaluated at its original resolution: the inference strategy
+(:mod:`segnest.engine.inference`) resizes it, averages the views and returns probabilities
+at input size, whose argmax goes into one dataset-level confusion matrix (summed over all
+ranks; see :mod:`segnest.engine.metrics` for the metric conventions).
+
+Inference settings (``inference_config_from``), shared with ``segnest predict``:
+
+- single scale (the default): one view whose long side is ``base_size`` (scale 1.0), as in
+  the reference evaluation's single-scale numbers; ``base_size`` comes from ``--base-size``,
+  else the checkpoint's training config, else the dataset preset.
+- ``--multi-scale``: the dataset preset's scales (long side = ``base_size`` x scale);
+  ``--scales 0.5,1.0`` picks them explicitly (and implies multi-scale).
+- ``--flip`` adds the mirrored view of every scale.
+- ``--mode slide``: sliding windows of ``crop_size`` with ``--stride`` (default 2/3 crop).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from segnest.config import DATASET_PRESETS, EvalConfig, PredictConfig
+from segnest.data import Cityscapes, build_dataset
+from segnest.data.transforms import to_normalized_tensors
+from segnest.engine.checkpoint import load_checkpoint
+from segnest.engine.distributed import (
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    init_distributed,
+)
+from segnest.engine.inference import INFERENCE_MODES, InferenceConfig, infer
+from segnest.engine.metrics import ConfusionMatrix, format_table, save_results
+from segnest.engine.visualize import colorize, denormalize, log_panels, make_panel, save_png
+from segnest.errors import SegnestError
+from segnest.models.weights import model_from_checkpoint
+
+EVAL_SPLITS = ("train", "val", "test")
+EVAL_PANELS = 4
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
+    """``"0.5,0.75,1"`` -> ``(0.5, 0.75, 1.0)``; anything else is a SegnestError naming the flag."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    try:
+        scales = tuple(float(part) for part in parts)
+    except ValueError:
+        scales = ()
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise SegnestError(
+            f"{flag} {text!r} is not a list of positive numbers; write e.g. {flag} 0.5,0.75,1.0"
+        )
+    return scales
+
+
+def _positive(value: int | None, flag: str) -> int | None:
+    if value is not None and int(value) < 1:
+        raise SegnestError(f"{flag} must be a positive number of pixels, got {value}")
+    return None if value is None else int(value)
+
+
+def inference_config_from(
+    cfg: EvalConfig | PredictConfig, checkpoint: dict[str, Any], dataset: str | None = None
+) -> InferenceConfig:
+    """The inference settings of an eval/predict command (see the module docstring).
+
+    Sizes default to the checkpoint's training config, then to the preset of ``dataset``
+    (default: the checkpoint's dataset).
+    """
+    if cfg.mode not in INFERENCE_MODES:
+        raise SegnestError(
+            f"--mode {cfg.mode!r} is not an inference mode; use one of {', '.join(INFERENCE_MODES)}"
+        )
+    dataset = dataset or checkpoint.get("dataset")
+    preset = DATASET_PRESETS.get(dataset, {}) if dataset else {}
+    trained = checkpoint.get("config") or {}
+    base_size = _positive(
+        cfg.base_size or trained.get("base_size") or preset.get("base_size"), "--base-size"
+    )
+    crop_size = _positive(
+        cfg.crop_size or trained.get("crop_size") or preset.get("crop_size"), "--crop-size"
+    )
+    stride = _positive(cfg.stride, "--stride")
+    if cfg.scales:
+        scales = parse_scales(cfg.scales)
+    elif cfg.multi_scale:
+        if "scales" not in preset:
+            raise SegnestError(
+                f"--multi-scale: no preset scales for dataset {dataset!r}; give them with "
+                "--scales, e.g. --scales 0.5,0.75,1.0,1.25,1.5,1.75"
+            )
+        scales = tuple(float(s) for s in preset["scales"])
+    else:
+        scales = (1.0,)
+    if cfg.mode == "slide":
+        if crop_size is None:
+            raise SegnestError("--mode slide needs a window size; pass --crop-size")
+        if stride is not None and stride > crop_size:
+            raise SegnestError(
+                f"--stride {stride} is larger than --crop-size {crop_size} and would skip "
+                "pixels; use a stride of at most the crop size"
+            )
+    return InferenceConfig(
+        mode=cfg.mode,
+        scales=scales,
+        flip=bool(cfg.flip),
+        base_size=base_size,
+        crop_size=crop_size if cfg.mode == "slide" else None,
+        stride=stride if cfg.mode == "slide" else None,
+    )
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class ForwardTimer:
+    """Calls the model and adds up the wall time spent inside its forward passes.
+
+    On CUDA the device is synchronised around each call, so asynchronous kernels are
+    counted in the forward time and not in whatever runs next.
+    """
+
+    def __init__(self, model: nn.Module | Any, device: torch.device) -> None:
+        self.model = model
+        self.sync = device.type == "cuda"
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        if self.sync:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        out = self.model(x)
+        if self.sync:
+            torch.cuda.synchronize(x.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+class _EvalSamples(Dataset):
+    """This rank's share of the dataset as (index, image uint8, tensor, mask, error).
+
+    Loading errors travel as data, so that DataLoader workers do not die on a bad file and
+    the main process decides whether to skip it.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple:
+        index = self.indices[position]
+        try:
+            if hasattr(self.dataset, "load"):
+                image, mask = self.dataset.load(index)
+                tensor, target = to_normalized_tensors(image, mask)
+            else:
+                item = self.dataset[index]
+                tensor, target = item["image"], item["mask"]
+                image = denormalize(tensor)
+        except SegnestError as err:
+            return index, None, None, None, str(err)
+        return index, image, tensor, target, None
+
+
+def _single(batch: list) -> Any:
+    return batch[0]
+
+
+def _sample_name(dataset: Any, index: int) -> str:
+    return dataset.name(index) if hasattr(dataset, "name") else f"{index:06d}"
+
+
+def prediction_path(dataset: Any, index: int) -> Path:
+    """Where the prediction of sample ``index`` goes, relative to ``--save-pred``.
+
+    Cityscapes keeps the benchmark's ``<city>/<city>_<seq>_<frame>_leftImg8bit.png``
+    naming (the server matches ``<city>_<seq>_<frame>*.png``); other datasets use the
+    sample name (ADE20K: the image stem, as the scene-parsing benchmark expects).
+    """
+    name = _sample_name(dataset, index)
+    if isinstance(dataset, Cityscapes):
+        return Path(f"{name}_leftImg8bit.png")
+    return Path(f"{name}.png")
+
+
+def _save_prediction(dataset: Any, index: int, pred: np.ndarray, root: Path) -> None:
+    relative = prediction_path(dataset, index)
+    if hasattr(dataset, "to_label_file"):
+        labels = dataset.to_label_file(pred)
+    else:
+        labels = pred.astype(np.uint8 if pred.max(initial=0) <= 255 else np.uint16)
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(labels)).save(target, format="PNG")
+    save_png(root / "color" / relative, colorize(pred, dataset.palette, dataset.ignore_index))
+
+
+def evaluate(
+    model: nn.Module | Any,
+    dataset: Any,
+    infer_cfg: InferenceConfig,
+    device: torch.device | str,
+    *,
+    samples: int | None = None,
+    panels: int = 0,
+    save_pred: str | Path | None = None,
+    progress: bool = True,
+    skip_bad_samples: bool = False,
+    workers: int = 0,
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Metrics of ``model`` on ``dataset`` (its first ``samples`` images, default all).
+
+    Under torch.distributed, rank ``r`` evaluates the indices ``i = r (mod world)`` and the
+    confusion matrix is summed over ranks, so every rank returns the same metrics. Returns
+    the metrics (``ConfusionMatrix.compute`` plus ``timing`` and ``skipped_samples``) and up
+    to ``panels`` image | ground truth | prediction panels of this rank's first images.
+    ``dataset`` needs ``load(i)`` (or items with normalized ``image`` and ``mask``),
+    ``num_classes``, ``palette`` and ``ignore_index``; ``workers`` load images in parallel.
+    """
+    device = torch.device(device)
+    rank, world = get_rank(), get_world_size()
+    count = len(dataset) if samples is None else min(int(samples), len(dataset))
+    indices = range(rank, count, world)
+    num_classes = int(dataset.num_classes)
+    ignore_index = int(getattr(dataset, "ignore_index", 255))
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    timer = ForwardTimer(model, device)
+    out_root = Path(save_pred) if save_pred is not None else None
+    loader = DataLoader(_EvalSamples(dataset, indices), batch_size=1, shuffle=False,
+                        num_workers=workers, collate_fn=_single)
+    built_panels: list[np.ndarray] = []
+    skipped = 0
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            bar = tqdm(loader, desc="eval", unit="img", disable=not progress or rank != 0,
+                       dynamic_ncols=True)
+            for index, image, tensor, target, error in bar:
+                if error is not None:
+                    if not skip_bad_samples:
+                        raise SegnestError(error)
+                    warnings.warn(f"skipping sample {index}: {error}", stacklevel=2)
+                    skipped += 1
+                    continue
+                batch = tensor.unsqueeze(0).to(device, non_blocking=True)
+                probs = infer(timer, batch, num_classes, infer_cfg)
+                pred = probs.argmax(dim=1)[0]
+                matrix.update(pred, target.to(device, non_blocking=True))
+                if len(built_panels) < panels or out_root is not None:
+                    pred_np = pred.to(torch.uint8 if num_classes <= 256 else torch.int64)
+                    pred_np = pred_np.cpu().numpy()
+                    if len(built_panels) < panels:
+                        built_panels.append(make_panel(image, target.numpy(), pred_np,
+                                                       dataset.palette, ignore_index))
+                    if out_root is not None:
+                        _save_prediction(dataset, index, pred_np, out_root)
+            bar.close()
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    total = time.perf_counter() - start
+
+    matrix.all_reduce()
+    results = matrix.compute()
+    # The slowest rank sets the wall time; its forward share stays below its own total.
+    spent = torch.tensor([total, timer.seconds], dtype=torch.float64, device=device)
+    counted = torch.tensor([len(indices) - skipped, skipped], dtype=torch.int64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(spent, op=torch.distributed.ReduceOp.MAX)
+        all_reduce_sum(counted)
+    total_s, forward_s = (float(v) for v in spent.cpu())
+    results["timing"] = {
+        "total_s": total_s,
+        "forward_s": forward_s,
+        "images": int(counted[0]),
+        "forward_calls": timer.calls,
+        "total_over_forward": total_s / forward_s if forward_s > 0 else None,
+    }
+    results["skipped_samples"] = int(counted[1])
+    return results, built_panels
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def _default_out_dir(cfg: EvalConfig, infer_cfg: InferenceConfig) -> Path:
+    name = f"eval_{cfg.split}"
+    if len(infer_cfg.scales) > 1:
+        name += "_ms"
+    if infer_cfg.flip:
+        name += "_flip"
+    return Path(cfg.checkpoint).resolve().parent / name
+
+
+def _log_tensorboard(out_dir: Path, results: dict[str, Any], class_names: Sequence[str],
+                     panels: list[np.ndarray], step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(out_dir))
+    try:
+        for key in ("pixAcc", "mIoU", "mAcc"):
+            if not math.isnan(results[key]):
+                writer.add_scalar(f"eval/{key}", results[key], step)
+        for name, iou in zip(class_names, results["IoU"], strict=True):
+            if not math.isnan(iou):
+                writer.add_scalar(f"eval_class_IoU/{name}", iou, step)
+        log_panels(writer, "eval/panels", panels, step)
+    finally:
+        writer.close()
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
+    logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
+    if cfg.split not in EVAL_SPLITS:
+        raise SegnestError(
+            f"--split {cfg.split!r} is not a split; use one of {', '.join(EVAL_SPLITS)}"
+        )
+    if cfg.samples is not None and cfg.samples < 1:
+        raise SegnestError(f"--samples must be at least 1, got {cfg.samples}")
+    if cfg.workers < 0:
+        raise SegnestError(f"--workers must be 0 or more, got {cfg.workers}")
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
+    trained_dataset = checkpoint.get("dataset")
+    dataset_name = cfg.dataset or trained_dataset
+    if not dataset_name:
+        raise SegnestError(
+            f"checkpoint {cfg.checkpoint} does not name its dataset; pass --dataset"
+        )
+    data_root = cfg.data_root
+    if data_root is None and dataset_name == trained_dataset:
+        data_root = (checkpoint.get("config") or {}).get("data_root")
+    infer_cfg = inference_config_from(cfg, checkpoint, dataset_name)
+    info = init_distributed(cfg.device)
+    dataset = build_dataset(dataset_name, data_root, cfg.split)
+    model = model.to(info.device)
+    runner: Any = torch.compile(model) if cfg.compile else model
+    out_dir = Path(cfg.out) if cfg.out else _default_out_dir(cfg, infer_cfg)
+
+    results, panels = evaluate(
+        runner, dataset, infer_cfg, info.device, samples=cfg.samples,
+        panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
+        progress=True, workers=cfg.workers,
+    )
+    if info.is_main:
+        timing = results["timing"]
+        print(format_table(results, dataset.classes))
+        print(
+            f"{dataset_name} {cfg.split}: {timing['images']} images, scales "
+            f"{','.join(f'{s:g}' for s in infer_cfg.scales)}{' + flip' if infer_cfg.flip else ''}"
+            f", {infer_cfg.mode}; {timing['total_s']:.1f} s total, "
+            f"{timing['forward_s']:.1f} s in forward passes"
+        )
+        extra = {
+            "checkpoint": str(Path(cfg.checkpoint).resolve()),
+            "iteration": checkpoint.get("iteration"),
+            "dataset": dataset_name,
+            "data_root": str(dataset.root) if hasattr(dataset, "root") else data_root,
+            "split": cfg.split,
+            "samples": cfg.samples,
+            "inference": asdict(infer_cfg),
+            "device": str(info.device),
+            "world_size": info.world_size,
+        }
+        json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
+        _log_tensorboard(out_dir, results, dataset.classes, panels,
+                         int(checkpoint.get("iteration") or 0))
+        print(f"metrics written to {json_path}")
+        if cfg.save_pred:
+            print(f"predictions written to {cfg.save_pred}")
+    return results

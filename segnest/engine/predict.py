@@ -1,0 +1,137 @@
+"""``segnest predict``: coloured masks, train-id masks and overlays for arbitrary images.
+
+Inputs are image files or folders (searched recursively). Any image mode (RGB, grey,
+RGBA, palette, 16-bit) is read as RGB. For an input ``<stem>`` the outputs are
+``<out>/<stem>.png`` (colour mask in the checkpoint's palette), ``<out>/<stem>_mask.png``
+(uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``. Images found in a
+folder keep their sub-folder below ``<out>``; names that would collide get a suffix. The
+inference settings are those of ``segnest eval`` (see :mod:`segnest.engine.evaluate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from segnest.config import PredictConfig
+from segnest.data.base import read_rgb_image
+from segnest.data.palettes import generate_palette
+from segnest.data.transforms import MEAN, STD
+from segnest.engine.checkpoint import load_checkpoint
+from segnest.engine.distributed import init_distributed
+from segnest.engine.evaluate import inference_config_from
+from segnest.engine.inference import infer
+from segnest.engine.visualize import colorize, overlay, save_png
+from segnest.errors import SegnestError
+from segnest.models.weights import model_from_checkpoint
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _output_names(stem: Path) -> tuple[Path, Path, Path]:
+    """Colour mask, train-id mask and overlay paths (relative) for one input."""
+    return (stem.with_name(stem.name + ".png"), stem.with_name(stem.name + "_mask.png"),
+            stem.with_name(stem.name + "_overlay.jpg"))
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """``(image file, output stem relative to --out)`` for every input image, in order.
+
+    A file given directly is named by its stem; files found in a folder by their path
+    relative to that folder. When two inputs would write the same file, the later one gets
+    its extension (``photo_png``) and, if needed, a number appended.
+    """
+    if not inputs:
+        raise SegnestError("no inputs given; pass image files or folders, e.g. "
+                           "segnest predict photo.jpg --checkpoint best.pt")
+    found: list[tuple[Path, Path]] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise SegnestError(
+                    f"input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                    "pass a folder with images or the image files themselves"
+                )
+            found.extend((f, f.relative_to(path).with_suffix("")) for f in files)
+        elif path.is_file():
+            found.append((path, Path(path.stem)))
+        else:
+            raise SegnestError(f"input {path} does not exist; pass existing image files or "
+                               "folders")
+    used: set[Path] = set()
+    named: list[tuple[Path, Path]] = []
+    for file, stem in found:
+        candidate = stem
+        if any(name in used for name in _output_names(candidate)):
+            candidate = stem.with_name(f"{stem.name}_{file.suffix.lstrip('.').lower()}")
+        number = 2
+        base = candidate
+        while any(name in used for name in _output_names(candidate)):
+            candidate = base.with_name(f"{base.name}_{number}")
+            number += 1
+        used.update(_output_names(candidate))
+        named.append((file, candidate))
+    return named
+
+
+def _normalize(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(STD, device=device).view(3, 1, 1)
+    return ((tensor - mean) / std).unsqueeze(0)
+
+
+def _palette(checkpoint: dict[str, Any], num_classes: int) -> np.ndarray:
+    palette = checkpoint.get("palette")
+    if palette is not None and len(palette) >= num_classes:
+        return np.asarray(palette, dtype=np.uint8)[:num_classes]
+    return generate_palette(num_classes)
+
+
+def _save_jpeg(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="JPEG", quality=90)
+
+
+def run_predict(cfg: PredictConfig) -> list[Path]:
+    """Predict every input image; returns the colour mask paths, one per input."""
+    images = collect_images(cfg.inputs)
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
+    infer_cfg = inference_config_from(cfg, checkpoint)
+    device = init_distributed(cfg.device).device
+    model = model.to(device).eval()
+    num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
+                      or len(checkpoint.get("classes") or ()))
+    if not num_classes:
+        raise SegnestError(f"checkpoint {cfg.checkpoint} does not record its number of "
+                           "classes; use a checkpoint written by 'segnest train'")
+    if num_classes > 256:
+        raise SegnestError(f"checkpoint {cfg.checkpoint} has {num_classes} classes; "
+                           "uint8 masks hold at most 256")
+    palette = _palette(checkpoint, num_classes)
+    out = Path(cfg.out)
+    written: list[Path] = []
+    with torch.inference_mode():
+        for file, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
+            image = read_rgb_image(file)
+            probs = infer(model, _normalize(image, device), num_classes, infer_cfg)
+            mask = probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
+            color = colorize(mask, palette, ignore_index=-1)
+            save_png(color_path, color)
+            save_png(mask_path, mask)
+            if cfg.overlay:
+                _save_jpeg(overlay_path, overlay(image, color))
+            written.append(color_path)
+    print(f"wrote {len(written)} mask(s) to {out}")
+    return written

@@ -1,0 +1,151 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segnest.config import ExportConfig, PredictConfig
+from segnest.data import generate_palette
+from segnest.engine.export import run_export
+from segnest.engine.predict import run_predict
+from segnest.errors import SegnestError
+from segnest.models import create_model
+
+NUM_CLASSES = 5
+TINY = dict(num_classes=NUM_CLASSES, aux=True, head_channels=16, base_width=8, stem_width=8)
+PALETTE = generate_palette(NUM_CLASSES)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a shared 2-core machine, two OpenMP threads per process can be 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", **TINY)
+    path = tmp_path / "run" / "best.pt"
+    path.parent.mkdir()
+    torch.save({
+        "model": model.state_dict(),
+        "model_name": "deeplabv3_resnest14",
+        "model_kwargs": TINY,
+        "dataset": "folder",
+        "classes": [f"class{i}" for i in range(NUM_CLASSES)],
+        "palette": PALETTE.tolist(),
+        "config": {"base_size": 48, "crop_size": 40, "data_root": None},
+        "iteration": 1,
+    }, path)
+    return path
+
+
+def reference_logits(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
+    from segnest.models.weights import model_from_checkpoint
+
+    model = model_from_checkpoint(torch.load(checkpoint, weights_only=True)).eval()
+    with torch.inference_mode():
+        return model(x)["out"]
+
+
+def write_inputs(folder: Path) -> dict[str, tuple[int, int]]:
+    """Images of several modes and odd sizes; returns relative stem -> (width, height)."""
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 256, (41, 29), dtype=np.uint8), "L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (33, 47, 4), dtype=np.uint8), "RGBA").save(
+        folder / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (39, 45), dtype=np.uint16)).save(folder / "wide.png")
+    assert Image.open(folder / "wide.png").mode.startswith("I")
+    return {"rgb": (53, 37), "grey": (29, 41), "sub/rgba": (47, 33), "wide": (45, 39)}
+
+
+def test_predict_writes_masks_of_input_size_for_any_mode(checkpoint: Path, tmp_path: Path):
+    sizes = write_inputs(tmp_path / "images")
+    out = tmp_path / "out"
+    written = run_predict(PredictConfig(inputs=[str(tmp_path / "images")],
+                                        checkpoint=str(checkpoint), out=str(out), overlay=True,
+                                        device="cpu"))
+    assert sorted(written) == sorted(out / f"{stem}.png" for stem in sizes)
+    for stem, size in sizes.items():
+        mask = Image.open(out / f"{stem}_mask.png")
+        colour = Image.open(out / f"{stem}.png")
+        overlay = Image.open(out / f"{stem}_overlay.jpg")
+        assert mask.mode == "L" and mask.size == size
+        assert colour.mode == "RGB" and colour.size == size and overlay.size == size
+        ids = np.asarray(mask)
+        assert ids.max() < NUM_CLASSES
+        np.testing.assert_array_equal(np.asarray(colour), PALETTE[ids])
+
+
+def test_predict_matches_the_model(checkpoint: Path, tmp_path: Path):
+    image = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    run_predict(PredictConfig(inputs=[str(tmp_path / "photo.png")], checkpoint=str(checkpoint),
+                              out=str(tmp_path / "out"), device="cpu"))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    # long side 48 = base_size: the image is evaluated at its own size
+    expected = reference_logits(checkpoint, x).argmax(1)[0].numpy()
+    saved = np.asarray(Image.open(tmp_path / "out" / "photo_mask.png"))
+    np.testing.assert_array_equal(saved, expected)
+    assert not (tmp_path / "out" / "photo_overlay.jpg").exists()
+
+
+def test_predict_keeps_output_names_unique(checkpoint: Path, tmp_path: Path):
+    rng = np.random.default_rng(2)
+    for name in ("a/photo.png", "a/photo.jpg", "b/photo.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+    out = tmp_path / "out"
+    written = run_predict(PredictConfig(
+        inputs=[str(tmp_path / "a"), str(tmp_path / "b" / "photo.png")],
+        checkpoint=str(checkpoint), out=str(out), device="cpu"))
+    assert len(written) == 3 and len(set(written)) == 3
+    assert all(path.is_file() for path in written)
+
+
+def test_predict_reports_bad_inputs(checkpoint: Path, tmp_path: Path):
+    with pytest.raises(SegnestError, match="missing.jpg"):
+        run_predict(PredictConfig(inputs=[str(tmp_path / "missing.jpg")],
+                                  checkpoint=str(checkpoint), device="cpu"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(SegnestError, match="broken.png"):
+        run_predict(PredictConfig(inputs=[str(broken)], checkpoint=str(checkpoint),
+                                  out=str(tmp_path / "out"), device="cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_pytorch(checkpoint: Path, tmp_path: Path, fmt: str):
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+        ort = pytest.importorskip("onnxruntime")
+    path = run_export(ExportConfig(checkpoint=str(checkpoint), format=fmt, size=48,
+                                   out=str(tmp_path / f"model.{fmt}")))
+    assert path == tmp_path / f"model.{fmt}" and path.is_file()
+    assert not list(tmp_path.glob(".*partial"))
+    if fmt == "torchscript":
+        exported = torch.jit.load(str(path))(x)
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    expected = reference_logits(checkpoint, x)
+    assert isinstance(exported, torch.Tensor) and exported.shape == (1, NUM_CLASSES, 40, 56)
+    assert (exported - expected).abs().max() <= 1e-4
+
+
+def test_export_default_path_and_bad_format(checkpoint: Path):
+    with pytest.raises(SegnestError, match="--format"):
+        run_export(ExportConfig(checkpoint=str(checkpoint), format="tflite"))
+    path = run_export(ExportConfig(checkpoint=str(checkpoint), size=32))
+    assert path == checkpoint.with_name("best.torchscript.pt") and path.is_file()
