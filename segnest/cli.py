@@ -10,6 +10,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import segnest
 from segnest.errors import SegnestError
@@ -18,6 +19,74 @@ from segnest.errors import SegnestError
 def cmd_models(args: argparse.Namespace) -> int:
     for name in segnest.list_models():
         print(name)
+    return 0
+
+
+def _configured(cls: type, presets: bool = False) -> Callable[[argparse.Namespace], Any]:
+    """Turn parsed flags into the command's config dataclass (recipe and presets merged)."""
+
+    def resolve(args: argparse.Namespace) -> Any:
+        from segnest import config
+
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
+        return config.resolve_config(cls, given, config.DATASET_PRESETS if presets else None)
+
+    return resolve
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segnest.config import TrainConfig
+    from segnest.engine.train_seg import run_train
+
+    run_train(_configured(TrainConfig, presets=True)(args))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from segnest.config import EvalConfig
+    from segnest.engine.evaluate import run_eval
+
+    run_eval(_configured(EvalConfig)(args))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from segnest.config import PredictConfig
+    from segnest.engine.predict import run_predict
+
+    run_predict(_configured(PredictConfig)(args))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from segnest.config import ExportConfig
+    from segnest.engine.export import run_export
+
+    run_export(_configured(ExportConfig)(args))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from segnest.config import PretrainConfig
+    from segnest.engine.train_cls import run_pretrain
+
+    run_pretrain(_configured(PretrainConfig)(args))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from segnest.config import BenchConfig
+    from segnest.engine.bench import run_bench
+
+    run_bench(_configured(BenchConfig)(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from segnest.config import DemoConfig
+    from segnest.engine.demo import run_demo
+
+    run_demo(_configured(DemoConfig)(args))
     return 0
 
 
@@ -35,6 +104,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     sub.add_parser("models", help="list the model names create_model accepts")
     handlers["models"] = cmd_models
+
+    from segnest import config
+
+    commands = [
+        ("train", config.TrainConfig, cmd_train),
+        ("eval", config.EvalConfig, cmd_eval),
+        ("predict", config.PredictConfig, cmd_predict),
+        ("export", config.ExportConfig, cmd_export),
+        ("pretrain", config.PretrainConfig, cmd_pretrain),
+        ("bench", config.BenchConfig, cmd_bench),
+        ("demo", config.DemoConfig, cmd_demo),
+    ]
+    for name, cls, handler in commands:
+        summary = (cls.__doc__ or "").split(":", 1)[-1].strip()
+        command = sub.add_parser(name, help=summary, description=summary)
+        if name == "predict":
+            command.add_argument("inputs", nargs="+", metavar="IMAGE|DIR",
+                                 help="image files or folders")
+        config.add_dataclass_arguments(command, cls, skip=("inputs",))
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks for errors")
+        handlers[name] = handler
     return parser, handlers
 
 

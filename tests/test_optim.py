@@ -6,8 +6,14 @@ from segnest.models import create_model
 
 
 def test_no_decay_selects_norm_and_bias_by_module_type():
-    model = create_model("deeplabv3_resnest14", num_classes=3, base_width=8, stem_width=8,
-                         head_channels=16, norm_layer=lambda c: nn.GroupNorm(4, c))
+    model = create_model(
+        "deeplabv3_resnest14",
+        num_classes=3,
+        base_width=8,
+        stem_width=8,
+        head_channels=16,
+        norm_layer=lambda c: nn.GroupNorm(4, c),
+    )
     groups = build_param_groups(model, lr=0.1, weight_decay=1e-4, no_decay_norm=True)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     for module in model.modules():
@@ -17,13 +23,17 @@ def test_no_decay_selects_norm_and_bias_by_module_type():
 
 
 def test_head_gets_lr_multiplier_and_every_parameter_appears_once():
-    model = create_model("deeplabv3_resnest14", num_classes=3, base_width=8, stem_width=8,
-                         head_channels=16)
-    groups = build_param_groups(model, lr=0.01, weight_decay=1e-4,
-                                lr_mults={"head": 10.0, "aux_head": 10.0})
+    model = create_model(
+        "deeplabv3_resnest14", num_classes=3, base_width=8, stem_width=8, head_channels=16
+    )
+    groups = build_param_groups(
+        model, lr=0.01, weight_decay=1e-4, lr_mults={"head": 10.0, "aux_head": 10.0}
+    )
     seen = [id(p) for g in groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))
-    head_ids = {id(p) for p in model.head.parameters()} | {id(p) for p in model.aux_head.parameters()}
+    head_ids = {id(p) for p in model.head.parameters()} | {
+        id(p) for p in model.aux_head.parameters()
+    }
     for group in groups:
         ids = {id(p) for p in group["params"]}
         assert (ids <= head_ids) == (group["lr"] == 0.1)

@@ -39,14 +39,20 @@ def build_deeplabv3(
     norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     **backbone_overrides: Any,
 ) -> DeepLabV3:
-    backbone = build_backbone(backbone_name, num_classes=0, output_stride=output_stride,
-                              norm_layer=norm_layer, **backbone_overrides)
+    backbone = build_backbone(
+        backbone_name,
+        num_classes=0,
+        output_stride=output_stride,
+        norm_layer=norm_layer,
+        **backbone_overrides,
+    )
     if pretrained_backbone is not None:
         from segnest.models.weights import load_pretrained
 
         load_pretrained(backbone, pretrained_backbone)
-    return DeepLabV3(backbone, num_classes, aux=aux, head_channels=head_channels,
-                     norm_layer=norm_layer)
+    return DeepLabV3(
+        backbone, num_classes, aux=aux, head_channels=head_channels, norm_layer=norm_layer
+    )
 
 
 def list_models() -> list[str]:
@@ -60,14 +66,15 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if name in RESNEST_VARIANTS:
         builder: Callable[..., nn.Module] = build_backbone
         args: tuple = (name,)
-    elif name.startswith(SEGMENTATION_PREFIX) and name[len(SEGMENTATION_PREFIX):] in RESNEST_VARIANTS:
-        builder, args = build_deeplabv3, (name[len(SEGMENTATION_PREFIX):],)
+    elif (
+        name.startswith(SEGMENTATION_PREFIX)
+        and name[len(SEGMENTATION_PREFIX) :] in RESNEST_VARIANTS
+    ):
+        builder, args = build_deeplabv3, (name[len(SEGMENTATION_PREFIX) :],)
     else:
         close = difflib.get_close_matches(name, list_models(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise SegnestError(
-            f"unknown model '{name}'.{hint} Valid names: {', '.join(list_models())}"
-        )
+        raise SegnestError(f"unknown model '{name}'.{hint} Valid names: {', '.join(list_models())}")
     try:
         return builder(*args, **overrides)
     except TypeError as err:

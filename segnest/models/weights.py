@@ -98,3 +98,22 @@ def load_pretrained(model: nn.Module, path: str | PathLike) -> LoadReport:
     state, report = match_state_dict(model, state, source=str(path))
     model.load_state_dict(state, strict=False)
     return report
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model a segnest checkpoint was trained with and load its weights.
+
+    segnest checkpoints carry ``model_name`` and ``model_kwargs`` so that eval, predict
+    and export never ask the user to repeat the model's settings.
+    """
+    from segnest.models import create_model
+
+    if "model_name" not in checkpoint or "model" not in checkpoint:
+        raise SegnestError(
+            f"{source} is not a segnest training checkpoint (no model_name/model entries); "
+            "use a .pt file written by 'segnest train' or 'segnest pretrain'"
+        )
+    model = create_model(checkpoint["model_name"], **checkpoint.get("model_kwargs", {}))
+    state, _ = match_state_dict(model, extract_state_dict(checkpoint), source=source)
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,153 @@
+"""Specs for segnest train: exact resume, DDP + SyncBN equivalence, TensorBoard, bad config."""
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from segnest.config import TrainConfig
+from segnest.engine.checkpoint import load_checkpoint
+from segnest.engine.train_seg import run_train, segmentation_loss
+from segnest.errors import SegnestError
+from segnest.models import create_model
+
+TINY_MODEL = dict(backbone="resnest14", base_width=8, stem_width=8, head_channels=16)
+
+
+def tiny_config(data_root, work_dir, **overrides) -> TrainConfig:
+    values = dict(dataset="folder", data_root=str(data_root), work_dir=str(work_dir),
+                  iters=6, batch_size=2, base_size=48, crop_size=32, workers=0,
+                  val_interval=3, checkpoint_interval=3, panels=2, log_interval=1,
+                  device="cpu", lr=0.01, **TINY_MODEL)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(folder_dataset, tmp_path):
+    full = tiny_config(folder_dataset, tmp_path / "full")
+    run_train(full)
+    # iter_3.pt was written mid-epoch (8 images, batch 2 -> 4 iterations per epoch).
+    resumed = tiny_config(folder_dataset, tmp_path / "resumed",
+                          resume=str(tmp_path / "full" / "iter_3.pt"))
+    result = run_train(resumed)
+    assert result["iteration"] == 6
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(folder_dataset, tmp_path):
+    run_train(tiny_config(folder_dataset, tmp_path / "run", iters=3))
+    result = run_train(tiny_config(folder_dataset, tmp_path / "run", iters=3, resume="auto"))
+    assert result["iteration"] == 3  # already finished: nothing more to do
+
+
+def test_tensorboard_holds_scalars_and_mask_panels(folder_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(tiny_config(folder_dataset, tmp_path / "tb", iters=3))
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/aux_loss", "train/lr", "train/images_per_s", "val/mIoU",
+            "val/pixAcc", "val/mAcc"} <= scalars
+    assert any(tag.startswith("val_IoU/") for tag in scalars)
+    images = events.Tags()["images"]
+    assert len([t for t in images if t.startswith("val/image_gt_pred")]) == 2
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
+
+
+def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path):
+    run_train(tiny_config(folder_dataset, tmp_path / "ck", iters=3))
+    state = load_checkpoint(tmp_path / "ck" / "best.pt")
+    assert state["model_name"] == "deeplabv3_resnest14"
+    assert state["model_kwargs"]["num_classes"] == 3
+    assert state["classes"] == ["left", "right", "square"]
+    model = create_model(state["model_name"], **state["model_kwargs"])
+    model.load_state_dict(state["model"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(batch_size=1), "needs at least 2"),
+        (dict(crop_size=200), "larger than any scaled image"),
+        (dict(amp=True), "--amp needs a CUDA device"),
+        (dict(output_stride=4), "--output-stride"),
+        (dict(backbone="resnest51"), "unknown model"),
+        (dict(dataset="coco"), "unknown dataset"),
+    ],
+)
+def test_bad_configuration_fails_before_work_starts(folder_dataset, tmp_path, overrides,
+                                                    message):
+    with pytest.raises(SegnestError, match=message):
+        run_train(tiny_config(folder_dataset, tmp_path / "bad", **overrides))
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_resume_with_another_model_is_refused(folder_dataset, tmp_path):
+    run_train(tiny_config(folder_dataset, tmp_path / "a", iters=3))
+    other = tiny_config(folder_dataset, tmp_path / "b", head_channels=8,
+                        resume=str(tmp_path / "a" / "last.pt"))
+    with pytest.raises(SegnestError, match="was trained as"):
+        run_train(other)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_segmenter() -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", num_classes=3, base_width=8, stem_width=8,
+                         head_channels=16)
+    # Dropout draws differ between one and two processes; the comparison is about BN.
+    for name, module in list(model.named_modules()):
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Dropout):
+                setattr(module, child_name, nn.Identity())
+    return model.train()
+
+
+def _ddp_worker(rank: int, world: int, port: int, batch, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from segnest.engine.distributed import convert_sync_batchnorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = convert_sync_batchnorm(_tiny_segmenter(), torch.device("cpu"))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    images, masks = batch
+    half = images.shape[0] // world
+    part = slice(rank * half, (rank + 1) * half)
+    loss, _ = segmentation_loss(ddp(images[part]), masks[part], aux_weight=0.2)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    if rank == 0:
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        torch.save({"loss": total / world, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_with_syncbn_equals_one_process_with_double_batch(tmp_path):
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 32, 32)
+    masks = torch.randint(0, 3, (4, 32, 32))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), (images, masks),
+                                                   str(tmp_path)), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    model = _tiny_segmenter()
+    loss, _ = segmentation_loss(model(images), masks, aux_weight=0.2)
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], param.grad, atol=1e-5, rtol=1e-4,
+                                   msg=name)
