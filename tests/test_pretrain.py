@@ -1,0 +1,216 @@
+"""Classification pretraining: recipe pieces, checkpoints, resume and the hand-off to
+segmentation. Runs use a tiny generated ImageFolder and a tiny ResNeSt-14 on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import segnest.engine.train_cls as train_cls
+from segnest import create_model, load_pretrained
+from segnest.config import PretrainConfig
+from segnest.engine.checkpoint import load_checkpoint
+from segnest.engine.optim import NORM_TYPES
+from segnest.engine.train_cls import (
+    apply_mini_preset,
+    build_batch_mixer,
+    build_optimizer,
+    model_kwargs,
+    run_pretrain,
+    topk_correct,
+)
+from segnest.errors import SegnestError
+from segnest.models.resnest import Bottleneck
+from segnest.models.weights import model_from_checkpoint
+
+CLASSES = ("blue", "green", "red")
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a shared 2-core machine, two OpenMP threads per process can be 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ (8 per class) and val/ (4 per class) of 32 px images tinted by class."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for index, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for number in range(count):
+                pixels = rng.integers(0, 120, (SIZE, SIZE, 3))
+                pixels[..., 2 - index] += 120
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{number}.png")
+    return root
+
+
+def tiny_config(data: Path, work_dir: Path, **overrides) -> PretrainConfig:
+    values = dict(dataset="imagenet", data=str(data), backbone="resnest14", base_width=8,
+                  stem_width=8, crop_size=SIZE, crop_pct=1.0, batch_size=8, epochs=1,
+                  warmup_epochs=0.5, workers=0, tensorboard=False, work_dir=str(work_dir),
+                  device="cpu")
+    return PretrainConfig(**{**values, **overrides})
+
+
+def test_optimizer_gives_no_decay_to_exactly_norm_parameters_and_biases():
+    model = create_model("resnest14", num_classes=3, base_width=8, stem_width=8)
+    optimizer = build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(decay) == len(list(model.parameters()))
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            exempt = isinstance(module, NORM_TYPES) or name == "bias"
+            assert decay[id(param)] == (0.0 if exempt else 1e-4), (type(module).__name__, name)
+    assert (decay[id(model.fc.weight)], decay[id(model.fc.bias)]) == (1e-4, 0.0)
+
+
+def test_pretraining_model_starts_with_zero_last_gamma_in_every_block(tmp_path):
+    cfg = PretrainConfig(backbone="resnest14", base_width=8, stem_width=8)
+    model = create_model(cfg.backbone, **model_kwargs(cfg, 3))
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert blocks and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+    # Other norms are untouched, so the network is not dead.
+    assert torch.all(model.bn1.weight == 1)
+    no_gamma = dataclasses.replace(cfg, last_gamma=False)
+    plain = create_model(cfg.backbone, **model_kwargs(no_gamma, 3))
+    assert all(torch.all(m.bn3.weight == 1) for m in plain.modules() if isinstance(m, Bottleneck))
+
+
+def test_mixup_gives_soft_targets_that_sum_to_one_with_the_image_mixing_coefficient():
+    torch.manual_seed(0)
+    num_classes = 6
+    images = torch.rand(6, 3, 8, 8)
+    labels = torch.arange(6)  # distinct labels: the coefficient can be read off the target
+    mixed, soft = build_batch_mixer(0.2, 0.0, num_classes)(images, labels)
+    assert soft.shape == (6, num_classes)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(6))
+    lam = soft[0, 0]
+    assert 0.0 <= lam <= 1.0
+    # Each sample is mixed with its predecessor in the batch, with the same coefficient.
+    torch.testing.assert_close(soft, lam * nn.functional.one_hot(labels, num_classes)
+                               + (1 - lam) * nn.functional.one_hot(labels.roll(1), num_classes))
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.roll(1, 0))
+
+
+def test_cutmix_target_weight_equals_the_fraction_of_pixels_kept():
+    torch.manual_seed(1)
+    images = torch.rand(4, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, soft = build_batch_mixer(0.0, 1.0, 4)(images, labels)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(4))
+    kept = (mixed == images).all(dim=1).float().mean(dim=(1, 2))
+    torch.testing.assert_close(soft[torch.arange(4), labels], kept)
+
+
+def test_mixup_and_cutmix_together_pick_one_per_batch_and_no_mixer_when_both_off():
+    assert build_batch_mixer(0.0, 0.0, 4) is None
+    torch.manual_seed(2)
+    _, soft = build_batch_mixer(0.2, 1.0, 4)(torch.rand(4, 3, 8, 8), torch.arange(4))
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(4))
+
+
+def test_label_smoothing_applies_on_top_of_mixed_soft_targets():
+    logits = torch.randn(4, 5)
+    soft = torch.softmax(torch.randn(4, 5), dim=1)
+    smoothed = nn.CrossEntropyLoss(label_smoothing=0.1)(logits, soft)
+    expected = nn.CrossEntropyLoss()(logits, soft * 0.9 + 0.1 / 5)
+    torch.testing.assert_close(smoothed, expected)
+
+
+def test_topk_counts_hits_among_the_k_best_logits():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [2.0, 3.0, 1.0]])
+    assert topk_correct(logits, torch.tensor([0, 1, 2]), (1, 2)) == [1, 2]
+
+
+def test_mini_preset_fills_only_fields_left_at_their_default():
+    cfg = apply_mini_preset(PretrainConfig(dataset="mini", epochs=3, base_width=8))
+    assert (cfg.backbone, cfg.crop_size, cfg.crop_pct) == ("resnest14", 64, 1.0)
+    assert (cfg.epochs, cfg.base_width) == (3, 8)
+    assert apply_mini_preset(PretrainConfig()) == PretrainConfig()
+
+
+def test_user_errors_are_segnest_errors(tmp_path, image_folder):
+    with pytest.raises(SegnestError, match="--data"):
+        run_pretrain(PretrainConfig(dataset="imagenet", device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SegnestError, match="--amp"):
+            run_pretrain(tiny_config(image_folder, tmp_path, amp=True))
+
+
+def test_pretrained_backbone_loads_into_segmentation_model(tmp_path, image_folder):
+    export = tmp_path / "backbone.pth"
+    result = run_pretrain(tiny_config(image_folder, tmp_path / "run", export=str(export),
+                                      tensorboard=True))
+    checkpoint = load_checkpoint(result["last"])
+    assert checkpoint["task"] == "classification"
+    assert checkpoint["classes"] == list(CLASSES)
+    assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 3)
+    assert checkpoint["model_kwargs"]["num_classes"] == 3
+    assert Path(result["best"]).is_file()
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    trained = {k: v for k, v in checkpoint["model"].items() if not k.startswith("fc.")}
+
+    exported = load_checkpoint(export)
+    assert set(exported) == set(trained) and "conv1.0.weight" in exported
+    for path in (export, Path(result["last"])):
+        seg = create_model("deeplabv3_resnest14", num_classes=5, base_width=8, stem_width=8,
+                           head_channels=16)
+        load_pretrained(seg, path)
+        seg_backbone = seg.backbone.state_dict()
+        assert set(seg_backbone) == set(trained)
+        for key, value in trained.items():
+            assert torch.equal(seg_backbone[key], value), key
+    backbone = create_model("resnest14", output_stride=8, base_width=8, stem_width=8)
+    load_pretrained(backbone, export)
+    assert torch.equal(backbone.conv1[0].weight, trained["conv1.0.weight"])
+
+    classifier = model_from_checkpoint(checkpoint).eval()
+    assert classifier.fc.out_features == 3
+    assert torch.equal(classifier.state_dict()["fc.weight"], checkpoint["model"]["fc.weight"])
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, image_folder,
+                                                                          monkeypatch):
+    recipe = dict(epochs=2, mixup=0.2, auto_augment="randaugment")
+    straight = run_pretrain(tiny_config(image_folder, tmp_path / "straight", **recipe))
+
+    real_train_one_epoch = train_cls.train_one_epoch
+
+    def crash_in_second_epoch(*args, **kwargs):
+        if kwargs["epoch"] == 1:
+            raise KeyboardInterrupt
+        return real_train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_cls, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_config(image_folder, tmp_path / "resumed", **recipe))
+    monkeypatch.setattr(train_cls, "train_one_epoch", real_train_one_epoch)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    resumed = run_pretrain(tiny_config(image_folder, tmp_path / "resumed", resume="auto",
+                                       **recipe))
+
+    assert resumed["iterations"] == straight["iterations"] == 6
+    assert resumed["top1"] == straight["top1"]
+    assert resumed["best_top1"] == straight["best_top1"]
+    expected = load_checkpoint(straight["last"])
+    actual = load_checkpoint(resumed["last"])
+    for key, value in expected["model"].items():
+        assert torch.equal(actual["model"][key], value), key
+    for key, value in expected["optimizer"]["state"].items():
+        assert torch.equal(actual["optimizer"]["state"][key]["momentum_buffer"],
+                           value["momentum_buffer"])
+    assert actual["scheduler"] == expected["scheduler"]
