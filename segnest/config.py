@@ -37,7 +37,10 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         scales=(0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25),
     ),
     "folder": dict(base_size=520, crop_size=480, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)),
-    "mini": dict(base_size=96, crop_size=96, scales=(0.75, 1.0, 1.25)),
+    # The CPU recipe: a small ResNeSt-14 that trains in minutes on two cores.
+    "mini": dict(backbone="resnest14", base_width=16, stem_width=16, head_channels=64,
+                 base_size=112, crop_size=96, scale_min=0.75, scale_max=1.5, iters=600,
+                 batch_size=8, lr=0.01, workers=2, scales=(0.75, 1.0, 1.25)),
 }
 
 

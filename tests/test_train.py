@@ -78,7 +78,7 @@ def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path):
         (dict(crop_size=200), "larger than any scaled image"),
         (dict(amp=True), "--amp needs a CUDA device"),
         (dict(output_stride=4), "--output-stride"),
-        (dict(backbone="resnest51"), "unknown model"),
+        (dict(backbone="resnest51"), "unknown --backbone"),
         (dict(dataset="coco"), "unknown dataset"),
     ],
 )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 import segnest
@@ -49,7 +49,7 @@ from segnest.engine.inference import InferenceConfig
 from segnest.engine.optim import build_param_groups
 from segnest.engine.schedule import PolyLR
 from segnest.errors import SegnestError
-from segnest.models import create_model
+from segnest.models import RESNEST_VARIANTS, create_model
 from segnest.models.weights import load_pretrained
 
 IGNORE_INDEX = 255
@@ -79,6 +79,34 @@ class EpochSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
+class GuardedSamples(Dataset):
+    """The training set with loading errors returned as data instead of raised.
+
+    A worker that raises dies with a multi-line traceback; returning the error lets the
+    main process stop with the dataset's one-line message, or skip the sample with
+    ``--skip-bad-samples``.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except SegnestError as err:
+            return {"error": str(err)}
+
+
+def collate_guarded(items: list[dict]) -> tuple[dict | None, list[str]]:
+    """(batch of the good samples or None, error messages of the bad ones)."""
+    errors = [item["error"] for item in items if "error" in item]
+    good = [item for item in items if "error" not in item]
+    return (default_collate(good) if good else None), errors
+
+
 def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
                       aux_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CE on the main logits plus ``aux_weight`` x CE on the auxiliary logits."""
@@ -92,6 +120,9 @@ def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
 
 def check_config(cfg: TrainConfig, dist: DistInfo) -> None:
     """Catch settings that cannot work before any data is read or weight is built."""
+    if cfg.backbone not in RESNEST_VARIANTS:
+        raise SegnestError(f"unknown --backbone '{cfg.backbone}'; choose one of: "
+                           f"{', '.join(RESNEST_VARIANTS)}")
     if cfg.batch_size < 1:
         raise SegnestError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.batch_size == 1 and not dist.distributed:
@@ -141,8 +172,9 @@ def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: D
     sampler = EpochSampler(len(dataset), cfg.seed, epoch, dist.rank, dist.world_size,
                            start=start_batch * cfg.batch_size)
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-        drop_last=True, pin_memory=dist.device.type == "cuda", worker_init_fn=seed_worker,
+        GuardedSamples(dataset), batch_size=cfg.batch_size, sampler=sampler,
+        num_workers=cfg.workers, collate_fn=collate_guarded, drop_last=True,
+        pin_memory=dist.device.type == "cuda", worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
     )
 
@@ -327,16 +359,27 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         return results
 
     last_metrics: dict = {}
+    skipped_samples = 0
     iteration = start_iter
     bar = tqdm(total=total_iters, initial=start_iter, disable=not dist.is_main,
                desc="train", dynamic_ncols=True)
     train_model.train()
     step_start = time.perf_counter()
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:
         while iteration < total_iters and not stop.requested:
             epoch, batch_in_epoch = divmod(iteration, iters_per_epoch)
             loader = make_loader(train_set, train_transform, cfg, dist, epoch, batch_in_epoch)
-            for batch in loader:
+            for batch, errors in loader:
+                if errors:
+                    if not cfg.skip_bad_samples:
+                        raise SegnestError(f"{errors[0]} (or pass --skip-bad-samples to "
+                                           "skip unreadable samples with a warning)")
+                    skipped_samples += len(errors)
+                    for error in errors:
+                        bar.write(f"warning: skipping a bad sample: {error}")
+                    # BatchNorm needs two samples; a batch emptied by bad files is dropped.
+                    if batch is None or batch["image"].shape[0] < 2:
+                        continue
                 loss, aux = train_one_step(train_model, batch, optimizer, scheduler, scaler,
                                            cfg, device)
                 if not math.isfinite(loss):
@@ -392,6 +435,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     bar.close()
     if writer is not None:
         writer.close()
+    if skipped_samples and dist.is_main:
+        print(f"warning: {skipped_samples} bad training sample(s) were skipped")
     if stop.requested and iteration < total_iters:
         if dist.is_main:
             print(f"stopped at iteration {iteration}/{total_iters}; checkpoint saved to "
@@ -399,4 +444,4 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                   "--resume auto")
         return {"iteration": iteration, "interrupted": True, "work_dir": str(work_dir)}
     return {"iteration": iteration, "best_miou": best_miou, "metrics": last_metrics,
-            "work_dir": str(work_dir), "interrupted": False}
+            "work_dir": str(work_dir), "interrupted": False, "skipped_samples": skipped_samples}
