@@ -150,6 +150,9 @@ class EvalConfig:
         default=None, metadata=help_("metrics folder (default next to checkpoint)")
     )
     samples: int | None = field(default=None, metadata=help_("first N images only"))
+    skip_bad_samples: bool = field(
+        default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
+    )
     workers: int = field(default=2, metadata=help_("data loader workers"))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))

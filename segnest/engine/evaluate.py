@@ -368,7 +368,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     results, panels = evaluate(
         runner, dataset, infer_cfg, info.device, samples=cfg.samples,
         panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
-        progress=True, workers=cfg.workers,
+        progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
     )
     if info.is_main:
         timing = results["timing"]
@@ -393,6 +393,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
         _log_tensorboard(out_dir, results, dataset.classes, panels,
                          int(checkpoint.get("iteration") or 0))
+        if results["skipped_samples"]:
+            print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
         print(f"metrics written to {json_path}")
         if cfg.save_pred:
             print(f"predictions written to {cfg.save_pred}")
