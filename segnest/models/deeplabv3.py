@@ -105,6 +105,11 @@ class DeepLabV3(nn.Module):
         self.head = DeepLabV3Head(channels[3], num_classes, head_channels, rates, norm_layer)
         self.aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the backbone's blocks (see
+        :meth:`ResNeSt.set_grad_checkpointing`)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
         features = self.backbone.forward_stages(x)

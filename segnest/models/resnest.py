@@ -14,10 +14,13 @@ stride 16 only layer4 is dilated (2, first block 1). In a stride-1 stage the fir
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DropBlock2d
 
 from segnest.models.splat import NormLayer, SplitAttentionConv
@@ -57,6 +60,44 @@ RESNEST_VARIANTS: dict[str, dict[str, Any]] = {
     "resnet101d": dict(layers=(3, 4, 23, 3), stem_width=32, radix=0, deep_stem=True,
                        avg_down=True, avd=False),
 }
+
+
+class ShortcutPool(nn.AvgPool2d):
+    """The shortcut's average pool; at kernel 1 and stride 1 (dilated stages) it is the
+    identity and returns its input instead of copying it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size == 1 and self.stride == 1:
+            return x
+        return super().forward(x)
+
+
+@contextmanager
+def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Norm layers inside may update their running statistics; on exit they are restored.
+
+    Activation checkpointing runs a block's forward a second time during backward; without
+    this the running mean/var (and ``num_batches_tracked``) would be updated twice. The
+    recomputation itself must run exactly like the original forward (same saved tensors),
+    so the statistics are restored afterwards rather than switched off.
+    """
+    buffers = [buffer for norm in module.modules()
+               if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+               for buffer in norm.buffers(recurse=False)]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` keeping only ``x`` for backward; the recomputation leaves norm
+    statistics untouched, so running stats end exactly as without checkpointing."""
+    return checkpoint(module, x, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), frozen_norm_stats(module)))
 
 
 class Bottleneck(nn.Module):
@@ -121,7 +162,8 @@ class Bottleneck(nn.Module):
             out = self.avd_layer(out)
         out = self.dropblock3(self.bn3(self.conv3(out)))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        # In place: nothing saved for backward reads the pre-activation output.
+        return self.relu(out.add_(shortcut))
 
 
 def stage_strides(output_stride: int) -> list[tuple[int, int]]:
@@ -199,6 +241,7 @@ class ResNeSt(nn.Module):
                 is_first=index > 0, norm_layer=norm_layer, block_args=block_args,
             )
             self.add_module(STAGE_NAMES[index], stage)
+        self.grad_checkpointing = False
         self.feature_channels = [base_width * 2**i * EXPANSION for i in range(4)]
         if num_classes > 0:
             self.drop = nn.Dropout(final_drop) if final_drop > 0 else nn.Identity()
@@ -213,7 +256,7 @@ class ResNeSt(nn.Module):
             parts: list[nn.Module] = []
             if avg_down:
                 pool = stride if dilation == 1 else 1
-                parts.append(nn.AvgPool2d(pool, pool, ceil_mode=True, count_include_pad=False))
+                parts.append(ShortcutPool(pool, pool, ceil_mode=True, count_include_pad=False))
                 parts.append(nn.Conv2d(self.inplanes, out_planes, 1, bias=False))
             else:
                 parts.append(nn.Conv2d(self.inplanes, out_planes, 1, stride, bias=False))
@@ -244,14 +287,31 @@ class ResNeSt(nn.Module):
                 if isinstance(module, Bottleneck):
                     nn.init.zeros_(module.bn3.weight)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each bottleneck in backward instead of storing its activations.
+
+        Only blocks' inputs are kept, which trades one extra forward per block for much
+        less training memory. Active only in training mode with gradients enabled; losses,
+        gradients and norm running statistics are the same as without it.
+        """
+        self.grad_checkpointing = enable
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        stage = getattr(self, name)
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
+            x = checkpointed(block, x)
+        return x
 
     def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)
         features = {}
         for name in STAGE_NAMES:
-            x = getattr(self, name)(x)
+            x = self.run_stage(name, x)
             features[name] = x
         return features
 
@@ -259,6 +319,7 @@ class ResNeSt(nn.Module):
         if self.num_classes == 0:
             return self.forward_stages(x)
         x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for name in STAGE_NAMES:
+            x = self.run_stage(name, x)
         x = torch.flatten(x.mean(dim=(2, 3)), 1)
         return self.fc(self.drop(x))

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DropBlock2d
 
@@ -69,12 +68,21 @@ class SplitAttentionConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.dropblock(self.bn0(self.conv(x))))
-        batch, _, height, width = x.shape
-        # A view, not a split: the radix splits are contiguous blocks of channels.
-        splits = x.view(batch, self.radix, self.channels, height, width)
-        gap = F.adaptive_avg_pool2d(splits.sum(dim=1) if self.radix > 1 else x, 1)
+        batch = x.shape[0]
+        # Pooling before summing the radix splits is the same linear map as summing first,
+        # but reads x once and never materialises the (B, C, H, W) sum.
+        gap = x.mean(dim=(2, 3), keepdim=True)
+        if self.radix > 1:
+            gap = gap.view(batch, self.radix, self.channels, 1, 1).sum(dim=1)
         attention = self.fc2(self.relu(self.bn1(self.fc1(gap))))
         weights = split_attention_weights(attention, self.radix, self.cardinality)
         if self.radix == 1:
             return x * weights.view(batch, self.channels, 1, 1)
-        return (splits * weights).sum(dim=1)
+        # A view, not a split: the radix splits are contiguous blocks of channels. The
+        # weighted sum accumulates split by split instead of reducing a (B, R, C, H, W)
+        # product, which would be R times the size of the output.
+        splits = x.view(batch, self.radix, self.channels, *x.shape[2:])
+        out = splits[:, 0] * weights[:, 0]
+        for r in range(1, self.radix):
+            out.addcmul_(splits[:, r], weights[:, r])
+        return out

@@ -1,0 +1,256 @@
+"""``segnest bench``: speed, peak memory and achieved FLOP/s of one model.
+
+A step is one inference forward (eval mode, ``torch.inference_mode``, BN folded unless
+``fuse_bn`` is off) or one training step (forward, cross-entropy on random labels with the
+auxiliary loss, backward, SGD update). Times are the median of ``runs`` steps after
+``warmup`` untimed ones. FLOPs are counted once with ``FlopCounterMode`` (a multiply-add
+is two FLOPs) and the achieved rate is set against a convolution peak probe measured in
+the same process the same way: one large 3x3 convolution, so the fraction says how close
+the model comes to what this machine's convolution kernels can do at best.
+
+Peak memory is the growth over the memory in use before the first step: on CUDA from
+``torch.cuda.max_memory_allocated``; on CPU from the process's resident-set high-water mark
+(``VmHWM``, reset through ``/proc/self/clear_refs`` on Linux; elsewhere ``ru_maxrss``,
+which can only grow, so there it is a lower bound when an earlier peak was higher).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from segnest.config import BenchConfig
+from segnest.errors import SegnestError
+from segnest.models import create_model
+from segnest.models.fuse import fuse_bn
+
+BENCH_MODES = ("infer", "train")
+AUX_WEIGHT = 0.2
+# Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
+PROBE_SHAPE = (2, 256, 128, 128)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SegnestError(f"bad --device {name!r}: {err}; use cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegnestError(f"--device {name}: cuda is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SegnestError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int,
+               runs: int) -> list[float]:
+    """Seconds per call of ``step`` for ``runs`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) of the code run between ``start()`` and ``peak()``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+        self.hwm_reset = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        rss = _proc_status_kb("VmRSS")
+        try:
+            # "5" resets the resident-set high-water mark to the current RSS (Linux >= 4.0).
+            Path("/proc/self/clear_refs").write_text("5")
+            self.hwm_reset = rss is not None
+        except OSError:
+            self.hwm_reset = False
+        self.baseline = (rss if self.hwm_reset else self._maxrss_kb()) * 1024
+
+    @staticmethod
+    def _maxrss_kb() -> int:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        hwm = _proc_status_kb("VmHWM") if self.hwm_reset else None
+        peak_kb = hwm if hwm is not None else self._maxrss_kb()
+        return max(0, peak_kb * 1024 - self.baseline)
+
+
+@functools.cache
+def conv_peak_gflops(device: torch.device, dtype: torch.dtype | None = None,
+                     runs: int = 3) -> float:
+    """GFLOP/s of one large 3x3 convolution: what this device's conv kernels reach."""
+    batch, channels, height, width = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_SHAPE, generator=generator).to(device)
+    weight = torch.randn(channels, channels, 3, 3, generator=generator).to(device) * 0.02
+    flops = 2 * batch * channels * channels * 9 * height * width
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else nullcontext())
+    with torch.inference_mode(), autocast:
+        times = time_steps(lambda: F.conv2d(x, weight, padding=1), device, 1, runs)
+    return flops / statistics.median(times) / 1e9
+
+
+def _loss(out: Any, target_cls: torch.Tensor, target_seg: torch.Tensor) -> torch.Tensor:
+    if not isinstance(out, dict):
+        return F.cross_entropy(out, target_cls)
+    loss = F.cross_entropy(out["out"], target_seg)
+    if "aux" in out:
+        loss = loss + AUX_WEIGHT * F.cross_entropy(out["aux"], target_seg)
+    return loss
+
+
+def _describe(report: dict[str, Any]) -> str:
+    mode = "inference" if report["mode"] == "infer" else "training step"
+    options = ", ".join(k for k in ("fuse_bn", "compile", "checkpoint_activations",
+                                    "channels_last") if report.get(k)) or "plain"
+    if report.get("amp"):
+        options += f", amp {report['amp']}"
+    return "\n".join([
+        f"segnest bench: {report['model']} {mode}, batch {report['batch']} at "
+        f"{report['size']}x{report['size']} on {report['device']} ({options})",
+        f"  throughput      {report['images_per_s']:.3f} images/s",
+        f"  time per step   {report['ms_per_step']:.1f} ms (median of {report['runs']})",
+        f"  peak memory     {report['peak_memory_mb']:.1f} MB above the start",
+        f"  compute         {report['gflop_per_step']:.2f} GFLOP/step, "
+        f"{report['achieved_gflops']:.2f} GFLOP/s",
+        f"  conv peak       {report['conv_peak_gflops']:.2f} GFLOP/s (3x3 conv probe); "
+        f"achieved = {100 * report['fraction_of_conv_peak']:.1f}% of it",
+    ])
+
+
+def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
+              channels_last: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Benchmark ``cfg.model`` and return (and print, unless ``quiet``) the report.
+
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs steps under autocast and
+    ``channels_last`` converts model and input to that memory format; both mainly help
+    on GPUs.
+    """
+    if cfg.mode not in BENCH_MODES:
+        raise SegnestError(f"unknown bench mode {cfg.mode!r}; use --mode infer or --mode train")
+    if cfg.runs < 1 or cfg.warmup < 0 or cfg.batch < 1 or cfg.size < 1:
+        raise SegnestError("--runs, --batch and --size must be positive and --warmup >= 0")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, num_classes=cfg.num_classes).to(device)
+    train = cfg.mode == "train"
+    if train:
+        model.train()
+        if cfg.checkpoint_activations:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise SegnestError(f"{cfg.model} has no activation checkpointing")
+            model.set_grad_checkpointing(True)
+    else:
+        model = fuse_bn(model) if cfg.fuse_bn else model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    runner: nn.Module = torch.compile(model) if cfg.compile else model
+
+    x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    target_cls = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
+    target_seg = torch.randint(0, cfg.num_classes, (cfg.batch, cfg.size, cfg.size),
+                               device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if train else None
+
+    def autocast() -> AbstractContextManager:
+        return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else nullcontext())
+
+    def infer_step(net: nn.Module = runner) -> None:
+        with torch.inference_mode(), autocast():
+            net(x)
+
+    def train_step(net: nn.Module = runner) -> None:
+        with autocast():
+            loss = _loss(net(x), target_cls, target_seg)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step = train_step if train else infer_step
+    memory = PeakMemory(device)
+    memory.start()
+    try:
+        times = time_steps(step, device, cfg.warmup, cfg.runs)
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise SegnestError(
+            f"--batch {cfg.batch} cannot train {cfg.model}: batch norm after "
+            "Split-Attention's global pooling needs at least two samples; use --batch 2"
+        ) from err
+    peak_bytes = memory.peak()
+
+    # Counted on the eager module: the same arithmetic, and compiled graphs hide their ops.
+    with FlopCounterMode(display=False) as counter:
+        step(model)
+    flops = counter.get_total_flops()
+    seconds = statistics.median(times)
+    peak = conv_peak_gflops(device, amp_dtype)
+    report: dict[str, Any] = {
+        "model": cfg.model, "mode": cfg.mode, "device": str(device),
+        "batch": cfg.batch, "size": cfg.size, "runs": cfg.runs, "warmup": cfg.warmup,
+        "fuse_bn": cfg.fuse_bn and not train, "compile": cfg.compile,
+        "checkpoint_activations": cfg.checkpoint_activations and train,
+        "channels_last": channels_last, "amp": str(amp_dtype).removeprefix("torch.")
+        if amp_dtype is not None else None,
+        "images_per_s": cfg.batch / seconds,
+        "ms_per_step": 1e3 * seconds,
+        "peak_memory_mb": peak_bytes / 2**20,
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": flops / seconds / 1e9,
+        "conv_peak_gflops": peak,
+        "fraction_of_conv_peak": flops / seconds / 1e9 / peak,
+    }
+    if not quiet:
+        print(json.dumps(report) if cfg.json else _describe(report))
+    return report
