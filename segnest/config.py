@@ -39,8 +39,8 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "folder": dict(base_size=520, crop_size=480, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)),
     # The CPU recipe: a small ResNeSt-14 that trains in minutes on two cores.
     "mini": dict(backbone="resnest14", base_width=16, stem_width=16, head_channels=64,
-                 base_size=112, crop_size=96, scale_min=0.75, scale_max=1.5, iters=600,
-                 batch_size=8, lr=0.01, workers=2, scales=(0.75, 1.0, 1.25)),
+                 base_size=112, crop_size=96, scale_min=0.75, scale_max=1.5, iters=900,
+                 batch_size=8, lr=0.02, workers=2, scales=(0.75, 1.0, 1.25)),
 }
 
 
@@ -261,8 +261,8 @@ class DemoConfig:
     """``segnest demo``: the whole pipeline on bundled data, in minutes, on a CPU."""
 
     work_dir: str = field(default="runs/demo", metadata=help_("output folder"))
-    pretrain_epochs: int = field(default=6, metadata=help_("classification pretraining epochs"))
-    iters: int = field(default=600, metadata=help_("segmentation training iterations"))
+    pretrain_epochs: int = field(default=15, metadata=help_("classification pretraining epochs"))
+    iters: int = field(default=900, metadata=help_("segmentation training iterations"))
     compare_scratch: bool = field(
         default=False,
         metadata=help_("also train from scratch with the same budget and report both"),
