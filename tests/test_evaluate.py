@@ -117,15 +117,6 @@ def checkpoint(tmp_path: Path, ade_root: Path) -> Path:
     return save_tiny_checkpoint(run / "best.pt", ade_root)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine, two OpenMP threads per process can be 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SINGLE = InferenceConfig(scales=(1.0,), base_size=WIDTH)
 
 

@@ -17,15 +17,6 @@ TINY = dict(num_classes=NUM_CLASSES, aux=True, head_channels=16, base_width=8, s
 PALETTE = generate_palette(NUM_CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine, two OpenMP threads per process can be 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)

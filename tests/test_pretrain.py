@@ -33,15 +33,6 @@ CLASSES = ("blue", "green", "red")
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine, two OpenMP threads per process can be 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ (8 per class) and val/ (4 per class) of 32 px images tinted by class."""
