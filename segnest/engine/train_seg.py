@@ -307,7 +307,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if dist.is_main:
             print(f"resumed from {resume_path} at iteration {start_iter}")
     elif cfg.resume == "auto" and dist.is_main:
-        print(f"--resume auto: no checkpoint in {work_dir}, starting from scratch")
+        print(f"--resume auto: no checkpoint in {work_dir} yet; starting a new run")
 
     train_model: nn.Module = model
     if dist.distributed:
