@@ -22,14 +22,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configured(cls: type, presets: bool = False) -> Callable[[argparse.Namespace], Any]:
-    """Turn parsed flags into the command's config dataclass (recipe and presets merged)."""
+def _configured(cls: type, presets: str | None = None) -> Callable[[argparse.Namespace], Any]:
+    """Turn parsed flags into the command's config dataclass, merged with the recipe and
+    the per-dataset presets named by ``presets`` (an attribute of segnest.config)."""
 
     def resolve(args: argparse.Namespace) -> Any:
         from segnest import config
 
         given = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
-        return config.resolve_config(cls, given, config.DATASET_PRESETS if presets else None)
+        table = getattr(config, presets) if presets else None
+        return config.resolve_config(cls, given, table)
 
     return resolve
 
@@ -38,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segnest.config import TrainConfig
     from segnest.engine.train_seg import run_train
 
-    run_train(_configured(TrainConfig, presets=True)(args))
+    run_train(_configured(TrainConfig, "DATASET_PRESETS")(args))
     return 0
 
 
@@ -70,7 +72,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from segnest.config import PretrainConfig
     from segnest.engine.train_cls import run_pretrain
 
-    run_pretrain(_configured(PretrainConfig)(args))
+    run_pretrain(_configured(PretrainConfig, "PRETRAIN_PRESETS")(args))
     return 0
 
 

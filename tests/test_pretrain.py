@@ -14,11 +14,10 @@ from torch import nn
 
 import segnest.engine.train_cls as train_cls
 from segnest import create_model, load_pretrained
-from segnest.config import PretrainConfig
+from segnest.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
 from segnest.engine.checkpoint import load_checkpoint
 from segnest.engine.optim import NORM_TYPES
 from segnest.engine.train_cls import (
-    apply_mini_preset,
     build_batch_mixer,
     build_optimizer,
     model_kwargs,
@@ -127,11 +126,15 @@ def test_topk_counts_hits_among_the_k_best_logits():
     assert topk_correct(logits, torch.tensor([0, 1, 2]), (1, 2)) == [1, 2]
 
 
-def test_mini_preset_fills_only_fields_left_at_their_default():
-    cfg = apply_mini_preset(PretrainConfig(dataset="mini", epochs=3, base_width=8))
+def test_mini_preset_fills_what_the_user_did_not_give():
+    cfg = resolve_config(PretrainConfig, {"dataset": "mini", "epochs": 3, "base_width": 8},
+                         PRETRAIN_PRESETS)
     assert (cfg.backbone, cfg.crop_size, cfg.crop_pct) == ("resnest14", 64, 1.0)
     assert (cfg.epochs, cfg.base_width) == (3, 8)
-    assert apply_mini_preset(PretrainConfig()) == PretrainConfig()
+    # A flag typed at its built-in default still wins over the preset.
+    typed = resolve_config(PretrainConfig, {"dataset": "mini", "epochs": 270}, PRETRAIN_PRESETS)
+    assert typed.epochs == 270
+    assert resolve_config(PretrainConfig, {}, PRETRAIN_PRESETS) == PretrainConfig()
 
 
 def test_user_errors_are_segnest_errors(tmp_path, image_folder):

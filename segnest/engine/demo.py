@@ -15,6 +15,7 @@ from typing import Any
 
 from segnest.config import (
     DATASET_PRESETS,
+    PRETRAIN_PRESETS,
     DemoConfig,
     EvalConfig,
     PretrainConfig,
@@ -51,9 +52,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = _stage(2, "pretraining a small ResNeSt-14 on the mini classification set")
     backbone_path = root / "pretrain" / "backbone.pth"
-    pretrain = run_pretrain(PretrainConfig(
+    pretrain = run_pretrain(resolve_config(PretrainConfig, dict(
         dataset="mini", epochs=cfg.pretrain_epochs, workers=cfg.workers, device=cfg.device,
-        work_dir=str(root / "pretrain"), export=str(backbone_path), resume="auto"))
+        work_dir=str(root / "pretrain"), export=str(backbone_path), resume="auto"),
+        PRETRAIN_PRESETS))
     print(f"      top-1 {pretrain['top1']:.1f}% on the mini validation set")
     timings["pretrain_s"] = time.perf_counter() - t
 

@@ -62,22 +62,6 @@ from segnest.models import create_model
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-# ``--dataset mini`` trains on the bundled 64 px, 8-class set in about two minutes on two
-# CPU cores. These values replace only fields still at their PretrainConfig default.
-MINI_PRESET: dict[str, Any] = dict(
-    backbone="resnest14",
-    base_width=16,
-    stem_width=16,
-    crop_size=64,
-    crop_pct=1.0,
-    batch_size=32,
-    epochs=15,
-    lr=0.05,
-    warmup_epochs=1.0,
-    mixup=0.0,
-    auto_augment="none",
-    workers=2,
-)
 # RandomResizedCrop area range: ImageNet's, and a mild one for the 64 px mini images
 # whose shapes must stay in view.
 IMAGENET_CROP_SCALE = (0.08, 1.0)
@@ -85,15 +69,6 @@ MINI_CROP_SCALE = (0.5, 1.0)
 VAL_SAMPLE_IMAGES = 16
 DATASETS = ("imagenet", "mini")
 AUTO_AUGMENT = ("autoaugment", "randaugment", "none")
-
-
-def apply_mini_preset(cfg: PretrainConfig) -> PretrainConfig:
-    """``cfg`` with ``MINI_PRESET`` filled into the fields still at their default."""
-    if cfg.dataset != "mini":
-        return cfg
-    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
-    updates = {k: v for k, v in MINI_PRESET.items() if getattr(cfg, k) == defaults[k]}
-    return dataclasses.replace(cfg, **updates)
 
 
 def build_transforms(crop_size: int, crop_pct: float, auto_augment: str,
@@ -328,7 +303,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     ``iterations``, ``seconds`` and the paths ``work_dir``, ``last``, ``best`` and
     ``export`` (None without ``--export``).
     """
-    cfg = apply_mini_preset(cfg)
     dist_info = init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
@@ -484,8 +458,6 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
 
 
 __all__ = [
-    "MINI_PRESET",
-    "apply_mini_preset",
     "backbone_state_dict",
     "build_batch_mixer",
     "build_optimizer",
