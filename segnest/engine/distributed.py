@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from segnest.errors import SegnestError
+
+# The autograd-aware all_reduce is the public API CPUSyncBatchNorm needs; its suggested
+# replacement is a private module. Keep the deprecation notice out of every training step.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is "
+                        "deprecated", category=FutureWarning)
 
 
 @dataclass
