@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segnest: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nsegnest: interrupted", file=sys.stderr)
+        print("\nsegnest: interrupted; finished checkpoints in the work folder are intact: run "
+              "the same command with --resume auto to continue (segnest demo resumes by "
+              "itself)", file=sys.stderr)
         return 130
 
 

@@ -135,3 +135,25 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
     assert result.returncode == 2
     assert "pwned" not in result.stdout
     assert "weights" in result.stderr.lower()
+
+
+def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(folder_dataset, tmp_path):
+    work = tmp_path / "interrupted"
+    flags = [*TINY_FLAGS]
+    flags[flags.index("--workers") + 1] = "2"  # workers see the SIGINT too, as in a terminal
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segnest", "train", "--dataset", "folder", "--data-root",
+         str(folder_dataset), "--iters", "500", "--val-interval", "1000",
+         "--checkpoint-interval", "2", "--work-dir", str(work), *flags],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.time() + 120
+    while not (work / "iter_2.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped at iteration" in out and "--resume auto" in out
+    stopped_at = int(out.split("stopped at iteration ")[1].split("/")[0])
+    assert load_checkpoint(work / "last.pt")["iteration"] == stopped_at

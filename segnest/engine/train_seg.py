@@ -166,6 +166,13 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
+def init_train_worker(worker_id: int) -> None:
+    """Seed the worker, and leave Ctrl-C to the main process: it finishes the iteration and
+    saves, which it could not do if the workers died on the same SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
 def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: DistInfo,
                 epoch: int, start_batch: int) -> DataLoader:
     transform.set_epoch(epoch)
@@ -174,7 +181,7 @@ def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: D
     return DataLoader(
         GuardedSamples(dataset), batch_size=cfg.batch_size, sampler=sampler,
         num_workers=cfg.workers, collate_fn=collate_guarded, drop_last=True,
-        pin_memory=dist.device.type == "cuda", worker_init_fn=seed_worker,
+        pin_memory=dist.device.type == "cuda", worker_init_fn=init_train_worker,
         generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
     )
 
