@@ -8,14 +8,28 @@ The public API mirrors the CLI::
 """
 
 import os
+from typing import Any
 
 # albumentations checks PyPI for a newer release on import; segnest never touches the
 # network at run time, so switch that off before anything imports it.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from segnest.errors import SegnestError  # noqa: E402
-from segnest.models import create_model, list_models  # noqa: E402
-from segnest.models.weights import load_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["SegnestError", "create_model", "list_models", "load_pretrained", "__version__"]
+
+_LAZY = {
+    "create_model": "segnest.models",
+    "list_models": "segnest.models",
+    "load_pretrained": "segnest.models.weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Importing torch takes seconds; `segnest --help` and `--version` should not pay for it.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segnest' has no attribute {name!r}")
