@@ -162,7 +162,10 @@ class EvalConfig:
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )
     workers: int = field(default=2, metadata=help_("data loader workers"))
-    compile: bool = field(default=False, metadata=help_("torch.compile the model"))
+    fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs (same outputs, faster)"))
+    compile: bool = field(
+        default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
+    )
     device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
 
 
@@ -181,6 +184,10 @@ class PredictConfig:
     crop_size: int | None = field(default=None, metadata=help_("sliding window size"))
     stride: int | None = field(default=None, metadata=help_("window stride"))
     overlay: bool = field(default=False, metadata=help_("also write image/mask overlays"))
+    fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs (same outputs, faster)"))
+    compile: bool = field(
+        default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
+    )
     device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
 
 

@@ -136,6 +136,24 @@ def test_run_eval_writes_metrics_with_class_names(checkpoint: Path):
     assert list(out.glob("events.out.tfevents.*"))
 
 
+def test_run_eval_folds_batch_norms_unless_told_not_to(checkpoint: Path, monkeypatch):
+    import segnest.engine.evaluate as evaluate_module
+
+    seen = []
+
+    def spy(model, *args, **kwargs):
+        seen.append(any(isinstance(m, nn.BatchNorm2d) for m in model.modules()))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    folded = run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0))
+    plain = run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0,
+                                fuse_bn=False))
+    assert seen == [False, True]
+    for key in ("pixAcc", "mIoU", "mAcc"):
+        assert folded[key] == pytest.approx(plain[key], abs=1e-6)
+
+
 def test_multi_scale_flip_run_records_timing(checkpoint: Path):
     cfg = EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0, multi_scale=True,
                      flip=True, scales="0.75,1.25")

@@ -1,11 +1,14 @@
-"""Fast paths give the plain path's results: BN folding, activation checkpointing, bench."""
+"""Fast paths give the plain path's results: BN folding, torch.compile, activation
+checkpointing, bench."""
 
 import pytest
 import torch
 from torch import nn
 
 from segnest.config import BenchConfig
+from segnest.engine import compiling
 from segnest.engine.bench import run_bench
+from segnest.engine.inference import inference_model
 from segnest.errors import SegnestError
 from segnest.models import create_model
 from segnest.models.fuse import fuse_bn
@@ -54,6 +57,42 @@ def test_folding_leaves_norms_without_running_stats_alone():
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(fused(x)["layer4"], model(x)["layer4"])
+
+
+def test_inference_model_folds_a_copy_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", num_classes=5, head_channels=16, **TINY)
+    randomize_norms(model, 2)
+    folded = inference_model(model)
+    assert folded is not model and model.training, "the trained model is left as it was"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    plain = inference_model(model, fuse=False)
+    assert plain is model and not model.training
+    x = torch.randn(1, 3, 37, 45)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_compile_without_a_cxx_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    with pytest.raises(SegnestError, match="needs a C\\+\\+ compiler"):
+        compiling.compile_model(nn.Conv2d(1, 1, 1))
+
+
+@pytest.mark.skipif(not compiling._has_cxx(), reason="inductor on CPU needs a C++ compiler")
+def test_compiled_inference_equals_eager():
+    """torch.compile with frozen weights (eval/predict/bench --compile), ~20 s to compile."""
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", num_classes=5, head_channels=16, aux=False,
+                         **TINY)
+    randomize_norms(model, 3)
+    compiled = inference_model(model, compile=True)
+    x = torch.randn(2, 3, 40, 48)
+    with torch.inference_mode():
+        expected = model.eval()(x)
+        got = compiled(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ Inference settings (``inference_config_from``), shared with ``segnest predict``:
   ``--scales 0.5,1.0`` picks them explicitly (and implies multi-scale).
 - ``--flip`` adds the mirrored view of every scale.
 - ``--mode slide``: sliding windows of ``crop_size`` with ``--stride`` (default 2/3 crop).
+
+``segnest eval`` and ``predict`` run the checkpoint's model with its batch norms folded into
+the convolutions (``--no-fuse-bn`` turns that off) and, with ``--compile``, compiled with
+frozen weights (:func:`segnest.engine.inference.inference_model`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from segnest.engine.distributed import (
     get_world_size,
     init_distributed,
 )
-from segnest.engine.inference import INFERENCE_MODES, InferenceConfig, infer
+from segnest.engine.inference import INFERENCE_MODES, InferenceConfig, infer, inference_model
 from segnest.engine.metrics import ConfusionMatrix, format_table, save_results
 from segnest.engine.visualize import colorize, denormalize, log_panels, make_panel, save_png
 from segnest.errors import SegnestError
@@ -361,8 +365,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     infer_cfg = inference_config_from(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
     dataset = build_dataset(dataset_name, data_root, cfg.split)
-    model = model.to(info.device)
-    runner: Any = torch.compile(model) if cfg.compile else model
+    runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile)
     out_dir = Path(cfg.out) if cfg.out else _default_out_dir(cfg, infer_cfg)
 
     results, panels = evaluate(

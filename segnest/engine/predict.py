@@ -26,7 +26,7 @@ from segnest.data.transforms import MEAN, STD
 from segnest.engine.checkpoint import load_checkpoint
 from segnest.engine.distributed import init_distributed
 from segnest.engine.evaluate import inference_config_from
-from segnest.engine.inference import infer
+from segnest.engine.inference import infer, inference_model
 from segnest.engine.visualize import colorize, overlay, save_png
 from segnest.errors import SegnestError
 from segnest.models.weights import model_from_checkpoint
@@ -109,7 +109,7 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
     infer_cfg = inference_config_from(cfg, checkpoint)
     device = init_distributed(cfg.device).device
-    model = model.to(device).eval()
+    model = inference_model(model.to(device), fuse=cfg.fuse_bn, compile=cfg.compile)
     num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
                       or len(checkpoint.get("classes") or ()))
     if not num_classes:

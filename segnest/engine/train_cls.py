@@ -45,6 +45,7 @@ from segnest.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from segnest.engine.compiling import compile_model
 from segnest.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -373,7 +374,7 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_model(model)
 
     writer = None
     if dist_info.is_main and cfg.tensorboard:

@@ -38,6 +38,7 @@ from segnest.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from segnest.engine.compiling import compile_model
 from segnest.engine.distributed import (
     DistInfo,
     convert_sync_batchnorm,
@@ -321,7 +322,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = compile_model(train_model)
 
     writer = None
     if dist.is_main:
