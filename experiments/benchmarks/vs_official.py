@@ -4,8 +4,8 @@ Same architecture, same weights (the official state dict loaded into segnest), s
 input, one process, interleaved A/B runs after warm-up, medians reported.
 
   a) stride-8 ResNeSt-50 backbone inference: segnest with BN folded vs official
-     ``resnest50(dilated=True)``; speed ratio and achieved GFLOP/s as a fraction of the
-     in-process 3x3 convolution peak probe.
+     ``resnest50(dilated=True)``; speed ratio and achieved GFLOP/s as a fraction of a
+     3x3 convolution peak probe timed in turns with the models.
   b) DeepLabV3-ResNeSt-50 training step: segnest vs the official backbone under
      segnest's (identical) head; speed ratio.
   c) activation checkpointing: peak training memory with and without, each measured by
@@ -17,11 +17,11 @@ Run: python experiments/benchmarks/vs_official.py [--parts abc] [--size 512] [--
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segnest.engine.bench import conv_peak_gflops
+from segnest.engine.bench import conv_probe, time_interleaved
+from segnest.engine.compiling import compile_model
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.fuse import fuse_bn
@@ -84,13 +85,7 @@ def official_backbone() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 def interleaved(steps: dict[str, Callable[[], object]], warmup: int,
                 runs: int) -> dict[str, float]:
     """Median seconds per step; runs alternate between the steps to share the noise."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for index in range(warmup + runs):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if index >= warmup:
-                times[name].append(time.perf_counter() - start)
+    times = time_interleaved(steps, torch.device("cpu"), warmup, runs)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -107,12 +102,20 @@ def part_a(args: argparse.Namespace) -> None:
         with FlopCounterMode(display=False) as counter:
             ref(x)
         flops = counter.get_total_flops()
-        steps = {"official": lambda: ref(x), "segnest plain": lambda: ours_plain(x),
-                 "segnest fused": lambda: fused(x)}
+        probe, probe_flops = conv_probe(torch.device("cpu"))
+        steps = {"conv probe": probe, "official": lambda: ref(x),
+                 "segnest plain": lambda: ours_plain(x), "segnest fused": lambda: fused(x)}
+        if args.compile:
+            # Frozen weights, as segnest eval/predict --compile; the warm-up call compiles.
+            compiled = compile_model(fused, frozen=True)
+            steps["fused+compile"] = lambda: compiled(x)
         seconds = interleaved(steps, args.warmup, args.runs)
-    peak = conv_peak_gflops(torch.device("cpu"), None, max(3, args.runs))
+        if args.compile:
+            diff = max(diff, (compiled(x)["layer4"] - ref(x)["layer4"]).abs().max().item())
+    peak = probe_flops / seconds.pop("conv probe") / 1e9
     print(f"(a) stride-8 ResNeSt-50 backbone inference, batch {args.infer_batch} at "
-          f"{args.size}x{args.size}: {flops / 1e9:.1f} GFLOP, max |diff| {diff:.2e}")
+          f"{args.size}x{args.size}: {flops / 1e9:.1f} GFLOP, max |diff| to official "
+          f"{diff:.2e}")
     print(f"    conv peak probe {peak:.1f} GFLOP/s")
     for name, sec in seconds.items():
         rate = flops / sec / 1e9
@@ -145,6 +148,10 @@ def part_b(args: argparse.Namespace) -> None:
 
     steps = {"official+head": step(assembly, torch.optim.SGD(assembly.parameters(), 0.0)),
              "segnest": step(ours, torch.optim.SGD(ours.parameters(), 0.0))}
+    if args.compile:
+        twin = copy.deepcopy(ours)
+        steps["segnest compile"] = step(compile_model(twin),
+                                        torch.optim.SGD(twin.parameters(), 0.0))
     seconds = interleaved(steps, args.train_warmup, args.train_runs)
     print(f"(b) DeepLabV3-ResNeSt-50 training step, batch {args.train_batch} at "
           f"{args.train_size}x{args.train_size}")
@@ -190,6 +197,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-warmup", type=int, default=1)
     parser.add_argument("--train-runs", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile'd segnest rows (compiled during warm-up)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for part, run in (("a", part_a), ("b", part_b), ("c", part_c)):

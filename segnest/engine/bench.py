@@ -1,14 +1,17 @@
 """``segnest bench``: speed, peak memory and achieved FLOP/s of one model.
 
 A step is one inference forward (eval mode, ``torch.inference_mode``, BN folded unless
-``fuse_bn`` is off) or one training step (forward, cross-entropy on random labels with the
-auxiliary loss, backward, SGD update). Times are the median of ``runs`` steps after
-``warmup`` untimed ones. FLOPs are counted once with ``FlopCounterMode`` (a multiply-add
-is two FLOPs) and the achieved rate is set against a convolution peak probe measured in
-the same process the same way: one large 3x3 convolution, so the fraction says how close
-the model comes to what this machine's convolution kernels can do at best.
+``fuse_bn`` is off; ``compile`` compiles it with frozen weights as ``segnest eval`` does)
+or one training step (forward, cross-entropy on random labels with the auxiliary loss,
+backward, SGD update). Times are the median of ``runs`` steps after ``warmup`` untimed ones
+(at least one). FLOPs are counted once with ``FlopCounterMode`` (a multiply-add is two
+FLOPs) and the achieved rate is set against a convolution peak probe, one large 3x3
+convolution timed in turns with the model's steps (so both see the same machine load):
+the fraction says how close the model comes to what this device's convolution kernels
+can do at best.
 
-Peak memory is the growth over the memory in use before the first step: on CUDA from
+Peak memory is the growth over the memory in use before the first step, taken over the
+warm-up steps (so it includes compilation with ``compile``): on CUDA from
 ``torch.cuda.max_memory_allocated``; on CPU from the process's resident-set high-water mark
 (``VmHWM``, reset through ``/proc/self/clear_refs`` on Linux; elsewhere ``ru_maxrss``,
 which can only grow, so there it is a lower bound when an earlier peak was higher).
@@ -29,10 +32,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from segnest.config import BenchConfig
+from segnest.engine.compiling import compile_model
 from segnest.errors import SegnestError
 from segnest.models import create_model
 from segnest.models.fuse import fuse_bn
@@ -62,18 +65,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], Any], device: torch.device, warmup: int,
-               runs: int) -> list[float]:
-    """Seconds per call of ``step`` for ``runs`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    _synchronize(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
+def time_interleaved(steps: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                     runs: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, ``runs`` calls after ``warmup`` untimed ones.
+
+    The steps take turns (a, b, a, b, ...) so that a shared machine's slow and fast
+    spells fall on all of them alike; compare their medians.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(warmup + runs):
+        for name, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            if index >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -123,19 +130,23 @@ class PeakMemory:
 
 
 @functools.cache
-def conv_peak_gflops(device: torch.device, dtype: torch.dtype | None = None,
-                     runs: int = 3) -> float:
-    """GFLOP/s of one large 3x3 convolution: what this device's conv kernels reach."""
+def conv_probe(device: torch.device,
+               dtype: torch.dtype | None = None) -> tuple[Callable[[], None], int]:
+    """One large 3x3 convolution, the yardstick of what this device's conv kernels reach:
+    a step to time (alongside the model's, see :func:`time_interleaved`) and its FLOPs."""
     batch, channels, height, width = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_SHAPE, generator=generator).to(device)
     weight = torch.randn(channels, channels, 3, 3, generator=generator).to(device) * 0.02
     flops = 2 * batch * channels * channels * 9 * height * width
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-                else nullcontext())
-    with torch.inference_mode(), autocast:
-        times = time_steps(lambda: F.conv2d(x, weight, padding=1), device, 1, runs)
-    return flops / statistics.median(times) / 1e9
+
+    def step() -> None:
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                    else nullcontext())
+        with torch.inference_mode(), autocast:
+            F.conv2d(x, weight, padding=1)
+
+    return step, flops
 
 
 def _loss(out: Any, target_cls: torch.Tensor, target_seg: torch.Tensor) -> torch.Tensor:
@@ -192,7 +203,10 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
         model = fuse_bn(model) if cfg.fuse_bn else model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    runner: nn.Module = torch.compile(model) if cfg.compile else model
+    runner: Any = model
+    if cfg.compile:
+        # Inference compiles as eval and predict do, with frozen weights.
+        runner = compile_model(model, frozen=not train)
 
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, device=device)
     x = x.contiguous(memory_format=memory_format)
@@ -205,11 +219,11 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
         return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else nullcontext())
 
-    def infer_step(net: nn.Module = runner) -> None:
+    def infer_step(net: Any = runner) -> None:
         with torch.inference_mode(), autocast():
             net(x)
 
-    def train_step(net: nn.Module = runner) -> None:
+    def train_step(net: Any = runner) -> None:
         with autocast():
             loss = _loss(net(x), target_cls, target_seg)
         loss.backward()
@@ -220,7 +234,9 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
     memory = PeakMemory(device)
     memory.start()
     try:
-        times = time_steps(step, device, cfg.warmup, cfg.runs)
+        # Peak memory over the warm-up (at least one step; it includes compilation).
+        for _ in range(max(1, cfg.warmup)):
+            step()
     except ValueError as err:
         if "more than 1 value per channel" not in str(err):
             raise
@@ -229,13 +245,16 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
             "Split-Attention's global pooling needs at least two samples; use --batch 2"
         ) from err
     peak_bytes = memory.peak()
+    probe, probe_flops = conv_probe(device, amp_dtype)
+    probe()  # its warm-up
+    times = time_interleaved({"model": step, "probe": probe}, device, 0, cfg.runs)
 
     # Counted on the eager module: the same arithmetic, and compiled graphs hide their ops.
     with FlopCounterMode(display=False) as counter:
         step(model)
     flops = counter.get_total_flops()
-    seconds = statistics.median(times)
-    peak = conv_peak_gflops(device, amp_dtype)
+    seconds = statistics.median(times["model"])
+    peak = probe_flops / statistics.median(times["probe"]) / 1e9
     report: dict[str, Any] = {
         "model": cfg.model, "mode": cfg.mode, "device": str(device),
         "batch": cfg.batch, "size": cfg.size, "runs": cfg.runs, "warmup": cfg.warmup,
