@@ -3,12 +3,13 @@
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import DropBlock2d
 
 import segnest
 from segnest.errors import SegnestError
 from segnest.models import create_model, list_models
 from segnest.models.resnest import RESNEST_VARIANTS
-from segnest.models.splat import SplitAttentionConv
+from segnest.models.splat import DropBlock, SplitAttentionConv
 
 TINY = dict(base_width=8, stem_width=8)
 
@@ -153,6 +154,21 @@ def test_zero_init_last_gamma_and_options():
     assert isinstance(model.drop, nn.Dropout)
     assert not any("DropBlock" in type(m).__name__ for m in model.layer2.modules())
     assert any("DropBlock" in type(m).__name__ for m in model.layer4.modules())
+
+
+@pytest.mark.parametrize("size", [32, 48, 64, 100])
+def test_dropblock_trains_on_maps_smaller_than_its_block(size):
+    # Output stride 32: 1x1, 2x2, 2x2 and 4x4 maps in layer4, 2x2 or less in layer3 too.
+    model = create_model("resnest14", num_classes=3, dropblock_prob=0.5, **TINY).train()
+    model(torch.randn(2, 3, size, size)).sum().backward()
+
+
+def test_dropblock_equals_torchvision_when_the_block_fits():
+    x = torch.randn(2, 4, 9, 9)
+    torch.manual_seed(0)
+    expected = DropBlock2d(0.3, 3)(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(DropBlock(0.3, 3)(x), expected)
 
 
 def test_norm_layer_argument_is_used_everywhere():

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import DropBlock2d
 
-from segnest.models.splat import NormLayer, SplitAttentionConv
+from segnest.models.splat import DropBlock, NormLayer, SplitAttentionConv
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 EXPANSION = 4
@@ -123,7 +122,7 @@ class Bottleneck(nn.Module):
         group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
 
         def dropblock() -> nn.Module:
-            return DropBlock2d(dropblock_prob, 3) if dropblock_prob > 0 else nn.Identity()
+            return DropBlock(dropblock_prob, 3) if dropblock_prob > 0 else nn.Identity()
 
         self.radix = radix
         self.conv1 = nn.Conv2d(inplanes, group_width, 1, bias=False)

@@ -16,9 +16,20 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.ops import DropBlock2d
+from torchvision.ops import DropBlock2d, drop_block2d
 
 NormLayer = Callable[[int], nn.Module]
+
+
+class DropBlock(DropBlock2d):
+    """torchvision's ``DropBlock2d`` that also runs on feature maps smaller than its block
+    (a small input at output stride 32 gives 2x2 maps): the block shrinks to the largest
+    odd size that fits. Identical to ``DropBlock2d`` whenever the block fits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = min(self.block_size, x.shape[-2], x.shape[-1])
+        size -= 1 - size % 2  # drop_block2d wants an odd size
+        return drop_block2d(x, self.p, size, self.inplace, self.eps, self.training)
 
 
 def split_attention_weights(logits: torch.Tensor, radix: int, cardinality: int) -> torch.Tensor:
@@ -60,7 +71,7 @@ class SplitAttentionConv(nn.Module):
             groups=groups * radix, bias=False,
         )
         self.bn0 = norm_layer(channels * radix)
-        self.dropblock = DropBlock2d(dropblock_prob, 3) if dropblock_prob > 0 else nn.Identity()
+        self.dropblock = DropBlock(dropblock_prob, 3) if dropblock_prob > 0 else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.fc1 = nn.Conv2d(channels, inter_channels, 1, groups=groups)
         self.bn1 = norm_layer(inter_channels)
