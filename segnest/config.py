@@ -248,6 +248,10 @@ class PretrainConfig:
         metadata=help_("also write the bare backbone state dict (official key layout) here"),
     )
     seed: int = field(default=0, metadata=help_("random seed"))
+    checkpoint_interval: int = field(
+        default=1000,
+        metadata=help_("also save last.pt every N iterations within an epoch (0 = at epoch ends)"),
+    )
     log_interval: int = field(default=10, metadata=help_("scalar logging every N iterations"))
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
     device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from segnest.config import DemoConfig
 from segnest.engine.demo import run_demo
 
@@ -22,3 +24,20 @@ def test_demo_runs_the_whole_pipeline_and_can_be_rerun(tmp_path, capsys):
     again = run_demo(cfg)
     assert "resumed from" in capsys.readouterr().out
     assert again["results"]["mIoU"] == result["results"]["mIoU"]
+
+
+def test_a_stage_stopped_by_ctrl_c_ends_the_demo_before_the_next_stage(tmp_path, monkeypatch):
+    import segnest.engine.demo as demo
+
+    monkeypatch.setattr(demo, "ensure_mini_segmentation", lambda: tmp_path)
+    monkeypatch.setattr(demo, "ensure_mini_classification", lambda: tmp_path)
+    monkeypatch.setattr(demo, "run_pretrain", lambda cfg: {"interrupted": True})
+    monkeypatch.setattr(demo, "run_train", lambda cfg: pytest.fail("trained after Ctrl-C"))
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), device="cpu"))
+
+    monkeypatch.setattr(demo, "run_pretrain", lambda cfg: {"top1": 50.0})
+    monkeypatch.setattr(demo, "run_train", lambda cfg: {"interrupted": True})
+    monkeypatch.setattr(demo, "run_eval", lambda cfg: pytest.fail("evaluated after Ctrl-C"))
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), device="cpu"))

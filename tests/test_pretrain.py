@@ -4,6 +4,8 @@ segmentation. Runs use a tiny generated ImageFolder and a tiny ResNeSt-14 on the
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from torch import nn
 import segnest.engine.train_cls as train_cls
 from segnest import create_model, load_pretrained
 from segnest.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
+from segnest.data.classification import build_classification_dataset, cls_train_transform
+from segnest.data.sampling import SeededSamples
 from segnest.engine.checkpoint import load_checkpoint
 from segnest.engine.optim import NORM_TYPES
 from segnest.engine.train_cls import (
@@ -208,3 +212,73 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
         assert torch.equal(actual["optimizer"]["state"][key]["momentum_buffer"],
                            value["momentum_buffer"])
     assert actual["scheduler"] == expected["scheduler"]
+
+
+def test_ctrl_c_mid_epoch_saves_and_resuming_matches_an_uninterrupted_run(tmp_path, image_folder,
+                                                                         monkeypatch):
+    # 24 images, batch 8: 3 iterations per epoch; Ctrl-C lands at iteration 4 of 6.
+    recipe = dict(epochs=2, mixup=0.2, auto_augment="randaugment", checkpoint_interval=0)
+    straight = run_pretrain(tiny_config(image_folder, tmp_path / "straight", **recipe))
+
+    real_train_one_epoch = train_cls.train_one_epoch
+
+    def ctrl_c_at_iteration_4(*args, after_step, **kwargs):
+        def step(iteration: int) -> bool:
+            if iteration == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # caught: finish the step, save, stop
+            return after_step(iteration)
+        return real_train_one_epoch(*args, after_step=step, **kwargs)
+
+    monkeypatch.setattr(train_cls, "train_one_epoch", ctrl_c_at_iteration_4)
+    # Data workers in the interrupted and resumed runs, none in the straight one: the
+    # augmentation of a sample must not depend on which process loads it.
+    stopped = run_pretrain(tiny_config(image_folder, tmp_path / "resumed", workers=2, **recipe))
+    monkeypatch.setattr(train_cls, "train_one_epoch", real_train_one_epoch)
+    assert stopped["interrupted"] and stopped["iterations"] == 4
+    saved = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert saved["iteration"] == 4 and saved["epoch"] == 1
+    resumed = run_pretrain(tiny_config(image_folder, tmp_path / "resumed", workers=2,
+                                       resume="auto", **recipe))
+
+    assert resumed["iterations"] == straight["iterations"] == 6
+    expected, actual = load_checkpoint(straight["last"]), load_checkpoint(resumed["last"])
+    for key, value in expected["model"].items():
+        assert torch.equal(actual["model"][key], value), key
+    assert resumed["top1"] == straight["top1"]
+
+
+def test_checkpoint_interval_saves_within_epochs(tmp_path, image_folder, monkeypatch):
+    saved = []
+    real_save = train_cls.save_checkpoint
+
+    def record(state, path):
+        saved.append((Path(path).name, state["iteration"]))
+        return real_save(state, path)
+
+    monkeypatch.setattr(train_cls, "save_checkpoint", record)
+    run_pretrain(tiny_config(image_folder, tmp_path / "run", epochs=2, checkpoint_interval=2))
+    assert [it for name, it in saved if name == "last.pt"] == [2, 3, 4, 6]
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path, image_folder):
+    run_pretrain(tiny_config(image_folder, tmp_path / "run"))
+    with pytest.raises(SegnestError, match="same --batch-size"):
+        run_pretrain(tiny_config(image_folder, tmp_path / "run", batch_size=4, resume="auto"))
+
+
+def test_seeded_samples_depend_on_seed_epoch_and_index_only(image_folder):
+    dataset = build_classification_dataset(image_folder, "train",
+                                           cls_train_transform(SIZE, "randaugment"))
+    seeded = SeededSamples(dataset, seed=3)
+    seeded.set_epoch(1)
+    torch.manual_seed(0)
+    first = seeded[5][0]
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    seeded[2]
+    assert torch.equal(seeded[5][0], first), "same sample whatever was drawn before"
+    torch.manual_seed(0)
+    seeded[5]
+    assert torch.equal(torch.get_rng_state(), state), "the caller's generator is untouched"
+    seeded.set_epoch(2)
+    assert not torch.equal(seeded[5][0], first), "a new epoch gives new augmentations"

@@ -40,6 +40,13 @@ def _train_config(cfg: DemoConfig, work_dir: Path, pretrained: str | None) -> Tr
     ), DATASET_PRESETS)
 
 
+def _stop_if_interrupted(result: dict[str, Any]) -> None:
+    """A stage stopped by Ctrl-C has saved its checkpoint: end the demo there (the CLI says
+    how to continue) instead of running the next stage on a half-trained model."""
+    if result.get("interrupted"):
+        raise KeyboardInterrupt
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     root = Path(cfg.work_dir)
     started = time.perf_counter()
@@ -56,20 +63,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         dataset="mini", epochs=cfg.pretrain_epochs, workers=cfg.workers, device=cfg.device,
         work_dir=str(root / "pretrain"), export=str(backbone_path), resume="auto"),
         PRETRAIN_PRESETS))
+    _stop_if_interrupted(pretrain)
     print(f"      top-1 {pretrain['top1']:.1f}% on the mini validation set")
     timings["pretrain_s"] = time.perf_counter() - t
 
     t = _stage(3, "training DeepLabV3-ResNeSt-14 on the mini segmentation set from the "
                   "pretrained backbone")
     train_dir = root / "train"
-    run_train(_train_config(cfg, train_dir, str(backbone_path)))
+    _stop_if_interrupted(run_train(_train_config(cfg, train_dir, str(backbone_path))))
     timings["train_s"] = time.perf_counter() - t
 
     scratch = None
     if cfg.compare_scratch:
         t = _stage(3, "the same training from scratch, for comparison")
         scratch_dir = root / "train_scratch"
-        run_train(_train_config(cfg, scratch_dir, None))
+        _stop_if_interrupted(run_train(_train_config(cfg, scratch_dir, None)))
         scratch = run_eval(EvalConfig(checkpoint=str(scratch_dir / "last.pt"), multi_scale=True,
                                       flip=True, workers=cfg.workers, device=cfg.device,
                                       out=str(root / "eval_scratch")))

@@ -25,6 +25,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from segnest.engine.checkpoint import capture_rng_state
 from segnest.errors import SegnestError
 
 # The autograd-aware all_reduce is the public API CPUSyncBatchNorm needs; its suggested
@@ -134,6 +135,16 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     np.random.seed(process_seed % 2**32)
     torch.manual_seed(process_seed)  # also seeds every CUDA device
     return process_seed
+
+
+def capture_all_rng_states(dist: DistInfo) -> list[dict]:
+    """Every rank's RNG state (ranks draw different dropout masks), indexed by rank."""
+    state = capture_rng_state()
+    if not dist.distributed:
+        return [state]
+    states: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:

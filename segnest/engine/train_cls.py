@@ -6,14 +6,17 @@ zero-initialised last BN gamma per block, label smoothing, mixup/cutmix and Auto
 The loop reads top to bottom: :func:`train_one_epoch`, :func:`evaluate`,
 :func:`run_pretrain`.
 
-Checkpoints (``last.pt`` every epoch, ``best.pt`` by top-1) are written at epoch
-boundaries, so ``--resume`` continues from the start of the next epoch: a run stopped
-mid-epoch repeats that epoch. Everything a resumed run needs is stored — model, optimizer,
-scheduler, grad scaler, random generators, the epoch and iteration counters and the best
-top-1 — and the per-epoch shuffling and data-worker seeds are derived from ``--seed`` and
-the epoch number, so on a CPU a resumed run ends with the same weights as an uninterrupted
-one. ``--export`` writes the final backbone weights in the official ResNeSt key layout
-(no ``fc.*``), which ``segnest.load_pretrained`` loads into a segmentation model.
+Checkpoints: ``last.pt`` at every epoch end, every ``--checkpoint-interval`` iterations
+within an epoch and on Ctrl-C (the first one finishes the iteration and saves; a second
+stops at once); ``best.pt`` by top-1 at epoch ends. Everything a resumed run needs is
+stored — model, optimizer, scheduler, grad scaler, every rank's random generators, the
+iteration counter and the best top-1 — and the data side depends only on (seed, epoch,
+index): the epoch's order is a seeded permutation that a resumed run enters where it
+stopped, and each sample's augmentation is seeded by its index
+(:mod:`segnest.data.sampling`). So on a CPU a run resumed mid-epoch ends with the same
+weights as an uninterrupted one. ``--export`` writes the final backbone weights in the
+official ResNeSt key layout (no ``fc.*``), which ``segnest.load_pretrained`` loads into a
+segmentation model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -37,9 +40,10 @@ import segnest
 from segnest.config import PretrainConfig
 from segnest.data.classification import build_classification_dataset
 from segnest.data.mini import ensure_mini_classification
-from segnest.data.transforms import MEAN, STD, seed_worker
+from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
+from segnest.data.transforms import MEAN, STD
 from segnest.engine.checkpoint import (
-    capture_rng_state,
+    StopRequest,
     find_resume_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -50,6 +54,7 @@ from segnest.engine.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    capture_all_rng_states,
     cleanup_distributed,
     convert_sync_batchnorm,
     init_distributed,
@@ -134,10 +139,13 @@ def train_one_epoch(
     writer: Any | None = None,
     log_interval: int = 10,
     show_progress: bool = True,
+    after_step: Callable[[int], bool] | None = None,
 ) -> tuple[int, float]:
     """One pass over ``loader``, stepping the schedule every iteration.
 
-    Returns the global iteration count after the epoch and the mean training loss.
+    ``after_step(iteration)`` runs after each step (checkpoints, Ctrl-C); when it returns
+    True the epoch ends there. Returns the global iteration count and the mean training
+    loss of the steps taken.
     """
     model.train()
     total_loss, steps = 0.0, 0
@@ -169,6 +177,8 @@ def train_one_epoch(
         if writer is not None and iteration % log_interval == 0:
             writer.add_scalar("train/loss", loss_value, iteration)
             writer.add_scalar("train/lr", lr, iteration)
+        if after_step is not None and after_step(iteration):
+            break
     bar.close()
     return iteration, total_loss / max(steps, 1)
 
@@ -239,29 +249,25 @@ def _datasets(cfg: PretrainConfig) -> tuple[Dataset, Dataset, list[str]]:
     return train_set, val_set, list(train_set.classes)
 
 
-def _loaders(cfg: PretrainConfig, train_set: Dataset, val_set: Dataset, dist_info: DistInfo
-             ) -> tuple[DataLoader, DataLoader, DistributedSampler, torch.Generator]:
-    # One DistributedSampler in every run (a world of one included): its shuffle order is
-    # a function of seed and epoch, which makes resuming at an epoch boundary exact.
-    sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size,
-                                 rank=dist_info.rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=True)
-    if len(sampler) < cfg.batch_size:
-        raise SegnestError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(sampler)} training images "
-            "per process; lower --batch-size"
-        )
-    generator = torch.Generator()
-    pin = dist_info.device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                              num_workers=cfg.workers, pin_memory=pin, drop_last=True,
-                              worker_init_fn=seed_worker, generator=generator)
+def _val_loader(cfg: PretrainConfig, val_set: Dataset, dist_info: DistInfo) -> DataLoader:
     # Each process evaluates a disjoint slice, without the padding DistributedSampler adds,
     # so the summed counts cover every validation image exactly once.
     val_indices = range(dist_info.rank, len(val_set), dist_info.world_size)  # type: ignore[arg-type]
-    val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size,
-                            shuffle=False, num_workers=cfg.workers, pin_memory=pin)
-    return train_loader, val_loader, sampler, generator
+    return DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False,
+                      num_workers=cfg.workers, pin_memory=dist_info.device.type == "cuda")
+
+
+def _train_loader(cfg: PretrainConfig, train_set: SeededSamples, dist_info: DistInfo,
+                  epoch: int, start_batch: int) -> DataLoader:
+    """This rank's batches of ``epoch``, from batch ``start_batch`` on (a resumed run)."""
+    train_set.set_epoch(epoch)
+    sampler = EpochSampler(len(train_set), cfg.seed, epoch, dist_info.rank,
+                           dist_info.world_size, start=start_batch * cfg.batch_size)
+    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.workers, pin_memory=dist_info.device.type == "cuda",
+                      drop_last=True, worker_init_fn=init_train_worker,
+                      generator=torch.Generator().manual_seed(
+                          cfg.seed * 1_000_003 + epoch * 1_009 + dist_info.rank))
 
 
 def model_kwargs(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
@@ -331,9 +337,19 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
         torch.set_num_threads(max(1, torch.get_num_threads() - cfg.workers))
     work_dir = Path(cfg.work_dir or f"runs/pretrain_{cfg.dataset}_{cfg.backbone}")
 
-    train_set, val_set, classes = _datasets(cfg)
+    plain_train_set, val_set, classes = _datasets(cfg)
     num_classes = len(classes)
-    train_loader, val_loader, sampler, generator = _loaders(cfg, train_set, val_set, dist_info)
+    train_set = SeededSamples(plain_train_set, cfg.seed)
+    per_rank = len(train_set) // dist_info.world_size
+    if per_rank < cfg.batch_size:
+        raise SegnestError(
+            f"--batch-size {cfg.batch_size} is larger than the {per_rank} training images "
+            "per process; lower --batch-size"
+        )
+    if cfg.checkpoint_interval < 0:
+        raise SegnestError(f"--checkpoint-interval must be 0 or more, got "
+                           f"{cfg.checkpoint_interval}")
+    val_loader = _val_loader(cfg, val_set, dist_info)
 
     kwargs = model_kwargs(cfg, num_classes)
     model = create_model(cfg.backbone, **kwargs).to(device)
@@ -343,7 +359,7 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
     total_batch = cfg.batch_size * dist_info.world_size
     lr = cfg.lr if cfg.lr is not None else 0.1 * total_batch / 256
     optimizer = build_optimizer(model, lr, cfg.momentum, cfg.weight_decay)
-    iters_per_epoch = len(train_loader)
+    iters_per_epoch = per_rank // cfg.batch_size
     total_iters = cfg.epochs * iters_per_epoch
     warmup_iters = min(int(round(cfg.warmup_epochs * iters_per_epoch)), total_iters)
     scheduler = WarmupCosineLR(optimizer, total_iters=total_iters, warmup_iters=warmup_iters)
@@ -351,7 +367,7 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     mixer = build_batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
 
-    start_epoch, iteration, best_top1 = 0, 0, -1.0
+    iteration, best_top1 = 0, -1.0
     resume_from = _resume_path(cfg, work_dir)
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from, map_location="cpu")
@@ -362,13 +378,30 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
                 f"(task {task}, model {name}); "
                 "resume with the same --backbone and a checkpoint from segnest pretrain"
             )
+        stored = checkpoint.get("iters_per_epoch", iters_per_epoch)
+        if stored != iters_per_epoch or checkpoint["scheduler"].get("total_iters") != total_iters:
+            raise SegnestError(
+                f"--resume {resume_from} was written by a run of {stored} iterations per epoch "
+                f"and {checkpoint['scheduler'].get('total_iters')} in all, this one has "
+                f"{iters_per_epoch} and {total_iters}; resume with the same --batch-size, "
+                "--epochs and number of processes"
+            )
         model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, iteration = checkpoint["epoch"], checkpoint["iteration"]
+        iteration = checkpoint["iteration"]
         best_top1 = checkpoint["best_top1"]
-        restore_rng_state(checkpoint["rng"])
+        rng_states = checkpoint["rng"]
+        if isinstance(rng_states, dict):  # written by one process before 0.1's per-rank list
+            rng_states = [rng_states]
+        if len(rng_states) != dist_info.world_size:
+            raise SegnestError(
+                f"--resume {resume_from} was written by {len(rng_states)} process(es), this "
+                f"run has {dist_info.world_size}; resume with the same number of processes"
+            )
+        restore_rng_state(rng_states[dist_info.rank])
+    start_epoch, start_batch = divmod(iteration, iters_per_epoch)
 
     if dist_info.distributed:
         model = DistributedDataParallel(
@@ -382,25 +415,30 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
 
         writer = SummaryWriter(str(work_dir))
     if dist_info.is_main:
-        where = f", resuming {resume_from} at epoch {start_epoch + 1}" if resume_from else ""
+        where = ""
+        if resume_from and iteration >= total_iters:
+            where = f", {resume_from} has already finished all {total_iters} iterations"
+        elif resume_from:
+            where = f", resuming {resume_from} at epoch {start_epoch + 1} iteration {iteration}"
         print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(train_set)} train / "
               f"{len(val_set)} val images, {num_classes} classes), {cfg.epochs} epochs x "
               f"{iters_per_epoch} iterations, batch {total_batch}, lr {lr:g}, device "
               f"{device}{where}; logs in {work_dir}")
 
-    def checkpoint_state(epoch: int) -> dict[str, Any]:
+    def checkpoint_state(rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": model_without_ddp.state_dict(),
             "model_name": cfg.backbone,
             "model_kwargs": kwargs,
             "task": "classification",
             "classes": classes,
-            "epoch": epoch,
+            "epoch": iteration // iters_per_epoch,  # completed epochs
             "iteration": iteration,
+            "iters_per_epoch": iters_per_epoch,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": rng,
             "best_top1": best_top1,
             "config": dataclasses.asdict(cfg),
             "segnest_version": segnest.__version__,
@@ -409,32 +447,59 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     metrics: dict[str, float] = {}
     started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        # Worker seeds come from this generator: a function of seed, rank and epoch.
-        generator.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + dist_info.rank)
-        iteration, train_loss = train_one_epoch(
-            model, criterion, optimizer, scheduler, scaler, train_loader, mixer, device,
-            epoch=epoch, iteration=iteration, amp=cfg.amp, writer=writer,
-            log_interval=cfg.log_interval, show_progress=dist_info.is_main)
-        metrics = evaluate(model, val_loader, device, num_classes, cfg.amp)
-        is_best = metrics["top1"] > best_top1
-        best_top1 = max(best_top1, metrics["top1"])
+
+    def after_step(step: int) -> bool:
+        """Mid-epoch saves (periodic and on Ctrl-C); True ends the epoch early."""
+        nonlocal iteration
+        iteration = step
+        periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
+        if (periodic or stop.requested) and step % iters_per_epoch:  # epoch ends save anyway
+            state = checkpoint_state(capture_all_rng_states(dist_info))
+            if dist_info.is_main:
+                save_checkpoint(state, last_path)
+        return stop.requested
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_loader = _train_loader(cfg, train_set, dist_info, epoch,
+                                         start_batch if epoch == start_epoch else 0)
+            iteration, train_loss = train_one_epoch(
+                model, criterion, optimizer, scheduler, scaler, train_loader, mixer, device,
+                epoch=epoch, iteration=iteration, amp=cfg.amp, writer=writer,
+                log_interval=cfg.log_interval, show_progress=dist_info.is_main,
+                after_step=after_step)
+            if iteration % iters_per_epoch:  # stopped by Ctrl-C, checkpoint written
+                break
+            metrics = evaluate(model, val_loader, device, num_classes, cfg.amp)
+            is_best = metrics["top1"] > best_top1
+            best_top1 = max(best_top1, metrics["top1"])
+            rng = capture_all_rng_states(dist_info)
+            if dist_info.is_main:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
+                      f"val top1 {metrics['top1']:.2f}%, top{min(5, num_classes)} "
+                      f"{metrics['top5']:.2f}%, {time.perf_counter() - started:.0f}s")
+                if writer is not None:
+                    writer.add_scalar("val/top1", metrics["top1"], epoch + 1)
+                    writer.add_scalar("val/top5", metrics["top5"], epoch + 1)
+                    writer.add_scalar("train/epoch_loss", train_loss, epoch + 1)
+                    log_val_samples(writer, model_without_ddp, val_set, classes, device,
+                                    epoch + 1)
+                    writer.flush()
+                state = checkpoint_state(rng)
+                save_checkpoint(state, last_path)
+                if is_best:
+                    save_checkpoint(state, best_path)
+            barrier()
+            if stop.requested:
+                break
+    if iteration < total_iters:
+        if writer is not None:
+            writer.close()
         if dist_info.is_main:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
-                  f"val top1 {metrics['top1']:.2f}%, top{min(5, num_classes)} "
-                  f"{metrics['top5']:.2f}%, {time.perf_counter() - started:.0f}s")
-            if writer is not None:
-                writer.add_scalar("val/top1", metrics["top1"], epoch + 1)
-                writer.add_scalar("val/top5", metrics["top5"], epoch + 1)
-                writer.add_scalar("train/epoch_loss", train_loss, epoch + 1)
-                log_val_samples(writer, model_without_ddp, val_set, classes, device, epoch + 1)
-                writer.flush()
-            state = checkpoint_state(epoch + 1)
-            save_checkpoint(state, last_path)
-            if is_best:
-                save_checkpoint(state, best_path)
-        barrier()
+            print(f"stopped at iteration {iteration}/{total_iters}; checkpoint saved to "
+                  f"{last_path}. Resume with the same command plus --resume auto")
+        return {"iterations": iteration, "interrupted": True, "work_dir": str(work_dir),
+                "last": str(last_path)}
     if not metrics:
         metrics = evaluate(model, val_loader, device, num_classes, cfg.amp)
 
@@ -455,6 +520,7 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
         "last": str(last_path),
         "best": str(best_path),
         "export": cfg.export,
+        "interrupted": False,
     }
 
 

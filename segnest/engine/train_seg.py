@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 import segnest
 from segnest.config import TrainConfig
-from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset, seed_worker
+from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
+from segnest.data.sampling import EpochSampler, init_train_worker
 from segnest.engine.checkpoint import (
     LAST_CHECKPOINT_NAME,
-    capture_rng_state,
+    StopRequest,
     find_resume_checkpoint,
     load_checkpoint,
     periodic_checkpoint_name,
@@ -41,6 +41,7 @@ from segnest.engine.checkpoint import (
 from segnest.engine.compiling import compile_model
 from segnest.engine.distributed import (
     DistInfo,
+    capture_all_rng_states,
     convert_sync_batchnorm,
     init_distributed,
     seed_everything,
@@ -55,29 +56,6 @@ from segnest.models.weights import load_pretrained
 
 IGNORE_INDEX = 255
 BEST_CHECKPOINT_NAME = "best.pt"
-
-
-class EpochSampler(Sampler[int]):
-    """This rank's share of a seeded permutation of the dataset, from a start position.
-
-    Like ``DistributedSampler(drop_last=True)`` but the permutation depends only on
-    (seed, epoch), and ``start`` skips the samples a resumed run has already seen.
-    """
-
-    def __init__(self, size: int, seed: int, epoch: int, rank: int, world_size: int,
-                 start: int = 0) -> None:
-        self.size, self.seed, self.epoch = size, seed, epoch
-        self.rank, self.world_size, self.start = rank, world_size, start
-        self.per_rank = size // world_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        mine = order[self.rank: self.per_rank * self.world_size: self.world_size]
-        return iter(mine[self.start:])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
 
 
 class GuardedSamples(Dataset):
@@ -167,13 +145,6 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
-def init_train_worker(worker_id: int) -> None:
-    """Seed the worker, and leave Ctrl-C to the main process: it finishes the iteration and
-    saves, which it could not do if the workers died on the same SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    seed_worker(worker_id)
-
-
 def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: DistInfo,
                 epoch: int, start_batch: int) -> DataLoader:
     transform.set_epoch(epoch)
@@ -206,16 +177,6 @@ def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
     return loss_value, None if aux is None else aux.item()
 
 
-def capture_all_rng_states(dist: DistInfo) -> list[dict]:
-    """Every rank's RNG state (ranks draw different dropout masks), indexed by rank."""
-    state = capture_rng_state()
-    if not dist.distributed:
-        return [state]
-    states: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
@@ -223,30 +184,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def parameters_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
-
-
-class StopRequest:
-    """First Ctrl-C: finish the current iteration, save, exit. Second: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> StopRequest:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a test harness)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
