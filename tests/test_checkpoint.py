@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from segnest.engine import checkpoint
 from segnest.engine.checkpoint import (
+    StopRequest,
     capture_rng_state,
     find_resume_checkpoint,
     load_checkpoint,
@@ -162,3 +164,39 @@ def test_save_does_not_leave_files_readable_only_by_the_owner(tmp_path):
     finally:
         os.umask(previous_umask)
     assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_second_ctrl_c_stops_at_once_except_the_copy_torchrun_forwards(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    single = StopRequest()
+    single._handle(signal.SIGINT, None)
+    assert single.requested and single.agreed()
+    with pytest.raises(KeyboardInterrupt):
+        single._handle(signal.SIGINT, None)
+
+    distributed = StopRequest(world_size=2)
+    distributed._handle(signal.SIGINT, None)
+    clock[0] += 0.5
+    distributed._handle(signal.SIGINT, None)  # the agent's copy: ignored
+    clock[0] += StopRequest.REPEAT_GRACE_S
+    with pytest.raises(KeyboardInterrupt):
+        distributed._handle(signal.SIGINT, None)
+
+
+def _stop_worker(rank: int, store_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_dir}/store",
+                                         rank=rank, world_size=2)
+    try:
+        stop = StopRequest(world_size=2)
+        first = stop.agreed()
+        stop.requested = rank == 1  # only rank 1 saw the Ctrl-C
+        torch.save([first, stop.agreed()], f"{store_dir}/stop{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_to_stop_when_any_of_them_was_asked(tmp_path):
+    torch.multiprocessing.spawn(_stop_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"stop{rank}.pt") == [False, True]

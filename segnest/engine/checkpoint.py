@@ -19,6 +19,7 @@ import random
 import re
 import secrets
 import signal
+import time
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -257,10 +258,21 @@ def _fsync_directory(directory: Path) -> None:
 
 
 class StopRequest:
-    """First Ctrl-C: finish the current iteration, save, exit. Second: stop at once."""
+    """First Ctrl-C: finish the current iteration, save, exit. Second: stop at once.
 
-    def __init__(self) -> None:
+    In a distributed run the ranks must stop at the same iteration (the save gathers every
+    rank's RNG state), so :meth:`agreed` combines the ranks' flags with an all-reduce once
+    per iteration. Under torchrun a terminal's Ctrl-C reaches each worker twice: directly
+    and forwarded by the torchrun agent, which waits 30 s before killing them; a repeat
+    within ``REPEAT_GRACE_S`` is taken for that copy, not for a second Ctrl-C.
+    """
+
+    REPEAT_GRACE_S = 3.0
+
+    def __init__(self, world_size: int = 1, device: torch.device | None = None) -> None:
+        self.world_size, self.device = world_size, device
         self.requested = False
+        self._first = 0.0
         self._previous = None
 
     def __enter__(self) -> StopRequest:
@@ -271,9 +283,18 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
+        elif self.world_size == 1 or time.monotonic() - self._first > self.REPEAT_GRACE_S:
             raise KeyboardInterrupt
-        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop; call it on every rank at the same point."""
+        if self.world_size > 1:
+            flag = torch.tensor([int(self.requested)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:

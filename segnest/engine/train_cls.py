@@ -453,13 +453,14 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
         nonlocal iteration
         iteration = step
         periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
-        if (periodic or stop.requested) and step % iters_per_epoch:  # epoch ends save anyway
+        stopping = stop.agreed()
+        if (periodic or stopping) and step % iters_per_epoch:  # epoch ends save anyway
             state = checkpoint_state(capture_all_rng_states(dist_info))
             if dist_info.is_main:
                 save_checkpoint(state, last_path)
-        return stop.requested
+        return stopping
 
-    with StopRequest() as stop:
+    with StopRequest(dist_info.world_size, device) as stop:
         for epoch in range(start_epoch, cfg.epochs):
             train_loader = _train_loader(cfg, train_set, dist_info, epoch,
                                          start_batch if epoch == start_epoch else 0)
@@ -490,7 +491,7 @@ def _run(cfg: PretrainConfig, dist_info: DistInfo) -> dict[str, Any]:
                 if is_best:
                     save_checkpoint(state, best_path)
             barrier()
-            if stop.requested:
+            if stop.agreed():
                 break
     if iteration < total_iters:
         if writer is not None:

@@ -310,8 +310,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                desc="train", dynamic_ncols=True)
     train_model.train()
     step_start = time.perf_counter()
-    with StopRequest() as stop, bar:
-        while iteration < total_iters and not stop.requested:
+    stopping = False
+    with StopRequest(dist.world_size, device) as stop, bar:
+        while iteration < total_iters and not stopping:
             epoch, batch_in_epoch = divmod(iteration, iters_per_epoch)
             loader = make_loader(train_set, train_transform, cfg, dist, epoch, batch_in_epoch)
             for batch, errors in loader:
@@ -351,7 +352,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                     writer.add_scalar("train/images_per_s", images_per_s, iteration)
                 validate_now = iteration % val_interval == 0 or iteration == total_iters
                 periodic = cfg.checkpoint_interval and iteration % cfg.checkpoint_interval == 0
-                if validate_now or periodic or stop.requested:
+                stopping = stop.agreed()
+                if validate_now or periodic or stopping:
                     # Keep the RNG as the uninterrupted run has it: validation must not
                     # change what a resumed run would draw next.
                     rng = capture_all_rng_states(dist)
@@ -375,14 +377,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                             save_checkpoint(state, work_dir / periodic_checkpoint_name(iteration))
                     restore_rng_state(rng[dist.rank])
                     step_start = time.perf_counter()
-                if iteration >= total_iters or stop.requested:
+                if iteration >= total_iters or stopping:
                     break
     bar.close()
     if writer is not None:
         writer.close()
     if skipped_samples and dist.is_main:
         print(f"warning: {skipped_samples} bad training sample(s) were skipped")
-    if stop.requested and iteration < total_iters:
+    if stopping and iteration < total_iters:
         if dist.is_main:
             print(f"stopped at iteration {iteration}/{total_iters}; checkpoint saved to "
                   f"{work_dir / LAST_CHECKPOINT_NAME}. Resume with the same command plus "
