@@ -12,6 +12,7 @@ reference evaluation does.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,11 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
     on long runs over images of few sizes.
     """
     prepared = fuse_bn(model) if fuse else model.eval()
-    return compile_model(prepared, frozen=True) if compile else prepared
+    if not compile:
+        return prepared
+    # Compiling changes the layout of the weights: never that of the caller's model.
+    return compile_model(copy.deepcopy(prepared) if prepared is model else prepared,
+                         frozen=True)
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
