@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segnest.engine.bench import conv_probe, time_interleaved
 from segnest.engine.compiling import compile_model
+from segnest.engine.inference import inference_model
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.fuse import fuse_bn
@@ -106,8 +107,10 @@ def part_a(args: argparse.Namespace) -> None:
         steps = {"conv probe": probe, "official": lambda: ref(x),
                  "segnest plain": lambda: ours_plain(x), "segnest fused": lambda: fused(x)}
         if args.compile:
-            # Frozen weights, as segnest eval/predict --compile; the warm-up call compiles.
-            compiled = compile_model(fused, frozen=True)
+            # Exactly what segnest eval/predict --compile run (its own folded copy: compiling
+            # moves the weights to channels_last, which must not touch the eager rows).
+            # The warm-up call compiles.
+            compiled = inference_model(ours_plain, compile=True)
             steps["fused+compile"] = lambda: compiled(x)
         seconds = interleaved(steps, args.warmup, args.runs)
         if args.compile:

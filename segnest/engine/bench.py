@@ -19,7 +19,6 @@ which can only grow, so there it is a lower bound when an earlier peak was highe
 
 from __future__ import annotations
 
-import functools
 import json
 import resource
 import statistics
@@ -129,7 +128,6 @@ class PeakMemory:
         return max(0, peak_kb * 1024 - self.baseline)
 
 
-@functools.cache
 def conv_probe(device: torch.device,
                dtype: torch.dtype | None = None) -> tuple[Callable[[], None], int]:
     """One large 3x3 convolution, the yardstick of what this device's conv kernels reach:
@@ -260,8 +258,9 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
         "batch": cfg.batch, "size": cfg.size, "runs": cfg.runs, "warmup": cfg.warmup,
         "fuse_bn": cfg.fuse_bn and not train, "compile": cfg.compile,
         "checkpoint_activations": cfg.checkpoint_activations and train,
-        "channels_last": channels_last, "amp": str(amp_dtype).removeprefix("torch.")
-        if amp_dtype is not None else None,
+        # Frozen compilation runs the model in channels_last whatever was asked.
+        "channels_last": channels_last or (cfg.compile and not train),
+        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None,
         "images_per_s": cfg.batch / seconds,
         "ms_per_step": 1e3 * seconds,
         "peak_memory_mb": peak_bytes / 2**20,
