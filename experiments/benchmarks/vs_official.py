@@ -6,8 +6,9 @@ input, one process, interleaved A/B runs after warm-up, medians reported.
   a) stride-8 ResNeSt-50 backbone inference: segnest with BN folded vs official
      ``resnest50(dilated=True)``; speed ratio and achieved GFLOP/s as a fraction of a
      3x3 convolution peak probe timed in turns with the models.
-  b) DeepLabV3-ResNeSt-50 training step: segnest vs the official backbone under
-     segnest's (identical) head; speed ratio.
+  b) DeepLabV3-ResNeSt-50 training step: segnest (its model and its loss) vs the official
+     backbone under the same head run as the reference runs it (the authors' DeepLabV3 in
+     PyTorch-Encoding: plain NCHW modules, ``nn.CrossEntropyLoss``); speed ratio.
   c) activation checkpointing: peak training memory with and without, each measured by
      ``segnest.engine.bench.run_bench`` in its own subprocess so the peaks are separate.
 
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from segnest.engine.bench import conv_probe, time_interleaved
 from segnest.engine.compiling import compile_model
 from segnest.engine.inference import inference_model
+from segnest.engine.pixelwise import upsampled_cross_entropy
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.fuse import fuse_bn
@@ -73,6 +75,20 @@ class OfficialBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_stages(x)
+
+
+class ReferenceDeepLabV3(DeepLabV3):
+    """segnest's DeepLabV3 modules (same architecture and weights) with the reference
+    forward: every tensor in the backbone's layout, logits upsampled in NCHW."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone.forward_stages(x)
+        out = {"out": F.interpolate(self.head(features["layer4"]), size=size,
+                                    mode="bilinear", align_corners=True)}
+        out["aux"] = F.interpolate(self.aux_head(features["layer3"]), size=size,
+                                   mode="bilinear", align_corners=True)
+        return out
 
 
 def official_backbone() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -131,7 +147,7 @@ def part_b(args: argparse.Namespace) -> None:
     ref_backbone, state = official_backbone()
     ours = create_model("deeplabv3_resnest50", num_classes=150)
     ours.backbone.load_state_dict(state, strict=True)
-    assembly = DeepLabV3(ref_backbone, 150)
+    assembly = ReferenceDeepLabV3(ref_backbone, 150)
     assembly.head.load_state_dict(ours.head.state_dict())
     assembly.aux_head.load_state_dict(ours.aux_head.state_dict())
     ours.train()
@@ -139,25 +155,40 @@ def part_b(args: argparse.Namespace) -> None:
     x = torch.randn(args.train_batch, 3, args.train_size, args.train_size)
     target = torch.randint(0, 150, (args.train_batch, args.train_size, args.train_size))
 
-    def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer,
+             criterion: Callable[..., torch.Tensor] = upsampled_cross_entropy,
+             **forward_kwargs: bool) -> Callable[[], None]:
         def run() -> None:
-            out = model(x)
-            loss = F.cross_entropy(out["out"], target) + 0.2 * F.cross_entropy(out["aux"],
-                                                                             target)
+            out = model(x, **forward_kwargs)
+            loss = criterion(out["out"], target) + 0.2 * criterion(out["aux"], target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return run
 
-    steps = {"official+head": step(assembly, torch.optim.SGD(assembly.parameters(), 0.0)),
-             "segnest": step(ours, torch.optim.SGD(ours.parameters(), 0.0))}
+    # Same numbers on both sides (dropout off in copies, so the masks cannot differ).
+    losses = []
+    for model, criterion, kwargs in ((assembly, F.cross_entropy, {}),
+                                     (ours, upsampled_cross_entropy, {"upsample": False})):
+        twin = copy.deepcopy(model)
+        for module in twin.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        out = twin(x, **kwargs)
+        losses.append((criterion(out["out"], target) + 0.2 * criterion(out["aux"], target))
+                      .item())
+    steps = {"official+head": step(assembly, torch.optim.SGD(assembly.parameters(), 0.0),
+                                   F.cross_entropy),
+             "segnest": step(ours, torch.optim.SGD(ours.parameters(), 0.0), upsample=False)}
     if args.compile:
         twin = copy.deepcopy(ours)
         steps["segnest compile"] = step(compile_model(twin),
-                                        torch.optim.SGD(twin.parameters(), 0.0))
+                                        torch.optim.SGD(twin.parameters(), 0.0),
+                                        upsample=False)
     seconds = interleaved(steps, args.train_warmup, args.train_runs)
     print(f"(b) DeepLabV3-ResNeSt-50 training step, batch {args.train_batch} at "
-          f"{args.train_size}x{args.train_size}")
+          f"{args.train_size}x{args.train_size}: loss official {losses[0]:.6f}, "
+          f"segnest {losses[1]:.6f}")
     for name, sec in seconds.items():
         print(f"    {name:14s} {sec:8.2f} s  speed vs official "
               f"{seconds['official+head'] / sec:.2f}x")

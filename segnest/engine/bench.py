@@ -35,8 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segnest.config import BenchConfig
 from segnest.engine.compiling import compile_model
+from segnest.engine.pixelwise import fuses_upsampling, upsampled_cross_entropy
 from segnest.errors import SegnestError
 from segnest.models import create_model
+from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.fuse import fuse_bn
 
 BENCH_MODES = ("infer", "train")
@@ -150,9 +152,9 @@ def conv_probe(device: torch.device,
 def _loss(out: Any, target_cls: torch.Tensor, target_seg: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, dict):
         return F.cross_entropy(out, target_cls)
-    loss = F.cross_entropy(out["out"], target_seg)
+    loss = upsampled_cross_entropy(out["out"], target_seg)
     if "aux" in out:
-        loss = loss + AUX_WEIGHT * F.cross_entropy(out["aux"], target_seg)
+        loss = loss + AUX_WEIGHT * upsampled_cross_entropy(out["aux"], target_seg)
     return loss
 
 
@@ -221,9 +223,13 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
         with torch.inference_mode(), autocast():
             net(x)
 
+    # Segmentation training on a CPU: the loss upsamples the logits, as in segnest train.
+    forward_kwargs = ({"upsample": False}
+                      if isinstance(model, DeepLabV3) and fuses_upsampling(device) else {})
+
     def train_step(net: Any = runner) -> None:
         with autocast():
-            loss = _loss(net(x), target_cls, target_seg)
+            loss = _loss(net(x, **forward_kwargs), target_cls, target_seg)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

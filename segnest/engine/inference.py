@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segnest.engine.compiling import compile_model
+from segnest.engine.pixelwise import channel_softmax
 from segnest.errors import SegnestError
 from segnest.models.fuse import fuse_bn
 
@@ -78,7 +79,7 @@ def _probabilities(model: Model, x: torch.Tensor, num_classes: int) -> torch.Ten
             f"model predicts {logits.shape[1]} classes but the dataset has {num_classes}; "
             "use a checkpoint trained for this dataset or set num_classes to match"
         )
-    return logits.softmax(dim=1)
+    return channel_softmax(logits)
 
 
 def whole_inference(model: Model, image: torch.Tensor, num_classes: int) -> torch.Tensor:

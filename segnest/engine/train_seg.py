@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -49,9 +48,11 @@ from segnest.engine.distributed import (
 from segnest.engine.evaluate import evaluate
 from segnest.engine.inference import InferenceConfig
 from segnest.engine.optim import build_param_groups
+from segnest.engine.pixelwise import fuses_upsampling, upsampled_cross_entropy
 from segnest.engine.schedule import PolyLR
 from segnest.errors import SegnestError
 from segnest.models import RESNEST_VARIANTS, create_model
+from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.weights import load_pretrained
 
 IGNORE_INDEX = 255
@@ -88,11 +89,16 @@ def collate_guarded(items: list[dict]) -> tuple[dict | None, list[str]]:
 
 def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
                       aux_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CE on the main logits plus ``aux_weight`` x CE on the auxiliary logits."""
-    loss = F.cross_entropy(outputs["out"], target, ignore_index=IGNORE_INDEX)
+    """CE on the main logits plus ``aux_weight`` x CE on the auxiliary logits, at the
+    target's size: logits at a lower resolution (``model(x, upsample=False)``) are
+    upsampled inside the loss, as the model would have done."""
+    def criterion(logits: torch.Tensor) -> torch.Tensor:
+        return upsampled_cross_entropy(logits, target, IGNORE_INDEX, DeepLabV3.ALIGN_CORNERS)
+
+    loss = criterion(outputs["out"])
     aux = None
     if "aux" in outputs:
-        aux = F.cross_entropy(outputs["aux"], target, ignore_index=IGNORE_INDEX)
+        aux = criterion(outputs["aux"])
         loss = loss + aux_weight * aux
     return loss, aux
 
@@ -164,7 +170,7 @@ def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
     image = batch["image"].to(device, non_blocking=True)
     target = batch["mask"].to(device, non_blocking=True)
     with torch.autocast(device.type, enabled=cfg.amp):
-        outputs = model(image)
+        outputs = model(image, upsample=not fuses_upsampling(device))
         loss, aux = segmentation_loss(outputs, target, cfg.aux_weight)
     loss_value = loss.item()
     if not math.isfinite(loss_value):

@@ -4,6 +4,15 @@ Head layout as in the authors' segmentation code: ASPP with ``channels`` per bra
 three dilated 3x3, image pooling) -> concat -> 1x1 projection + BN + ReLU + Dropout(0.5)
 -> 3x3 conv + BN + ReLU + Dropout(0.1) -> 1x1 classifier. Logits are upsampled
 bilinearly (align_corners=True) to the input size, so any input size works.
+
+Memory layout on a CPU: the head runs in channels_last (NHWC) whatever the layout of the
+backbone. oneDNN's NHWC kernels skip the zero padding that the ASPP's wide dilations
+(12/24/36 at output stride 8) read on a 64x64 map, and its NHWC 1x1 convolutions are
+faster too: the head's forward + backward took 5.2 s instead of 6.3 s (2048 channels,
+64x64, batch 2), a DeepLabV3-ResNeSt-50 training step 1.08x faster. The logits are upsampled
+in channels_last as well, which lets the loss and softmax run over contiguous class rows
+(:mod:`segnest.engine.pixelwise`). Same numbers, another stride order; GPUs keep the
+model's own layout (not measured there).
 """
 
 from __future__ import annotations
@@ -90,8 +99,13 @@ class DeepLabV3(nn.Module):
     """Backbone + DeepLabV3 head (+ auxiliary FCN head).
 
     ``forward`` returns ``{"out": logits}`` at input size, plus ``"aux"`` in training when
-    the auxiliary head is enabled.
+    the auxiliary head is enabled. ``forward(x, upsample=False)`` returns both at the
+    feature resolution (input / output stride), for a loss that upsamples by itself:
+    :func:`segnest.engine.pixelwise.upsampled_cross_entropy` with ``ALIGN_CORNERS``.
     """
+
+    # How the logits are upsampled to the input size (bilinear), as the reference does.
+    ALIGN_CORNERS = True
 
     def __init__(self, backbone: ResNeSt, num_classes: int, aux: bool = True,
                  head_channels: int = 256, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
@@ -105,17 +119,29 @@ class DeepLabV3(nn.Module):
         self.head = DeepLabV3Head(channels[3], num_classes, head_channels, rates, norm_layer)
         self.aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
 
+    @staticmethod
+    def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return x
+        return x.contiguous(memory_format=torch.channels_last)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the backbone's blocks (see
         :meth:`ResNeSt.set_grad_checkpointing`)."""
         self.backbone.set_grad_checkpointing(enable)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:] if upsample else None
         features = self.backbone.forward_stages(x)
-        out = {"out": F.interpolate(self.head(features["layer4"]), size=size,
-                                    mode="bilinear", align_corners=True)}
+        logits = self.head(self._cpu_channels_last(features["layer4"]))
+        out = {"out": self._upsample(logits, size)}
         if self.training and self.aux_head is not None:
-            out["aux"] = F.interpolate(self.aux_head(features["layer3"]), size=size,
-                                       mode="bilinear", align_corners=True)
+            out["aux"] = self._upsample(self.aux_head(features["layer3"]), size)
         return out
+
+    def _upsample(self, logits: torch.Tensor, size: torch.Size | None) -> torch.Tensor:
+        logits = self._cpu_channels_last(logits)
+        if size is None:
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear",
+                             align_corners=self.ALIGN_CORNERS)
