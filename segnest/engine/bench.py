@@ -152,9 +152,14 @@ def conv_probe(device: torch.device,
 def _loss(out: Any, target_cls: torch.Tensor, target_seg: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, dict):
         return F.cross_entropy(out, target_cls)
-    loss = upsampled_cross_entropy(out["out"], target_seg)
+    def criterion(logits: torch.Tensor) -> torch.Tensor:
+        # Upsamples low-resolution logits the way DeepLabV3 would.
+        return upsampled_cross_entropy(logits, target_seg,
+                                       align_corners=DeepLabV3.ALIGN_CORNERS)
+
+    loss = criterion(out["out"])
     if "aux" in out:
-        loss = loss + AUX_WEIGHT * upsampled_cross_entropy(out["aux"], target_seg)
+        loss = loss + AUX_WEIGHT * criterion(out["aux"])
     return loss
 
 
