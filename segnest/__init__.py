@@ -22,7 +22,7 @@ __all__ = ["SegnestError", "create_model", "list_models", "load_pretrained", "__
 _LAZY = {
     "create_model": "segnest.models",
     "list_models": "segnest.models",
-    "load_pretrained": "segnest.models.weights",
+    "load_pretrained": "segnest.models",
 }
 
 

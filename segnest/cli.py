@@ -38,7 +38,7 @@ def _configured(cls: type, presets: str | None = None) -> Callable[[argparse.Nam
 
 def cmd_train(args: argparse.Namespace) -> int:
     from segnest.config import TrainConfig
-    from segnest.engine.train_seg import run_train
+    from segnest.training.segmentation import run_train
 
     run_train(_configured(TrainConfig, "DATASET_PRESETS")(args))
     return 0
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from segnest.config import EvalConfig
-    from segnest.engine.evaluate import run_eval
+    from segnest.inference.evaluate import run_eval
 
     run_eval(_configured(EvalConfig)(args))
     return 0
@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from segnest.config import PredictConfig
-    from segnest.engine.predict import run_predict
+    from segnest.inference.predict import run_predict
 
     run_predict(_configured(PredictConfig)(args))
     return 0
@@ -62,7 +62,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from segnest.config import ExportConfig
-    from segnest.engine.export import run_export
+    from segnest.inference.export import run_export
 
     run_export(_configured(ExportConfig)(args))
     return 0
@@ -70,7 +70,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from segnest.config import PretrainConfig
-    from segnest.engine.train_cls import run_pretrain
+    from segnest.training.classification import run_pretrain
 
     run_pretrain(_configured(PretrainConfig, "PRETRAIN_PRESETS")(args))
     return 0
@@ -78,7 +78,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from segnest.config import BenchConfig
-    from segnest.engine.bench import run_bench
+    from segnest.tools.bench import run_bench
 
     run_bench(_configured(BenchConfig)(args))
     return 0
@@ -86,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from segnest.config import DemoConfig
-    from segnest.engine.demo import run_demo
+    from segnest.tools.demo import run_demo
 
     run_demo(_configured(DemoConfig)(args))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -38,7 +39,7 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "folder": dict(base_size=520, crop_size=480, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)),
     # The CPU recipe: a small ResNeSt-14 that trains in minutes on two cores.
-    "mini": dict(backbone="resnest14", base_width=16, stem_width=16, head_channels=64,
+    "mini": dict(backbone="resnest14", stage_width=16, stem_width=16, head_channels=64,
                  base_size=112, crop_size=96, scale_min=0.75, scale_max=1.5, iters=900,
                  batch_size=8, lr=0.02, workers=2, scales=(0.75, 1.0, 1.25)),
 }
@@ -46,7 +47,7 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
 # ``segnest pretrain --dataset mini``: the bundled 64 px, 8-class set, about 1.5 minutes on
 # two CPU cores (no AutoAugment or mixup: they slow learning on this small set).
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "mini": dict(backbone="resnest14", base_width=16, stem_width=16, crop_size=64,
+    "mini": dict(backbone="resnest14", stage_width=16, stem_width=16, crop_size=64,
                  crop_pct=1.0, batch_size=32, epochs=15, lr=0.05, warmup_epochs=1.0,
                  mixup=0.0, auto_augment="none", workers=2),
 }
@@ -54,6 +55,13 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 def help_(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
+
+
+# The two training commands save alike (segnest.training.run_state).
+CHECKPOINT_INTERVAL = 1000
+CHECKPOINT_INTERVAL_HELP = ("save last.pt every N iterations, also mid-epoch (0 = only at "
+                            "validations, epoch ends and when stopped)")
+KEEP_CHECKPOINTS_HELP = "also keep the K newest periodic checkpoints as iter_N.pt (0 = none)"
 
 
 @dataclass
@@ -99,11 +107,19 @@ class TrainConfig:
         default=1.0, metadata=help_("re-draw crops where one class covers more than this (1 = off)")
     )
     photometric: bool = field(default=False, metadata=help_("photometric distortion"))
-    output_stride: int = field(default=8, metadata=help_("backbone output stride: 8 or 16"))
+    output_stride: int | None = field(
+        default=None, metadata=help_("backbone output stride: 8, 16 or 32 (default 8, the model's)")
+    )
     aux: bool = field(default=True, metadata=help_("auxiliary FCN head on layer3"))
     aux_weight: float = field(default=0.2, metadata=help_("weight of the auxiliary loss"))
-    head_channels: int = field(default=256, metadata=help_("ASPP channels"))
-    base_width: int = field(default=64, metadata=help_("backbone stage width (64 = published)"))
+    head_channels: int | None = field(
+        default=None, metadata=help_("ASPP channels (default: the model's, 256)")
+    )
+    stage_width: int = field(
+        default=64,
+        metadata=help_("planes of the backbone's first stage, doubled per stage (64 = published)",
+                       renamed_from="base_width"),
+    )
     stem_width: int | None = field(
         default=None, metadata=help_("backbone stem width (default: the variant's)")
     )
@@ -125,8 +141,9 @@ class TrainConfig:
         default=None, metadata=help_("validate on the first N images only (default all)")
     )
     checkpoint_interval: int = field(
-        default=0, metadata=help_("also keep iter_N.pt every N iterations (0 = only last and best)")
+        default=CHECKPOINT_INTERVAL, metadata=help_(CHECKPOINT_INTERVAL_HELP)
     )
+    keep_checkpoints: int = field(default=0, metadata=help_(KEEP_CHECKPOINTS_HELP))
     log_interval: int = field(default=10, metadata=help_("scalar logging every N iterations"))
     panels: int = field(default=4, metadata=help_("validation images shown in TensorBoard"))
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
@@ -139,20 +156,42 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class InferenceFlags:
+    """The inference flags that ``segnest eval`` and ``segnest predict`` share; turned into
+    validated settings by ``segnest.inference.settings.InferenceSettings.from_flags``."""
+
+    multi_scale: bool = field(default=False, metadata=help_("average the dataset's eval scales"))
+    flip: bool = field(default=False, metadata=help_("add horizontally flipped views"))
+    scales: str | None = field(
+        default=None, metadata=help_("comma-separated scales, e.g. 0.5,1.0 (implies multi-scale)")
+    )
+    mode: str = field(default="whole", metadata=help_("whole | slide"))
+    base_size: int | None = field(
+        default=None, metadata=help_("long side at scale 1.0 (default: the checkpoint's)")
+    )
+    window_size: int | None = field(
+        default=None,
+        metadata=help_("sliding-window size (default: the checkpoint's training crop)",
+                       renamed_from="crop_size"),
+    )
+    stride: int | None = field(
+        default=None, metadata=help_("sliding-window stride (default 2/3 of the window)")
+    )
+    fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs (same outputs, faster)"))
+    compile: bool = field(
+        default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
+    )
+    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
+
+
+@dataclass
+class EvalConfig(InferenceFlags):
     """``segnest eval``: metrics of a checkpoint on a dataset split."""
 
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     dataset: str | None = field(default=None, metadata=help_("default: the checkpoint's"))
     data_root: str | None = field(default=None, metadata=help_("dataset root"))
     split: str = field(default="val", metadata=help_("train | val"))
-    multi_scale: bool = field(default=False, metadata=help_("average the dataset's eval scales"))
-    flip: bool = field(default=False, metadata=help_("add horizontally flipped views"))
-    scales: str | None = field(default=None, metadata=help_("comma-separated scales, e.g. 0.5,1.0"))
-    mode: str = field(default="whole", metadata=help_("whole | slide"))
-    base_size: int | None = field(default=None, metadata=help_("long side at scale 1.0"))
-    crop_size: int | None = field(default=None, metadata=help_("sliding window size"))
-    stride: int | None = field(default=None, metadata=help_("window stride (default 2/3 crop)"))
     save_pred: str | None = field(default=None, metadata=help_("write predictions here"))
     out: str | None = field(
         default=None, metadata=help_("metrics folder (default next to checkpoint)")
@@ -162,33 +201,16 @@ class EvalConfig:
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )
     workers: int = field(default=2, metadata=help_("data loader workers"))
-    fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs (same outputs, faster)"))
-    compile: bool = field(
-        default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
-    )
-    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(InferenceFlags):
     """``segnest predict``: coloured masks (and overlays) for images of any size and mode."""
 
     inputs: list[str] = field(default_factory=list, metadata=help_("image files or folders"))
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     out: str = field(default="predictions", metadata=help_("output folder"))
-    multi_scale: bool = field(default=False, metadata=help_("average the dataset's eval scales"))
-    flip: bool = field(default=False, metadata=help_("add horizontally flipped views"))
-    scales: str | None = field(default=None, metadata=help_("comma-separated scales"))
-    mode: str = field(default="whole", metadata=help_("whole | slide"))
-    base_size: int | None = field(default=None, metadata=help_("long side at scale 1.0"))
-    crop_size: int | None = field(default=None, metadata=help_("sliding window size"))
-    stride: int | None = field(default=None, metadata=help_("window stride"))
     overlay: bool = field(default=False, metadata=help_("also write image/mask overlays"))
-    fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs (same outputs, faster)"))
-    compile: bool = field(
-        default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
-    )
-    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
 
 
 @dataclass
@@ -236,7 +258,11 @@ class PretrainConfig:
     dropblock_prob: float = field(default=0.0, metadata=help_("DropBlock on the last two stages"))
     final_drop: float = field(default=0.0, metadata=help_("dropout before fc"))
     last_gamma: bool = field(default=True, metadata=help_("zero-init the last BN gamma per block"))
-    base_width: int = field(default=64, metadata=help_("backbone stage width"))
+    stage_width: int = field(
+        default=64,
+        metadata=help_("planes of the backbone's first stage, doubled per stage (64 = published)",
+                       renamed_from="base_width"),
+    )
     stem_width: int | None = field(default=None, metadata=help_("backbone stem width"))
     workers: int = field(default=4, metadata=help_("data loader workers per process"))
     amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
@@ -249,9 +275,9 @@ class PretrainConfig:
     )
     seed: int = field(default=0, metadata=help_("random seed"))
     checkpoint_interval: int = field(
-        default=1000,
-        metadata=help_("also save last.pt every N iterations within an epoch (0 = at epoch ends)"),
+        default=CHECKPOINT_INTERVAL, metadata=help_(CHECKPOINT_INTERVAL_HELP)
     )
+    keep_checkpoints: int = field(default=0, metadata=help_(KEEP_CHECKPOINTS_HELP))
     log_interval: int = field(default=10, metadata=help_("scalar logging every N iterations"))
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
     device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
@@ -298,11 +324,29 @@ def _field_type(f: dataclasses.Field, owner: type) -> Any:
     return tp
 
 
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old name -> current name of every renamed field of ``cls`` (flags and recipe keys)."""
+    return {f.metadata["renamed_from"]: f.name for f in fields(cls) if "renamed_from" in f.metadata}
+
+
+def warn_renamed(old: str, new: str, where: str) -> None:
+    print(f"segnest: warning: {where} '{old}' is renamed '{new}'; the old name still works "
+          "but will be removed", file=sys.stderr)
+
+
+class _RenamedFlag(argparse.Action):
+    """The old spelling of a renamed flag: sets the new field and says so once."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        warn_renamed(option_string, "--" + self.dest.replace("_", "-"), "flag")
+        setattr(namespace, self.dest, values)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
 ) -> None:
     """One ``--flag-name`` per field. Defaults are suppressed so that only what the user
-    typed overrides the recipe and the presets."""
+    typed overrides the recipe and the presets; a renamed field also takes its old flag."""
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -310,6 +354,7 @@ def add_dataclass_arguments(
         tp = _field_type(f, cls)
         meta = dict(f.metadata)
         required = meta.pop("required", False)
+        old_name = meta.pop("renamed_from", None)
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, **meta)
         if required:
             kwargs["required"] = True
@@ -319,6 +364,10 @@ def add_dataclass_arguments(
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
         parser.add_argument(flag, **kwargs)
+        if old_name is not None and tp is not bool:
+            parser.add_argument("--" + old_name.replace("_", "-"), dest=f.name, type=tp,
+                                default=argparse.SUPPRESS, action=_RenamedFlag,
+                                help=argparse.SUPPRESS)
 
 
 def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
@@ -332,6 +381,10 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SegnestError(f"recipe {path} must be a mapping of flag names to values")
     data = {k.replace("-", "_"): v for k, v in data.items() if k not in ("reference", "notes")}
+    for old, new in renamed_keys(cls).items():
+        if old in data:
+            warn_renamed(old, new, f"recipe {path}: key")
+            data.setdefault(new, data.pop(old))
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -372,6 +425,3 @@ def resolve_config(
     merged.update(cli)
     return cls(**_coerce(cls, merged))
 
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny datasets in the real on-disk layouts, generated per test session."""
+"""Shared fixtures: tiny datasets in the real on-disk layouts, tiny training settings."""
 
 from pathlib import Path
 
@@ -44,3 +44,34 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# The smallest DeepLabV3-ResNeSt that trains: flags for the CLI, fields for TrainConfig.
+TINY_MODEL = dict(backbone="resnest14", stage_width=8, stem_width=8, head_channels=16)
+TINY_FLAGS = ["--backbone", "resnest14", "--stage-width", "8", "--stem-width", "8",
+              "--head-channels", "16", "--batch-size", "2", "--base-size", "48",
+              "--crop-size", "32", "--workers", "0", "--lr", "0.01", "--device", "cpu",
+              "--seed", "0", "--keep-checkpoints", "100"]
+
+
+def _tiny_train_config(data_root, work_dir, **overrides):
+    from segnest.config import TrainConfig
+
+    values = dict(dataset="folder", data_root=str(data_root), work_dir=str(work_dir),
+                  iters=6, batch_size=2, base_size=48, crop_size=32, workers=0,
+                  val_interval=3, checkpoint_interval=3, keep_checkpoints=100, panels=2,
+                  log_interval=1, device="cpu", lr=0.01, **TINY_MODEL)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def tiny_train_config():
+    """``tiny_train_config(data_root, work_dir, **overrides)``: a TrainConfig of a tiny
+    model on a folder dataset, 6 iterations, validating and keeping a checkpoint every 3."""
+    return _tiny_train_config
+
+
+@pytest.fixture
+def tiny_flags() -> list[str]:
+    return list(TINY_FLAGS)

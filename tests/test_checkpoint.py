@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from segnest.engine import checkpoint
-from segnest.engine.checkpoint import (
+from segnest.errors import SegnestError
+from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
+from segnest.training import run_state
+from segnest.training.run_state import (
     StopRequest,
     capture_rng_state,
     find_resume_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
+    prune_periodic_checkpoints,
     restore_rng_state,
-    save_checkpoint,
 )
-from segnest.errors import SegnestError
 
 
 class NotAWeight:
@@ -52,7 +51,7 @@ def test_crash_during_save_keeps_the_old_checkpoint_and_leaves_no_partial_target
         handle.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.torch, "save", write_half_then_die)
+    monkeypatch.setattr(torch, "save", write_half_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(state_at(2), target)
     assert target.read_bytes() == old_bytes
@@ -123,7 +122,7 @@ def test_prune_keeps_the_newest_periodic_checkpoints_and_last(tmp_path):
     for iteration in (5, 10, 20, 100):
         save_checkpoint(state_at(iteration), tmp_path / f"iter_{iteration}.pt")
     save_checkpoint(state_at(100), tmp_path / "last.pt")
-    removed = prune_checkpoints(tmp_path, keep=2)
+    removed = prune_periodic_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["iter_10.pt", "iter_5.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_100.pt", "iter_20.pt", "last.pt"]
 
@@ -168,7 +167,7 @@ def test_save_does_not_leave_files_readable_only_by_the_owner(tmp_path):
 
 def test_second_ctrl_c_stops_at_once_except_the_copy_torchrun_forwards(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(run_state.time, "monotonic", lambda: clock[0])
     single = StopRequest()
     single._handle(signal.SIGINT, None)
     assert single.requested and single.agreed()

@@ -10,6 +10,7 @@ import pytest
 from segnest.cli import build_parser
 from segnest.config import DATASET_PRESETS, TrainConfig, add_dataclass_arguments, resolve_config
 from segnest.errors import SegnestError
+from segnest.models import create_model
 
 RECIPES = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 
@@ -40,7 +41,11 @@ def test_command_line_beats_recipe_beats_preset_beats_default(tmp_path):
 def test_paper_settings_without_a_recipe():
     cfg = parse_train("--dataset", "ade20k", "--backbone", "resnest101")
     assert (cfg.base_size, cfg.crop_size, cfg.epochs, cfg.aux_weight) == (520, 480, 180, 0.2)
-    assert (cfg.output_stride, cfg.head_lr_mult, cfg.poly_power) == (8, 10.0, 0.9)
+    assert (cfg.head_lr_mult, cfg.poly_power) == (10.0, 0.9)
+    # Architecture defaults are the model's own: stride 8 and 256 head channels.
+    assert cfg.output_stride is None and cfg.head_channels is None
+    model = create_model("deeplabv3_resnest14", num_classes=2, stage_width=8, stem_width=8)
+    assert model.backbone.output_stride == 8 and model.head_channels == 256
 
 
 def test_unknown_recipe_key_is_a_clear_error(tmp_path):

@@ -5,11 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segnest.data.classification import (
-    build_classification_dataset,
-    cls_eval_transform,
-    cls_train_transform,
-)
+from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.errors import SegnestError
 
 
@@ -25,22 +21,35 @@ def _make_tree(root, corrupt=False):
 
 def test_folder_tree_loads_as_rgb_with_transforms(tmp_path):
     _make_tree(tmp_path)
-    dataset = build_classification_dataset(tmp_path, "train", cls_eval_transform(size=32))
+    _, eval_transform = build_transforms(32, 0.875, "none", (0.08, 1.0))
+    dataset = build_classification_dataset(tmp_path, "train", eval_transform)
     image, label = dataset[1]
     assert dataset.classes == ["cat", "dog"] and label == 1
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
 
 
-@pytest.mark.parametrize("policy", ["autoaugment", "randaugment", None])
+def test_eval_transform_resizes_the_short_side_to_crop_over_crop_pct_then_centre_crops():
+    _, eval_transform = build_transforms(32, 0.5, "none", (0.08, 1.0))
+    # A 64 x 128 image: short side 64 = 32 / 0.5 already, so the centre 32 x 32 crop is
+    # columns 48..80 of the original, whose left half is black and right half white.
+    pixels = np.zeros((64, 128, 3), np.uint8)
+    pixels[:, 64:] = 255
+    image = eval_transform(Image.fromarray(pixels))
+    assert image.shape == (3, 32, 32)
+    assert (image[:, :, :16] < 0).all() and (image[:, :, 16:] > 0).all()
+
+
+@pytest.mark.parametrize("policy", ["autoaugment", "randaugment", "none"])
 def test_train_transform_gives_a_square_crop(tmp_path, policy):
     _make_tree(tmp_path)
-    dataset = build_classification_dataset(tmp_path, "train", cls_train_transform(24, policy))
+    train_transform, _ = build_transforms(24, 0.875, policy, (0.5, 1.0))
+    dataset = build_classification_dataset(tmp_path, "train", train_transform)
     assert dataset[0][0].shape == (3, 24, 24)
 
 
 def test_unknown_auto_augment_names_the_flag():
     with pytest.raises(SegnestError, match="--auto-augment"):
-        cls_train_transform(32, "trivial")
+        build_transforms(32, 0.875, "trivial", (0.08, 1.0))
 
 
 def test_missing_split_folder_names_path_and_layout(tmp_path):

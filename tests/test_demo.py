@@ -5,7 +5,7 @@ import json
 import pytest
 
 from segnest.config import DemoConfig
-from segnest.engine.demo import run_demo
+from segnest.tools.demo import run_demo
 
 
 def test_demo_runs_the_whole_pipeline_and_can_be_rerun(tmp_path, capsys):
@@ -27,7 +27,7 @@ def test_demo_runs_the_whole_pipeline_and_can_be_rerun(tmp_path, capsys):
 
 
 def test_a_stage_stopped_by_ctrl_c_ends_the_demo_before_the_next_stage(tmp_path, monkeypatch):
-    import segnest.engine.demo as demo
+    import segnest.tools.demo as demo
 
     monkeypatch.setattr(demo, "ensure_mini_segmentation", lambda: tmp_path)
     monkeypatch.setattr(demo, "ensure_mini_classification", lambda: tmp_path)

@@ -8,15 +8,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from segnest.engine import distributed
-from segnest.engine.distributed import (
+from segnest.errors import SegnestError
+from segnest.runtime import distributed
+from segnest.runtime.distributed import (
     CPUSyncBatchNorm,
     DistInfo,
     convert_sync_batchnorm,
     init_distributed,
     seed_everything,
 )
-from segnest.errors import SegnestError
 
 CHANNELS = 3
 # Unequal per-process batches: synchronisation must weight each process by its count.

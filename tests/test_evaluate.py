@@ -11,15 +11,15 @@ from torch import nn
 
 from segnest.config import EvalConfig, PredictConfig
 from segnest.data import ADE20K, ADE20K_CLASSES, ADE20K_PALETTE, MEAN, STD, Cityscapes
-from segnest.engine.evaluate import evaluate, inference_config_from, run_eval
-from segnest.engine.inference import InferenceConfig
 from segnest.errors import SegnestError
+from segnest.inference.evaluate import evaluate, run_eval
+from segnest.inference.settings import InferenceSettings
 from segnest.models import create_model
 
 # Colours the fixture images are painted with; class c of the fixture is colour c.
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 50, 210]], dtype=np.uint8)
 HEIGHT, WIDTH = 40, 56
-TINY = dict(base_width=8, stem_width=8, head_channels=16)
+TINY = dict(stage_width=8, stem_width=8, head_channels=16)
 
 
 class ColourModel(nn.Module):
@@ -117,7 +117,7 @@ def checkpoint(tmp_path: Path, ade_root: Path) -> Path:
     return save_tiny_checkpoint(run / "best.pt", ade_root)
 
 
-SINGLE = InferenceConfig(scales=(1.0,), base_size=WIDTH)
+SINGLE = InferenceSettings(scales=(1.0,), base_size=WIDTH)
 
 
 def test_run_eval_writes_metrics_with_class_names(checkpoint: Path):
@@ -137,7 +137,7 @@ def test_run_eval_writes_metrics_with_class_names(checkpoint: Path):
 
 
 def test_run_eval_folds_batch_norms_unless_told_not_to(checkpoint: Path, monkeypatch):
-    import segnest.engine.evaluate as evaluate_module
+    import segnest.inference.evaluate as evaluate_module
 
     seen = []
 
@@ -170,7 +170,7 @@ def test_multi_scale_flip_run_records_timing(checkpoint: Path):
 
 def test_perfect_predictions_give_miou_one(ade_root: Path):
     dataset = ADE20K(ade_root, "val")
-    cfg = InferenceConfig(scales=(1.0,), flip=True, base_size=WIDTH)
+    cfg = InferenceSettings(scales=(1.0,), flip=True, base_size=WIDTH)
     results, panels = evaluate(ColourModel(150), dataset, cfg, "cpu", panels=2, progress=False)
     assert results["mIoU"] == 1.0 and results["pixAcc"] == 1.0
     assert results["labelled_pixels"] == 3 * (HEIGHT * WIDTH - 16)
@@ -270,23 +270,34 @@ def test_two_processes_match_one(ade_root: Path, tmp_path: Path):
 
 
 def test_inference_settings_from_flags_and_checkpoint():
-    ckpt = {"dataset": "ade20k", "config": {"base_size": 64, "crop_size": 48}}
-    single = inference_config_from(EvalConfig(checkpoint="x"), ckpt)
-    assert single.scales == (1.0,) and single.base_size == 64 and single.crop_size is None
-    multi = inference_config_from(EvalConfig(checkpoint="x", multi_scale=True, flip=True), {},
-                                  "ade20k")
+    from_flags = InferenceSettings.from_flags
+    ckpt = {"dataset": "ade20k", "inference": {"base_size": 64, "window_size": 48}}
+    single = from_flags(EvalConfig(checkpoint="x"), ckpt)
+    assert single.scales == (1.0,) and single.base_size == 64 and single.window_size is None
+    multi = from_flags(EvalConfig(checkpoint="x", multi_scale=True, flip=True), {}, "ade20k")
     assert multi.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and multi.base_size == 520
-    multi = inference_config_from(EvalConfig(checkpoint="x", multi_scale=True), ckpt)
+    multi = from_flags(EvalConfig(checkpoint="x", multi_scale=True), ckpt)
     assert multi.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and multi.base_size == 64
-    slide = inference_config_from(PredictConfig(checkpoint="x", mode="slide", scales="1,1.5"),
-                                  ckpt)
-    assert slide.mode == "slide" and slide.crop_size == 48 and slide.scales == (1.0, 1.5)
+    slide = from_flags(PredictConfig(checkpoint="x", mode="slide", scales="1,1.5"), ckpt)
+    assert slide.mode == "slide" and slide.window_size == 48 and slide.scales == (1.0, 1.5)
+    slide = from_flags(PredictConfig(checkpoint="x", mode="slide", window_size=40), ckpt)
+    assert slide.window_size == 40
     with pytest.raises(SegnestError, match="--scales"):
-        inference_config_from(EvalConfig(checkpoint="x", scales="0.5,big"), ckpt)
+        from_flags(EvalConfig(checkpoint="x", scales="0.5,big"), ckpt)
     with pytest.raises(SegnestError, match="--scales"):
-        inference_config_from(EvalConfig(checkpoint="x", scales="0,1"), ckpt)
+        from_flags(EvalConfig(checkpoint="x", scales="0,1"), ckpt)
     with pytest.raises(SegnestError, match="--mode"):
-        inference_config_from(EvalConfig(checkpoint="x", mode="tiles"), ckpt)
+        from_flags(EvalConfig(checkpoint="x", mode="tiles"), ckpt)
+    with pytest.raises(SegnestError, match="--stride"):
+        from_flags(EvalConfig(checkpoint="x", mode="slide", stride=60), ckpt)
+    with pytest.raises(SegnestError, match="--window-size"):
+        from_flags(EvalConfig(checkpoint="x", window_size=0), ckpt)
+
+
+def test_checkpoints_of_segnest_0_1_give_their_training_sizes():
+    legacy = {"dataset": "ade20k", "config": {"base_size": 64, "crop_size": 48}}
+    slide = InferenceSettings.from_flags(EvalConfig(checkpoint="x", mode="slide"), legacy)
+    assert slide.base_size == 64 and slide.window_size == 48
 
 
 def test_run_eval_rejects_unknown_split(checkpoint: Path):

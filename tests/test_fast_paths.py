@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from segnest.config import BenchConfig
-from segnest.engine import compiling
-from segnest.engine.bench import run_bench
-from segnest.engine.inference import inference_model
 from segnest.errors import SegnestError
+from segnest.inference.strategies import inference_model
 from segnest.models import create_model
 from segnest.models.fuse import fuse_bn
+from segnest.runtime import compiling
+from segnest.tools.bench import run_bench
 
-TINY = dict(base_width=8, stem_width=8)
+TINY = dict(stage_width=8, stem_width=8)
 
 
 def randomize_norms(model: nn.Module, seed: int) -> None:
@@ -29,7 +29,7 @@ def randomize_norms(model: nn.Module, seed: int) -> None:
 
 @pytest.mark.parametrize("name, kwargs", [
     ("resnest14", dict(output_stride=8)),
-    ("resnest50_fast_2s2x40d", dict(num_classes=10, base_width=16)),
+    ("resnest50_fast_2s2x40d", dict(num_classes=10, stage_width=16)),
     ("resnet50d", dict(num_classes=10)),
     ("deeplabv3_resnest14", dict(num_classes=5, head_channels=16)),
 ])

@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnest.engine.inference import (
-    InferenceConfig,
+from segnest.errors import SegnestError
+from segnest.inference.settings import InferenceSettings
+from segnest.inference.strategies import (
     infer,
     multi_scale_inference,
     predict_logits,
     slide_inference,
     whole_inference,
 )
-from segnest.errors import SegnestError
 
 NUM_CLASSES = 5
 
@@ -161,7 +161,7 @@ def test_flip_averages_plain_and_mirrored_views_in_one_forward_call():
 
 
 def test_slide_multi_scale_flip_outputs_probabilities_at_input_size():
-    cfg = InferenceConfig(mode="slide", scales=(0.75, 1.25), flip=True, crop_size=32)
+    cfg = InferenceSettings(mode="slide", scales=(0.75, 1.25), flip=True, window_size=32)
     probs = infer(conv_model(), image(40, 56), NUM_CLASSES, cfg)
     assert probs.shape == (1, NUM_CLASSES, 40, 56)
     assert torch.allclose(probs.sum(1), torch.ones(1, 40, 56), atol=1e-5)
@@ -169,7 +169,7 @@ def test_slide_multi_scale_flip_outputs_probabilities_at_input_size():
 
 def test_infer_dispatches_to_the_configured_strategy():
     model, x = conv_model(), image(64, 64)
-    cfg = InferenceConfig(mode="slide", crop_size=32, stride=16)
+    cfg = InferenceSettings(mode="slide", window_size=32, stride=16)
     expected = slide_inference(model, x, NUM_CLASSES, crop_size=32, stride=16)
     assert torch.equal(infer(model, x, NUM_CLASSES, cfg), expected)
 

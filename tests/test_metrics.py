@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from segnest.engine.metrics import ConfusionMatrix, format_table, save_results, to_markdown
+from segnest.inference.metrics import ConfusionMatrix, format_table, save_results, to_markdown
 
 
 def _results(num_classes, pairs, ignore_index=255):

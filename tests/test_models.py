@@ -11,7 +11,7 @@ from segnest.models import create_model, list_models
 from segnest.models.resnest import RESNEST_VARIANTS
 from segnest.models.splat import DropBlock, SplitAttentionConv
 
-TINY = dict(base_width=8, stem_width=8)
+TINY = dict(stage_width=8, stem_width=8)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def layer1_has_no_avd(model):
 @pytest.mark.parametrize("name", ["resnest14", "resnet50d", "resnest50_fast_2s2x40d"])
 def test_gradients_reach_every_parameter(name):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=5, base_width=16, stem_width=8)
+    model = create_model(name, num_classes=5, stage_width=16, stem_width=8)
     model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
@@ -138,8 +138,10 @@ def test_deeplabv3_returns_input_size_logits_for_any_size(output_stride):
 
 def test_deeplabv3_aspp_rates_follow_output_stride():
     rates = lambda m: [b[0].dilation[0] for b in m.head[0].branches[1:4]]  # noqa: E731
-    assert rates(create_model("deeplabv3_resnest14", output_stride=8, **TINY)) == [12, 24, 36]
-    assert rates(create_model("deeplabv3_resnest14", output_stride=16, **TINY)) == [6, 12, 18]
+    assert rates(create_model("deeplabv3_resnest14", num_classes=3,
+                              output_stride=8, **TINY)) == [12, 24, 36]
+    assert rates(create_model("deeplabv3_resnest14", num_classes=3,
+                              output_stride=16, **TINY)) == [6, 12, 18]
 
 
 def test_aux_head_can_be_disabled():
@@ -172,7 +174,8 @@ def test_dropblock_equals_torchvision_when_the_block_fits():
 
 
 def test_norm_layer_argument_is_used_everywhere():
-    model = create_model("deeplabv3_resnest14", norm_layer=lambda c: nn.GroupNorm(4, c), **TINY)
+    model = create_model("deeplabv3_resnest14", num_classes=3,
+                         norm_layer=lambda c: nn.GroupNorm(4, c), **TINY)
     norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
     assert norms and all(isinstance(m, nn.GroupNorm) for m in norms)
 

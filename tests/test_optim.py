@@ -1,15 +1,15 @@
 import torch
 from torch import nn
 
-from segnest.engine.optim import build_param_groups
 from segnest.models import create_model
+from segnest.training.optim import build_param_groups
 
 
 def test_no_decay_selects_norm_and_bias_by_module_type():
     model = create_model(
         "deeplabv3_resnest14",
         num_classes=3,
-        base_width=8,
+        stage_width=8,
         stem_width=8,
         head_channels=16,
         norm_layer=lambda c: nn.GroupNorm(4, c),
@@ -24,7 +24,7 @@ def test_no_decay_selects_norm_and_bias_by_module_type():
 
 def test_head_gets_lr_multiplier_and_every_parameter_appears_once():
     model = create_model(
-        "deeplabv3_resnest14", num_classes=3, base_width=8, stem_width=8, head_channels=16
+        "deeplabv3_resnest14", num_classes=3, stage_width=8, stem_width=8, head_channels=16
     )
     groups = build_param_groups(
         model, lr=0.01, weight_decay=1e-4, lr_mults={"head": 10.0, "aux_head": 10.0}

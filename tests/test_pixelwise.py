@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnest.engine import pixelwise
-from segnest.engine.pixelwise import (
+from segnest.models import create_model, pixelwise
+from segnest.models.pixelwise import (
     channel_softmax,
     pixel_cross_entropy,
     upsampled_cross_entropy,
 )
-from segnest.engine.train_seg import segmentation_loss
-from segnest.models import create_model
+from segnest.training.segmentation import segmentation_loss
 
 IGNORE = 255
 
@@ -115,7 +114,7 @@ def plain_forward(model, x):
 def tiny_deeplab():
     torch.manual_seed(0)
     return create_model("deeplabv3_resnest14", num_classes=5, head_channels=16,
-                        base_width=8, stem_width=8)
+                        stage_width=8, stem_width=8)
 
 
 def test_channels_last_head_gives_the_plain_outputs_in_eval():
@@ -151,5 +150,9 @@ def test_training_step_with_the_upsampling_loss_equals_the_plain_step():
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux, expected_aux, rtol=1e-5, atol=1e-6)
+    # Another summation order (channels_last head, banded loss) moves each gradient by
+    # float rounding relative to its tensor's scale, not to each element: an element near
+    # zero in a tensor of large gradients differs by more than its own 1e-4.
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        scale = float(q.grad.abs().max())
+        assert float((p.grad - q.grad).abs().max()) <= 1e-4 * scale + 1e-6, name

@@ -7,13 +7,13 @@ from PIL import Image
 
 from segnest.config import ExportConfig, PredictConfig
 from segnest.data import generate_palette
-from segnest.engine.export import run_export
-from segnest.engine.predict import run_predict
 from segnest.errors import SegnestError
+from segnest.inference.export import run_export
+from segnest.inference.predict import run_predict
 from segnest.models import create_model
 
 NUM_CLASSES = 5
-TINY = dict(num_classes=NUM_CLASSES, aux=True, head_channels=16, base_width=8, stem_width=8)
+TINY = dict(num_classes=NUM_CLASSES, aux=True, head_channels=16, stage_width=8, stem_width=8)
 PALETTE = generate_palette(NUM_CLASSES)
 
 
@@ -37,7 +37,7 @@ def checkpoint(tmp_path: Path) -> Path:
 
 
 def reference_logits(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
-    from segnest.models.weights import model_from_checkpoint
+    from segnest.models import model_from_checkpoint
 
     model = model_from_checkpoint(torch.load(checkpoint, weights_only=True)).eval()
     with torch.inference_mode():

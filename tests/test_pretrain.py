@@ -14,23 +14,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-import segnest.engine.train_cls as train_cls
+import segnest.training.classification as train_cls
 from segnest import create_model, load_pretrained
 from segnest.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
-from segnest.data.classification import build_classification_dataset, cls_train_transform
+from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.sampling import SeededSamples
-from segnest.engine.checkpoint import load_checkpoint
-from segnest.engine.optim import NORM_TYPES
-from segnest.engine.train_cls import (
+from segnest.errors import SegnestError
+from segnest.models import model_from_checkpoint
+from segnest.models.resnest import Bottleneck
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.training import run_state
+from segnest.training.classification import (
     build_batch_mixer,
-    build_optimizer,
     model_kwargs,
     run_pretrain,
     topk_correct,
 )
-from segnest.errors import SegnestError
-from segnest.models.resnest import Bottleneck
-from segnest.models.weights import model_from_checkpoint
+from segnest.training.optim import build_param_groups
 
 CLASSES = ("blue", "green", "red")
 SIZE = 32
@@ -53,7 +53,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(data: Path, work_dir: Path, **overrides) -> PretrainConfig:
-    values = dict(dataset="imagenet", data=str(data), backbone="resnest14", base_width=8,
+    values = dict(dataset="imagenet", data=str(data), backbone="resnest14", stage_width=8,
                   stem_width=8, crop_size=SIZE, crop_pct=1.0, batch_size=8, epochs=1,
                   warmup_epochs=0.5, workers=0, tensorboard=False, work_dir=str(work_dir),
                   device="cpu")
@@ -61,19 +61,27 @@ def tiny_config(data: Path, work_dir: Path, **overrides) -> PretrainConfig:
 
 
 def test_optimizer_gives_no_decay_to_exactly_norm_parameters_and_biases():
-    model = create_model("resnest14", num_classes=3, base_width=8, stem_width=8)
-    optimizer = build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
-    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    assert len(decay) == len(list(model.parameters()))
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            exempt = isinstance(module, NORM_TYPES) or name == "bias"
-            assert decay[id(param)] == (0.0 if exempt else 1e-4), (type(module).__name__, name)
-    assert (decay[id(model.fc.weight)], decay[id(model.fc.bias)]) == (1e-4, 0.0)
+    model = create_model("resnest14", num_classes=3, stage_width=8, stem_width=8)
+    groups = build_param_groups(model, lr=0.1, weight_decay=1e-4, no_decay_norm=True)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay) == len(names)
+    # ResNeSt-14: the deep stem's two BNs and bn1, then per block its BNs, Split-Attention's
+    # BNs and fc biases, the shortcut BN, and the classifier's bias.
+    expected = {"conv1.1.weight", "conv1.1.bias", "conv1.4.weight", "conv1.4.bias",
+                "bn1.weight", "bn1.bias", "fc.bias"}
+    for stage in range(1, 5):
+        expected |= {f"layer{stage}.0.{name}" for name in (
+            "bn1.weight", "bn1.bias", "conv2.bn0.weight", "conv2.bn0.bias", "conv2.fc1.bias",
+            "conv2.bn1.weight", "conv2.bn1.bias", "conv2.fc2.bias", "bn3.weight", "bn3.bias",
+            "downsample.2.weight", "downsample.2.bias")}
+    no_decay = {name for name, param in names.items() if decay[id(param)] == 0.0}
+    assert no_decay == expected
+    assert all(decay[id(names[name])] == 1e-4 for name in set(names) - expected)
 
 
 def test_pretraining_model_starts_with_zero_last_gamma_in_every_block(tmp_path):
-    cfg = PretrainConfig(backbone="resnest14", base_width=8, stem_width=8)
+    cfg = PretrainConfig(backbone="resnest14", stage_width=8, stem_width=8)
     model = create_model(cfg.backbone, **model_kwargs(cfg, 3))
     blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
     assert blocks and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
@@ -131,10 +139,10 @@ def test_topk_counts_hits_among_the_k_best_logits():
 
 
 def test_mini_preset_fills_what_the_user_did_not_give():
-    cfg = resolve_config(PretrainConfig, {"dataset": "mini", "epochs": 3, "base_width": 8},
+    cfg = resolve_config(PretrainConfig, {"dataset": "mini", "epochs": 3, "stage_width": 8},
                          PRETRAIN_PRESETS)
     assert (cfg.backbone, cfg.crop_size, cfg.crop_pct) == ("resnest14", 64, 1.0)
-    assert (cfg.epochs, cfg.base_width) == (3, 8)
+    assert (cfg.epochs, cfg.stage_width) == (3, 8)
     # A flag typed at its built-in default still wins over the preset.
     typed = resolve_config(PretrainConfig, {"dataset": "mini", "epochs": 270}, PRETRAIN_PRESETS)
     assert typed.epochs == 270
@@ -165,14 +173,14 @@ def test_pretrained_backbone_loads_into_segmentation_model(tmp_path, image_folde
     exported = load_checkpoint(export)
     assert set(exported) == set(trained) and "conv1.0.weight" in exported
     for path in (export, Path(result["last"])):
-        seg = create_model("deeplabv3_resnest14", num_classes=5, base_width=8, stem_width=8,
+        seg = create_model("deeplabv3_resnest14", num_classes=5, stage_width=8, stem_width=8,
                            head_channels=16)
         load_pretrained(seg, path)
         seg_backbone = seg.backbone.state_dict()
         assert set(seg_backbone) == set(trained)
         for key, value in trained.items():
             assert torch.equal(seg_backbone[key], value), key
-    backbone = create_model("resnest14", output_stride=8, base_width=8, stem_width=8)
+    backbone = create_model("resnest14", output_stride=8, stage_width=8, stem_width=8)
     load_pretrained(backbone, export)
     assert torch.equal(backbone.conv1[0].weight, trained["conv1.0.weight"])
 
@@ -186,17 +194,19 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     recipe = dict(epochs=2, mixup=0.2, auto_augment="randaugment")
     straight = run_pretrain(tiny_config(image_folder, tmp_path / "straight", **recipe))
 
-    real_train_one_epoch = train_cls.train_one_epoch
+    real_train_one_step = train_cls.train_one_step
+    steps = []
 
     def crash_in_second_epoch(*args, **kwargs):
-        if kwargs["epoch"] == 1:
+        steps.append(1)
+        if len(steps) == 4:  # 3 iterations per epoch: the first step of epoch 2
             raise KeyboardInterrupt
-        return real_train_one_epoch(*args, **kwargs)
+        return real_train_one_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_cls, "train_one_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(train_cls, "train_one_step", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(tiny_config(image_folder, tmp_path / "resumed", **recipe))
-    monkeypatch.setattr(train_cls, "train_one_epoch", real_train_one_epoch)
+    monkeypatch.setattr(train_cls, "train_one_step", real_train_one_step)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     resumed = run_pretrain(tiny_config(image_folder, tmp_path / "resumed", resume="auto",
                                        **recipe))
@@ -220,20 +230,21 @@ def test_ctrl_c_mid_epoch_saves_and_resuming_matches_an_uninterrupted_run(tmp_pa
     recipe = dict(epochs=2, mixup=0.2, auto_augment="randaugment", checkpoint_interval=0)
     straight = run_pretrain(tiny_config(image_folder, tmp_path / "straight", **recipe))
 
-    real_train_one_epoch = train_cls.train_one_epoch
+    real_train_one_step = train_cls.train_one_step
+    steps = []
 
-    def ctrl_c_at_iteration_4(*args, after_step, **kwargs):
-        def step(iteration: int) -> bool:
-            if iteration == 4:
-                os.kill(os.getpid(), signal.SIGINT)  # caught: finish the step, save, stop
-            return after_step(iteration)
-        return real_train_one_epoch(*args, after_step=step, **kwargs)
+    def ctrl_c_at_iteration_4(*args, **kwargs):
+        scalars = real_train_one_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # caught: finish the step, save, stop
+        return scalars
 
-    monkeypatch.setattr(train_cls, "train_one_epoch", ctrl_c_at_iteration_4)
+    monkeypatch.setattr(train_cls, "train_one_step", ctrl_c_at_iteration_4)
     # Data workers in the interrupted and resumed runs, none in the straight one: the
     # augmentation of a sample must not depend on which process loads it.
     stopped = run_pretrain(tiny_config(image_folder, tmp_path / "resumed", workers=2, **recipe))
-    monkeypatch.setattr(train_cls, "train_one_epoch", real_train_one_epoch)
+    monkeypatch.setattr(train_cls, "train_one_step", real_train_one_step)
     assert stopped["interrupted"] and stopped["iterations"] == 4
     saved = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert saved["iteration"] == 4 and saved["epoch"] == 1
@@ -249,13 +260,13 @@ def test_ctrl_c_mid_epoch_saves_and_resuming_matches_an_uninterrupted_run(tmp_pa
 
 def test_checkpoint_interval_saves_within_epochs(tmp_path, image_folder, monkeypatch):
     saved = []
-    real_save = train_cls.save_checkpoint
+    real_save = run_state.save_checkpoint
 
     def record(state, path):
         saved.append((Path(path).name, state["iteration"]))
         return real_save(state, path)
 
-    monkeypatch.setattr(train_cls, "save_checkpoint", record)
+    monkeypatch.setattr(run_state, "save_checkpoint", record)
     run_pretrain(tiny_config(image_folder, tmp_path / "run", epochs=2, checkpoint_interval=2))
     assert [it for name, it in saved if name == "last.pt"] == [2, 3, 4, 6]
 
@@ -267,8 +278,8 @@ def test_resume_with_another_batch_size_is_refused(tmp_path, image_folder):
 
 
 def test_seeded_samples_depend_on_seed_epoch_and_index_only(image_folder):
-    dataset = build_classification_dataset(image_folder, "train",
-                                           cls_train_transform(SIZE, "randaugment"))
+    train_transform, _ = build_transforms(SIZE, 1.0, "randaugment", (0.08, 1.0))
+    dataset = build_classification_dataset(image_folder, "train", train_transform)
     seeded = SeededSamples(dataset, seed=3)
     seeded.set_epoch(1)
     torch.manual_seed(0)

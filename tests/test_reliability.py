@@ -9,15 +9,9 @@ import time
 import pytest
 import torch
 
-import segnest.engine.train_seg as train_seg
-from segnest.engine.checkpoint import load_checkpoint
+import segnest.training.segmentation as train_seg
 from segnest.errors import SegnestError
-from tests.test_train import tiny_config
-
-TINY_FLAGS = ["--backbone", "resnest14", "--base-width", "8", "--stem-width", "8",
-              "--head-channels", "16", "--batch-size", "2", "--base-size", "48",
-              "--crop-size", "32", "--workers", "0", "--lr", "0.01", "--device", "cpu",
-              "--seed", "0"]
+from segnest.runtime.checkpoint import load_checkpoint
 
 
 def segnest_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
@@ -26,11 +20,12 @@ def segnest_cli(*args: str, timeout: float = 300, **popen) -> subprocess.Complet
                           text=True, timeout=timeout, env=env, **popen)
 
 
-def test_sigkill_mid_training_then_resume_auto_matches_uninterrupted(folder_dataset, tmp_path):
+def test_sigkill_mid_training_then_resume_auto_matches_uninterrupted(
+        folder_dataset, tmp_path, tiny_train_config, tiny_flags):
     work = tmp_path / "killed"
     flags = ["train", "--dataset", "folder", "--data-root", str(folder_dataset), "--iters",
              "10", "--val-interval", "100", "--checkpoint-interval", "2", "--work-dir",
-             str(work), *TINY_FLAGS]
+             str(work), *tiny_flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "segnest", *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -44,7 +39,7 @@ def test_sigkill_mid_training_then_resume_auto_matches_uninterrupted(folder_data
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
 
-    reference = tiny_config(folder_dataset, tmp_path / "uninterrupted", iters=10,
+    reference = tiny_train_config(folder_dataset, tmp_path / "uninterrupted", iters=10,
                             val_interval=100, checkpoint_interval=2, panels=4, log_interval=10)
     train_seg.run_train(reference)
     a = load_checkpoint(work / "last.pt")
@@ -55,7 +50,7 @@ def test_sigkill_mid_training_then_resume_auto_matches_uninterrupted(folder_data
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(folder_dataset, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, tiny_train_config):
     real_loss = train_seg.segmentation_loss
     calls = {"n": 0}
 
@@ -65,7 +60,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(folder_datas
         return (loss * float("nan"), aux) if calls["n"] >= 4 else (loss, aux)
 
     monkeypatch.setattr(train_seg, "segmentation_loss", loss_turning_nan)
-    cfg = tiny_config(folder_dataset, tmp_path / "nan", iters=6, val_interval=2,
+    cfg = tiny_train_config(folder_dataset, tmp_path / "nan", iters=6, val_interval=2,
                       checkpoint_interval=2)
     with pytest.raises(SegnestError, match="loss became nan at iteration 4.*last good"):
         train_seg.run_train(cfg)
@@ -77,11 +72,11 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(folder_datas
                    if v.is_floating_point())
 
 
-def test_corrupt_training_image_is_one_line_naming_the_file(folder_dataset, tmp_path):
+def test_corrupt_training_image_is_one_line_naming_the_file(folder_dataset, tmp_path, tiny_flags):
     bad = folder_dataset / "images" / "train" / "img3.png"
     bad.write_bytes(bad.read_bytes()[:60])
     result = segnest_cli("train", "--dataset", "folder", "--data-root", str(folder_dataset),
-                         "--iters", "4", "--work-dir", str(tmp_path / "w"), *TINY_FLAGS)
+                         "--iters", "4", "--work-dir", str(tmp_path / "w"), *tiny_flags)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "img3.png" in result.stderr and "--skip-bad-samples" in result.stderr
@@ -90,10 +85,10 @@ def test_corrupt_training_image_is_one_line_naming_the_file(folder_dataset, tmp_
     assert result.stderr.rstrip().endswith(errors[0])
 
 
-def test_skip_bad_samples_warns_and_counts(folder_dataset, tmp_path):
+def test_skip_bad_samples_warns_and_counts(folder_dataset, tmp_path, tiny_train_config):
     bad = folder_dataset / "images" / "train" / "img3.png"
     bad.write_bytes(bad.read_bytes()[:60])
-    cfg = tiny_config(folder_dataset, tmp_path / "skip", iters=4, skip_bad_samples=True,
+    cfg = tiny_train_config(folder_dataset, tmp_path / "skip", iters=4, skip_bad_samples=True,
                       val_interval=100, checkpoint_interval=0)
     result = train_seg.run_train(cfg)
     assert result["iteration"] == 4 and result["skipped_samples"] >= 1
@@ -137,9 +132,10 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
     assert "weights" in result.stderr.lower()
 
 
-def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(folder_dataset, tmp_path):
+def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(
+        folder_dataset, tmp_path, tiny_flags):
     work = tmp_path / "interrupted"
-    flags = [*TINY_FLAGS]
+    flags = [*tiny_flags]
     flags[flags.index("--workers") + 1] = "2"  # workers see the SIGINT too, as in a terminal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

@@ -7,29 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from segnest.config import TrainConfig
-from segnest.engine.checkpoint import load_checkpoint
-from segnest.engine.train_seg import run_train, segmentation_loss
 from segnest.errors import SegnestError
 from segnest.models import create_model
-
-TINY_MODEL = dict(backbone="resnest14", base_width=8, stem_width=8, head_channels=16)
-
-
-def tiny_config(data_root, work_dir, **overrides) -> TrainConfig:
-    values = dict(dataset="folder", data_root=str(data_root), work_dir=str(work_dir),
-                  iters=6, batch_size=2, base_size=48, crop_size=32, workers=0,
-                  val_interval=3, checkpoint_interval=3, panels=2, log_interval=1,
-                  device="cpu", lr=0.01, **TINY_MODEL)
-    values.update(overrides)
-    return TrainConfig(**values)
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.training.losses import segmentation_loss
+from segnest.training.segmentation import run_train
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(folder_dataset, tmp_path):
-    full = tiny_config(folder_dataset, tmp_path / "full")
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
+        folder_dataset, tmp_path, tiny_train_config):
+    full = tiny_train_config(folder_dataset, tmp_path / "full")
     run_train(full)
     # iter_3.pt was written mid-epoch (8 images, batch 2 -> 4 iterations per epoch).
-    resumed = tiny_config(folder_dataset, tmp_path / "resumed",
+    resumed = tiny_train_config(folder_dataset, tmp_path / "resumed",
                           resume=str(tmp_path / "full" / "iter_3.pt"))
     result = run_train(resumed)
     assert result["iteration"] == 6
@@ -40,16 +30,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(folder_datase
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
 
 
-def test_resume_auto_continues_from_the_newest_checkpoint(folder_dataset, tmp_path):
-    run_train(tiny_config(folder_dataset, tmp_path / "run", iters=3))
-    result = run_train(tiny_config(folder_dataset, tmp_path / "run", iters=3, resume="auto"))
+def test_resume_auto_continues_from_the_newest_checkpoint(
+        folder_dataset, tmp_path, tiny_train_config):
+    run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=3))
+    result = run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=3, resume="auto"))
     assert result["iteration"] == 3  # already finished: nothing more to do
 
 
-def test_tensorboard_holds_scalars_and_mask_panels(folder_dataset, tmp_path):
+def test_tensorboard_holds_scalars_and_mask_panels(folder_dataset, tmp_path, tiny_train_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_train(tiny_config(folder_dataset, tmp_path / "tb", iters=3))
+    run_train(tiny_train_config(folder_dataset, tmp_path / "tb", iters=3))
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/aux_loss", "train/lr", "train/images_per_s", "val/mIoU",
@@ -61,8 +52,8 @@ def test_tensorboard_holds_scalars_and_mask_panels(folder_dataset, tmp_path):
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
 
 
-def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path):
-    run_train(tiny_config(folder_dataset, tmp_path / "ck", iters=3))
+def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path, tiny_train_config):
+    run_train(tiny_train_config(folder_dataset, tmp_path / "ck", iters=3))
     state = load_checkpoint(tmp_path / "ck" / "best.pt")
     assert state["model_name"] == "deeplabv3_resnest14"
     assert state["model_kwargs"]["num_classes"] == 3
@@ -76,25 +67,51 @@ def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path):
     [
         (dict(batch_size=1), "needs at least 2"),
         (dict(crop_size=200), "larger than any scaled image"),
-        (dict(amp=True), "--amp needs a CUDA device"),
+        (dict(amp=True), "--amp needs a CUDA"),
         (dict(output_stride=4), "--output-stride"),
         (dict(backbone="resnest51"), "unknown --backbone"),
         (dict(dataset="coco"), "unknown dataset"),
     ],
 )
 def test_bad_configuration_fails_before_work_starts(folder_dataset, tmp_path, overrides,
-                                                    message):
+                                                    message, tiny_train_config):
     with pytest.raises(SegnestError, match=message):
-        run_train(tiny_config(folder_dataset, tmp_path / "bad", **overrides))
+        run_train(tiny_train_config(folder_dataset, tmp_path / "bad", **overrides))
     assert not (tmp_path / "bad" / "last.pt").exists()
 
 
-def test_resume_with_another_model_is_refused(folder_dataset, tmp_path):
-    run_train(tiny_config(folder_dataset, tmp_path / "a", iters=3))
-    other = tiny_config(folder_dataset, tmp_path / "b", head_channels=8,
-                        resume=str(tmp_path / "a" / "last.pt"))
+def test_resume_with_another_model_is_refused(folder_dataset, tmp_path, tiny_train_config):
+    run_train(tiny_train_config(folder_dataset, tmp_path / "a", iters=3))
+    other = tiny_train_config(folder_dataset, tmp_path / "b", head_channels=8,
+                              resume=str(tmp_path / "a" / "last.pt"))
     with pytest.raises(SegnestError, match="was trained as"):
         run_train(other)
+
+
+def test_training_without_the_aux_head_trains_and_evaluates(folder_dataset, tmp_path,
+                                                             tiny_train_config):
+    result = run_train(tiny_train_config(folder_dataset, tmp_path / "noaux", aux=False))
+    assert result["iteration"] == 6 and not result["interrupted"]
+    saved = load_checkpoint(tmp_path / "noaux" / "last.pt")
+    assert saved["model_kwargs"]["aux"] is False
+    assert not any(key.startswith("aux_head.") for key in saved["model"])
+    assert 0.0 <= result["metrics"]["mIoU"] <= 1.0
+
+
+def test_cli_no_aux_flag_trains(folder_dataset, tmp_path, tiny_flags):
+    from segnest.cli import main
+
+    code = main(["train", "--dataset", "folder", "--data-root", str(folder_dataset), "--iters",
+                 "2", "--no-aux", "--no-tensorboard", "--work-dir", str(tmp_path / "w"),
+                 *tiny_flags])
+    assert code == 0
+    assert "aux_head.0.0.weight" not in load_checkpoint(tmp_path / "w" / "last.pt")["model"]
+
+
+def test_resume_with_another_length_is_refused(folder_dataset, tmp_path, tiny_train_config):
+    run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=3))
+    with pytest.raises(SegnestError, match=r"--iters/--epochs"):
+        run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=9, resume="auto"))
 
 
 def _free_port() -> int:
@@ -105,7 +122,7 @@ def _free_port() -> int:
 
 def _tiny_segmenter() -> nn.Module:
     torch.manual_seed(0)
-    model = create_model("deeplabv3_resnest14", num_classes=3, base_width=8, stem_width=8,
+    model = create_model("deeplabv3_resnest14", num_classes=3, stage_width=8, stem_width=8,
                          head_channels=16)
     # Dropout draws differ between one and two processes; the comparison is about BN.
     for name, module in list(model.named_modules()):
@@ -118,7 +135,7 @@ def _tiny_segmenter() -> nn.Module:
 def _ddp_worker(rank: int, world: int, port: int, batch, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from segnest.engine.distributed import convert_sync_batchnorm
+    from segnest.runtime.distributed import convert_sync_batchnorm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

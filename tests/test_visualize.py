@@ -7,7 +7,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from segnest.engine.visualize import (
+from segnest.inference.visualize import (
     colorize,
     denormalize,
     log_panels,

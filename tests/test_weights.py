@@ -7,7 +7,7 @@ import segnest
 from segnest.errors import SegnestError
 from segnest.models import create_model
 
-TINY = dict(base_width=8, stem_width=8)
+TINY = dict(stage_width=8, stem_width=8)
 
 
 def classifier_state(seed: int = 0) -> dict:
@@ -77,6 +77,6 @@ def test_mismatch_is_one_readable_message(tmp_path):
 
 def test_shape_mismatch_is_reported(tmp_path):
     torch.save(classifier_state(), tmp_path / "r14.pth")
-    wider = create_model("resnest14", num_classes=1000, base_width=16, stem_width=8)
+    wider = create_model("resnest14", num_classes=1000, stage_width=16, stem_width=8)
     with pytest.raises(SegnestError, match="shape mismatches"):
         segnest.load_pretrained(wider, tmp_path / "r14.pth")

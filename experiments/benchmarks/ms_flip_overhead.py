@@ -1,6 +1,6 @@
 """Overhead of multi-scale + flip evaluation over its forward passes alone.
 
-Times ``segnest.engine.inference.multi_scale_inference`` (scales x flip, softmax
+Times ``segnest.inference.strategies.multi_scale_inference`` (scales x flip, softmax
 averaging, resizing back) and, interleaved in the same process, just the model's forward
 passes on the same scaled and flipped batches. The ratio total / forwards is the cost of
 everything around the network; 1.0 would be free.
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from segnest.engine.inference import _resize, _scaled_size, multi_scale_inference
+from segnest.inference.strategies import _resize, _scaled_size, multi_scale_inference
 from segnest.models import create_model
 from segnest.models.fuse import fuse_bn
 

@@ -10,7 +10,7 @@ input, one process, interleaved A/B runs after warm-up, medians reported.
      backbone under the same head run as the reference runs it (the authors' DeepLabV3 in
      PyTorch-Encoding: plain NCHW modules, ``nn.CrossEntropyLoss``); speed ratio.
   c) activation checkpointing: peak training memory with and without, each measured by
-     ``segnest.engine.bench.run_bench`` in its own subprocess so the peaks are separate.
+     ``segnest.tools.bench.run_bench`` in its own subprocess so the peaks are separate.
 
 Run: python experiments/benchmarks/vs_official.py [--parts abc] [--size 512] [--runs 3]
 """
@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segnest.engine.bench import conv_probe, time_interleaved
-from segnest.engine.compiling import compile_model
-from segnest.engine.inference import inference_model
-from segnest.engine.pixelwise import upsampled_cross_entropy
+from segnest.inference.strategies import inference_model
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.fuse import fuse_bn
+from segnest.models.pixelwise import upsampled_cross_entropy
+from segnest.runtime.compiling import compile_model
+from segnest.tools.bench import conv_probe, time_interleaved
 
 try:
     import resnest.torch as official
@@ -199,7 +199,7 @@ def bench_subprocess(args: argparse.Namespace, checkpoint: bool) -> dict:
                mode="train", warmup=0, runs=1, checkpoint_activations=checkpoint,
                device="cpu")
     code = ("import json, sys; from segnest.config import BenchConfig; "
-            "from segnest.engine.bench import run_bench; "
+            "from segnest.tools.bench import run_bench; "
             "print(json.dumps(run_bench(BenchConfig(**json.loads(sys.argv[1])), quiet=True)))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], check=True,
                             capture_output=True, text=True)

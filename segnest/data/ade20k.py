@@ -13,6 +13,7 @@ import numpy as np
 
 from segnest.data.base import (
     IGNORE_INDEX,
+    IMAGE_SUFFIXES,
     SampleTransform,
     SegmentationDataset,
     default_data_root,
@@ -44,7 +45,6 @@ ADE20K_CLASSES = (
 
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 LAYOUT = "ADEChallengeData2016/{images,annotations}/{training,validation}/<name>.{jpg,png}"
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _resolve_root(root: Path) -> Path:
@@ -80,7 +80,7 @@ class ADE20K(SegmentationDataset):
                 raise missing_layout_error(folder, LAYOUT)
         samples = []
         for image_path in sorted(image_dir.iterdir()):
-            if image_path.suffix.lower() not in _IMAGE_SUFFIXES:
+            if image_path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             annotation_path = annotation_dir / f"{image_path.stem}.png"
             if not annotation_path.is_file():

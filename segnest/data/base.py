@@ -17,11 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segnest.data.transforms import to_normalized_tensors
+from segnest.data.transforms import IGNORE_INDEX, to_normalized_tensors
 from segnest.errors import SegnestError
 
-IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # Pillow's modes that hold more than 8 bits per channel in a single band.
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")

@@ -15,7 +15,7 @@ from segnest.data.transforms import MEAN, STD
 from segnest.errors import SegnestError
 
 LAYOUT = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
-AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", None)
+AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 
 
 def _load_rgb(path: str) -> Image.Image:
@@ -39,28 +39,24 @@ def build_classification_dataset(root: str | os.PathLike, split: str,
         ) from err
 
 
-def cls_train_transform(size: int = 224, auto_augment: str | None = "autoaugment"
-                        ) -> T.Compose:
-    """RandomResizedCrop, horizontal flip, optional AutoAugment (ImageNet policy) or
-    RandAugment, then tensor + ImageNet normalisation."""
+def build_transforms(crop_size: int, crop_pct: float, auto_augment: str,
+                     crop_scale: tuple[float, float]) -> tuple[T.Compose, T.Compose]:
+    """Pretraining's (train, eval) transforms. Train: RandomResizedCrop over ``crop_scale``
+    of the area, flip, AutoAugment (ImageNet policy) / RandAugment / none, normalise.
+    Eval: resize the short side to ``crop_size / crop_pct``, centre crop, normalise."""
     if auto_augment not in AUTO_AUGMENT_CHOICES:
-        raise SegnestError(
-            f"unknown --auto-augment '{auto_augment}'; use autoaugment, randaugment or none"
-        )
-    steps: list = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        raise SegnestError(f"unknown --auto-augment '{auto_augment}'; use "
+                           f"{', '.join(AUTO_AUGMENT_CHOICES)}")
+    steps: list = [T.RandomResizedCrop(crop_size, scale=crop_scale), T.RandomHorizontalFlip()]
     if auto_augment == "autoaugment":
         steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
     elif auto_augment == "randaugment":
         steps.append(T.RandAugment())
     steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
-    return T.Compose(steps)
-
-
-def cls_eval_transform(size: int = 224, crop_pct: float = 0.875) -> T.Compose:
-    """Resize the short side to ``size / crop_pct`` and take the centre ``size`` crop."""
-    return T.Compose([
-        T.Resize(int(round(size / crop_pct))),
-        T.CenterCrop(size),
+    eval_transform = T.Compose([
+        T.Resize(int(round(crop_size / crop_pct))),
+        T.CenterCrop(crop_size),
         T.ToTensor(),
         T.Normalize(MEAN, STD),
     ])
+    return T.Compose(steps), eval_transform

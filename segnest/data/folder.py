@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segnest.data.base import (
-    IMAGE_EXTENSIONS,
+    IMAGE_SUFFIXES,
     SampleTransform,
     SegmentationDataset,
     missing_layout_error,
@@ -92,7 +92,7 @@ class FolderDataset(SegmentationDataset):
         samples = []
         seen: dict[str, Path] = {}
         for image_path in sorted(image_dir.iterdir()):
-            if image_path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if image_path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if image_path.stem in seen:
                 raise SegnestError(

@@ -19,6 +19,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# The label of pixels that no loss or metric counts, in every pipeline.
+IGNORE_INDEX = 255
 # ImageNet statistics on a 0-1 scale, as the backbones were pretrained with.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -170,7 +172,7 @@ class SegTrainTransform:
         cat_max_ratio: float = 1.0,
         hflip: float = 0.5,
         photometric: bool = True,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
     ) -> None:
         crop_height, crop_width = _crop_hw(crop_size)

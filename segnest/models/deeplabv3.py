@@ -11,7 +11,7 @@ backbone. oneDNN's NHWC kernels skip the zero padding that the ASPP's wide dilat
 faster too: the head's forward + backward took 5.2 s instead of 6.3 s (2048 channels,
 64x64, batch 2), a DeepLabV3-ResNeSt-50 training step 1.08x faster. The logits are upsampled
 in channels_last as well, which lets the loss and softmax run over contiguous class rows
-(:mod:`segnest.engine.pixelwise`). Same numbers, another stride order; GPUs keep the
+(:mod:`segnest.models.pixelwise`). Same numbers, another stride order; GPUs keep the
 model's own layout (not measured there).
 """
 
@@ -101,7 +101,7 @@ class DeepLabV3(nn.Module):
     ``forward`` returns ``{"out": logits}`` at input size, plus ``"aux"`` in training when
     the auxiliary head is enabled. ``forward(x, upsample=False)`` returns both at the
     feature resolution (input / output stride), for a loss that upsamples by itself:
-    :func:`segnest.engine.pixelwise.upsampled_cross_entropy` with ``ALIGN_CORNERS``.
+    :func:`segnest.models.pixelwise.upsampled_cross_entropy` with ``ALIGN_CORNERS``.
     """
 
     # How the logits are upsampled to the input size (bilinear), as the reference does.
@@ -114,6 +114,7 @@ class DeepLabV3(nn.Module):
             raise ValueError("DeepLabV3 needs a feature backbone (num_classes=0)")
         self.backbone = backbone
         self.num_classes = num_classes
+        self.head_channels = head_channels
         channels = backbone.feature_channels
         rates = ASPP_RATES[backbone.output_stride]
         self.head = DeepLabV3Head(channels[3], num_classes, head_channels, rates, norm_layer)

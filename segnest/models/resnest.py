@@ -185,7 +185,7 @@ class ResNeSt(nn.Module):
     ``fc`` whose ``forward`` returns ``{"layer1": ..., ..., "layer4": ...}``. Either way
     ``forward_stages`` gives the four stage features.
 
-    ``base_width`` scales the planes of all stages (64 in every published model); smaller
+    ``stage_width`` scales the planes of all stages (64 in every published model); smaller
     values give the tiny models used for CPU demos and tests.
     """
 
@@ -206,7 +206,7 @@ class ResNeSt(nn.Module):
         dropblock_prob: float = 0.0,
         last_gamma: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
-        base_width: int = 64,
+        stage_width: int = 64,
         in_chans: int = 3,
     ) -> None:
         super().__init__()
@@ -232,7 +232,7 @@ class ResNeSt(nn.Module):
                           avd=avd, avd_first=avd_first, norm_layer=norm_layer)
         for index, (stride, dilation) in enumerate(stage_strides(output_stride)):
             stage = self._make_stage(
-                planes=base_width * 2**index, blocks=layers[index], stride=stride,
+                planes=stage_width * 2**index, blocks=layers[index], stride=stride,
                 dilation=dilation, avg_down=avg_down,
                 # The reference applies DropBlock to the last two stages only, and treats
                 # layer1's first block as not "first" (no avd pool there).
@@ -241,7 +241,7 @@ class ResNeSt(nn.Module):
             )
             self.add_module(STAGE_NAMES[index], stage)
         self.grad_checkpointing = False
-        self.feature_channels = [base_width * 2**i * EXPANSION for i in range(4)]
+        self.feature_channels = [stage_width * 2**i * EXPANSION for i in range(4)]
         if num_classes > 0:
             self.drop = nn.Dropout(final_drop) if final_drop > 0 else nn.Identity()
             self.fc = nn.Linear(self.feature_channels[-1], num_classes)

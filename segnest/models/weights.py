@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from segnest.errors import SegnestError
+from segnest.runtime.checkpoint import load_checkpoint
 
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
@@ -90,30 +91,9 @@ def match_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
 
 def load_pretrained(model: nn.Module, path: str | PathLike) -> LoadReport:
     """Load a local checkpoint into ``model`` (see the module docstring for what fits)."""
-    from segnest.engine.checkpoint import load_checkpoint
-
     state = extract_state_dict(load_checkpoint(path))
     if not state:
         raise SegnestError(f"{path} holds no tensors: it is not a model checkpoint")
     state, report = match_state_dict(model, state, source=str(path))
     model.load_state_dict(state, strict=False)
     return report
-
-
-def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> nn.Module:
-    """Rebuild the model a segnest checkpoint was trained with and load its weights.
-
-    segnest checkpoints carry ``model_name`` and ``model_kwargs`` so that eval, predict
-    and export never ask the user to repeat the model's settings.
-    """
-    from segnest.models import create_model
-
-    if "model_name" not in checkpoint or "model" not in checkpoint:
-        raise SegnestError(
-            f"{source} is not a segnest training checkpoint (no model_name/model entries); "
-            "use a .pt file written by 'segnest train' or 'segnest pretrain'"
-        )
-    model = create_model(checkpoint["model_name"], **checkpoint.get("model_kwargs", {}))
-    state, _ = match_state_dict(model, extract_state_dict(checkpoint), source=source)
-    model.load_state_dict(state, strict=False)
-    return model

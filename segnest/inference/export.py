@@ -11,8 +11,6 @@ fail, the export is kept for the example size only, and the message says so.
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,10 @@ import torch
 from torch import nn
 
 from segnest.config import ExportConfig
-from segnest.engine.checkpoint import load_checkpoint
 from segnest.errors import SegnestError
-from segnest.models.weights import model_from_checkpoint
+from segnest.models import model_from_checkpoint
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.files import atomic_path
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -115,12 +114,10 @@ def run_export(cfg: ExportConfig) -> Path:
     model = LogitsOnly(model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))).eval()
     source = Path(cfg.checkpoint)
     target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIXES[fmt])
-    target.parent.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(1, 3, h, w, generator=generator) for h, w in _check_sizes(cfg.size)]
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
-    try:
+    with atomic_path(target) as temp:
         _export(fmt, model, inputs[0], temp, dynamic=True)
         differences = _differences(fmt, model, temp, inputs)
         dynamic = differences is None or differences[1] <= TOLERANCE
@@ -134,9 +131,6 @@ def run_export(cfg: ExportConfig) -> Path:
                 f"exported {fmt} model differs from PyTorch by up to {differences[0]:.2e} "
                 f"(tolerance {TOLERANCE:g}); the export is not faithful, not writing {target}"
             )
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
 
     if differences is None:
         check = "not verified: onnxruntime is not installed (pip install onnxruntime)"

@@ -5,7 +5,7 @@ RGBA, palette, 16-bit) is read as RGB. For an input ``<stem>`` the outputs are
 ``<out>/<stem>.png`` (colour mask in the checkpoint's palette), ``<out>/<stem>_mask.png``
 (uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``. Images found in a
 folder keep their sub-folder below ``<out>``; names that would collide get a suffix. The
-inference settings are those of ``segnest eval`` (see :mod:`segnest.engine.evaluate`).
+inference settings are those of ``segnest eval`` (see :mod:`segnest.inference.settings`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from segnest.config import PredictConfig
-from segnest.data.base import read_rgb_image
+from segnest.data.base import IMAGE_SUFFIXES, read_rgb_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import MEAN, STD
-from segnest.engine.checkpoint import load_checkpoint
-from segnest.engine.distributed import init_distributed
-from segnest.engine.evaluate import inference_config_from
-from segnest.engine.inference import infer, inference_model
-from segnest.engine.visualize import colorize, overlay, save_png
 from segnest.errors import SegnestError
-from segnest.models.weights import model_from_checkpoint
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from segnest.inference.settings import InferenceSettings
+from segnest.inference.strategies import infer, inference_model
+from segnest.inference.visualize import colorize, overlay, save_jpeg, save_png
+from segnest.models import model_from_checkpoint
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.distributed import resolve_device
 
 
 def _output_names(stem: Path) -> tuple[Path, Path, Path]:
@@ -97,18 +94,13 @@ def _palette(checkpoint: dict[str, Any], num_classes: int) -> np.ndarray:
     return generate_palette(num_classes)
 
 
-def _save_jpeg(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="JPEG", quality=90)
-
-
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
     images = collect_images(cfg.inputs)
     checkpoint = load_checkpoint(cfg.checkpoint)
     model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
-    infer_cfg = inference_config_from(cfg, checkpoint)
-    device = init_distributed(cfg.device).device
+    settings = InferenceSettings.from_flags(cfg, checkpoint)
+    device = resolve_device(cfg.device)
     model = inference_model(model.to(device), fuse=cfg.fuse_bn, compile=cfg.compile)
     num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
                       or len(checkpoint.get("classes") or ()))
@@ -124,14 +116,14 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     with torch.inference_mode():
         for file, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
             image = read_rgb_image(file)
-            probs = infer(model, _normalize(image, device), num_classes, infer_cfg)
+            probs = infer(model, _normalize(image, device), num_classes, settings)
             mask = probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
             color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
             color = colorize(mask, palette, ignore_index=-1)
             save_png(color_path, color)
             save_png(mask_path, mask)
             if cfg.overlay:
-                _save_jpeg(overlay_path, overlay(image, color))
+                save_jpeg(overlay_path, overlay(image, color))
             written.append(color_path)
     print(f"wrote {len(written)} mask(s) to {out}")
     return written

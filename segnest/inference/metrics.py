@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from segnest.data.transforms import IGNORE_INDEX
+from segnest.runtime.files import write_text_atomic
+
 
 class ConfusionMatrix:
     """Accumulates a ``[gt, pred]`` pixel count matrix on the device of the predictions."""
 
     def __init__(
-        self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu"
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str = "cpu"
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -174,21 +176,6 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes through a temporary file in the same folder so readers never see half a file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def save_results(
     results: dict[str, Any],
     class_names: Sequence[str],
@@ -212,6 +199,6 @@ def save_results(
     text = json.dumps(_nan_to_none(payload), indent=2, allow_nan=False, default=str) + "\n"
     json_path = out / "metrics.json"
     md_path = out / "metrics.md"
-    _write_atomic(json_path, text)
-    _write_atomic(md_path, to_markdown(results, class_names))
+    write_text_atomic(json_path, text)
+    write_text_atomic(md_path, to_markdown(results, class_names))
     return json_path, md_path

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from segnest.data.transforms import IGNORE_INDEX, MEAN, STD
+from segnest.runtime.files import atomic_open
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -27,7 +26,7 @@ def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def colorize(
-    mask: np.ndarray | torch.Tensor, palette: np.ndarray, ignore_index: int = 255
+    mask: np.ndarray | torch.Tensor, palette: np.ndarray, ignore_index: int = IGNORE_INDEX
 ) -> np.ndarray:
     """Maps an ``H x W`` class-id mask to ``H x W x 3`` uint8 colours; ignore → black."""
     mask = _to_numpy(mask)
@@ -63,7 +62,7 @@ def make_panel(
     gt: np.ndarray | torch.Tensor,
     pred: np.ndarray | torch.Tensor,
     palette: np.ndarray,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     gap: int = 4,
 ) -> np.ndarray:
     """Side by side ``image | ground truth | prediction`` separated by white gaps.
@@ -84,8 +83,8 @@ def make_panel(
 
 def denormalize(
     tensor: torch.Tensor,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
 ) -> np.ndarray:
     """Undoes ``(x - mean) / std`` on a ``C x H x W`` image; returns uint8 ``H x W x C``."""
     image = tensor.detach().float().cpu()
@@ -102,14 +101,21 @@ def log_panels(writer: Any, tag: str, panels: Sequence[np.ndarray], step: int) -
 
 
 def save_png(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """Saves a uint8 ``H x W`` (grayscale) or ``H x W x 3`` (RGB) array as PNG."""
+    """Saves a uint8 ``H x W`` (grayscale) or ``H x W x 3`` (RGB) array, or a uint16
+    ``H x W`` label map, as PNG, atomically."""
     array = np.asarray(array)
-    if array.dtype != np.uint8 or not (
-        array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)
-    ):
+    grey = array.ndim == 2 and array.dtype in (np.uint8, np.uint16)
+    rgb = array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8
+    if not (grey or rgb):
         raise ValueError(
-            f"save_png needs uint8 H x W or H x W x 3, got {array.dtype} {array.shape}"
+            f"save_png needs uint8 H x W x 3 or uint8/uint16 H x W, got {array.dtype} "
+            f"{array.shape}"
         )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(target, format="PNG")
+    with atomic_open(path) as handle:
+        Image.fromarray(np.ascontiguousarray(array)).save(handle, format="PNG")
+
+
+def save_jpeg(path: str | os.PathLike[str], array: np.ndarray, quality: int = 90) -> None:
+    """Saves a uint8 ``H x W x 3`` array as JPEG, atomically."""
+    with atomic_open(path) as handle:
+        Image.fromarray(np.ascontiguousarray(array)).save(handle, format="JPEG", quality=quality)

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnest.engine.compiling import compile_model
-from segnest.engine.pixelwise import channel_softmax
 from segnest.errors import SegnestError
+from segnest.inference.settings import INFERENCE_MODES, InferenceSettings
 from segnest.models.fuse import fuse_bn
+from segnest.models.pixelwise import channel_softmax
+from segnest.runtime.compiling import compile_model
 
 Model = Callable[[torch.Tensor], Any]
-INFERENCE_MODES = ("whole", "slide")
 
 
 def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = False) -> Model:
@@ -36,7 +35,7 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
 
     ``fuse`` folds every batch norm into the convolution before it (a copy; ``model`` is
     left as it is). ``compile`` compiles the result with frozen weights
-    (:mod:`segnest.engine.compiling`), valid only for a model that is not trained
+    (:mod:`segnest.runtime.compiling`), valid only for a model that is not trained
     afterwards, which is why training's validation never goes through here. Each new
     input size compiles once more (about 20 s for a small model on a CPU), so it pays off
     on long runs over images of few sizes.
@@ -201,30 +200,17 @@ def multi_scale_inference(
     return total
 
 
-@dataclass
-class InferenceConfig:
-    """How evaluation turns an image into probabilities; field names match the CLI flags."""
-
-    mode: str = "whole"
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    base_size: int | None = None
-    crop_size: int | tuple[int, int] | None = None
-    stride: int | tuple[int, int] | None = None
-
-
-def infer(
-    model: Model, image: torch.Tensor, num_classes: int, cfg: InferenceConfig
-) -> torch.Tensor:
-    """Softmax probabilities ``(B, C, H, W)`` for ``image`` under the strategy in ``cfg``."""
+def infer(model: Model, image: torch.Tensor, num_classes: int,
+          settings: InferenceSettings) -> torch.Tensor:
+    """Softmax probabilities ``(B, C, H, W)`` for ``image`` under ``settings``."""
     return multi_scale_inference(
         model,
         image,
         num_classes,
-        scales=cfg.scales,
-        flip=cfg.flip,
-        mode=cfg.mode,
-        base_size=cfg.base_size,
-        crop_size=cfg.crop_size,
-        stride=cfg.stride,
+        scales=settings.scales,
+        flip=settings.flip,
+        mode=settings.mode,
+        base_size=settings.base_size,
+        crop_size=settings.window_size,
+        stride=settings.stride,
     )

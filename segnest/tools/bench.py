@@ -33,32 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from segnest.config import BenchConfig
-from segnest.engine.compiling import compile_model
-from segnest.engine.pixelwise import fuses_upsampling, upsampled_cross_entropy
+from segnest.config import BenchConfig, TrainConfig
 from segnest.errors import SegnestError
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.fuse import fuse_bn
+from segnest.models.pixelwise import fuses_upsampling
+from segnest.runtime.compiling import compile_model
+from segnest.runtime.distributed import resolve_device
+from segnest.training.losses import segmentation_loss
 
 BENCH_MODES = ("infer", "train")
-AUX_WEIGHT = 0.2
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
 PROBE_SHAPE = (2, 256, 128, 128)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise SegnestError(f"bad --device {name!r}: {err}; use cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegnestError(f"--device {name}: cuda is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise SegnestError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def _synchronize(device: torch.device) -> None:
@@ -150,17 +137,11 @@ def conv_probe(device: torch.device,
 
 
 def _loss(out: Any, target_cls: torch.Tensor, target_seg: torch.Tensor) -> torch.Tensor:
+    """The training commands' losses: cross-entropy for a classifier, and for a
+    segmentation model ``segnest train``'s loss with its default auxiliary weight."""
     if not isinstance(out, dict):
         return F.cross_entropy(out, target_cls)
-    def criterion(logits: torch.Tensor) -> torch.Tensor:
-        # Upsamples low-resolution logits the way DeepLabV3 would.
-        return upsampled_cross_entropy(logits, target_seg,
-                                       align_corners=DeepLabV3.ALIGN_CORNERS)
-
-    loss = criterion(out["out"])
-    if "aux" in out:
-        loss = loss + AUX_WEIGHT * criterion(out["aux"])
-    return loss
+    return segmentation_loss(out, target_seg, TrainConfig.aux_weight)[0]
 
 
 def _describe(report: dict[str, Any]) -> str:

@@ -1,23 +1,14 @@
 """Evaluation: one routine (``evaluate``) for ``segnest eval`` and for training's validation.
 
 Each image is evaluated at its original resolution: the inference strategy
-(:mod:`segnest.engine.inference`) resizes it, averages the views and returns probabilities
-at input size, whose argmax goes into one dataset-level confusion matrix (summed over all
-ranks; see :mod:`segnest.engine.metrics` for the metric conventions).
-
-Inference settings (``inference_config_from``), shared with ``segnest predict``:
-
-- single scale (the default): one view whose long side is ``base_size`` (scale 1.0), as in
-  the reference evaluation's single-scale numbers; ``base_size`` comes from ``--base-size``,
-  else the checkpoint's training config, else the dataset preset.
-- ``--multi-scale``: the dataset preset's scales (long side = ``base_size`` x scale);
-  ``--scales 0.5,1.0`` picks them explicitly (and implies multi-scale).
-- ``--flip`` adds the mirrored view of every scale.
-- ``--mode slide``: sliding windows of ``crop_size`` with ``--stride`` (default 2/3 crop).
+(:mod:`segnest.inference.strategies`, settings from :mod:`segnest.inference.settings`)
+resizes it, averages the views and returns probabilities at input size, whose argmax goes
+into one dataset-level confusion matrix (summed over all ranks; see
+:mod:`segnest.inference.metrics` for the metric conventions).
 
 ``segnest eval`` and ``predict`` run the checkpoint's model with its batch norms folded into
 the convolutions (``--no-fuse-bn`` turns that off) and, with ``--compile``, compiled with
-frozen weights (:func:`segnest.engine.inference.inference_model`).
+frozen weights (:func:`segnest.inference.strategies.inference_model`).
 """
 
 from __future__ import annotations
@@ -32,103 +23,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from segnest.config import DATASET_PRESETS, EvalConfig, PredictConfig
+from segnest.config import EvalConfig
 from segnest.data import Cityscapes, build_dataset
 from segnest.data.transforms import to_normalized_tensors
-from segnest.engine.checkpoint import load_checkpoint
-from segnest.engine.distributed import (
+from segnest.errors import SegnestError
+from segnest.inference.metrics import ConfusionMatrix, format_table, save_results
+from segnest.inference.settings import InferenceSettings
+from segnest.inference.strategies import infer, inference_model
+from segnest.inference.visualize import colorize, denormalize, log_panels, make_panel, save_png
+from segnest.models import model_from_checkpoint
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.distributed import (
     all_reduce_sum,
     get_rank,
     get_world_size,
     init_distributed,
 )
-from segnest.engine.inference import INFERENCE_MODES, InferenceConfig, infer, inference_model
-from segnest.engine.metrics import ConfusionMatrix, format_table, save_results
-from segnest.engine.visualize import colorize, denormalize, log_panels, make_panel, save_png
-from segnest.errors import SegnestError
-from segnest.models.weights import model_from_checkpoint
 
 EVAL_SPLITS = ("train", "val", "test")
 EVAL_PANELS = 4
-
-
-# ---------------------------------------------------------------------------- settings
-
-
-def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
-    """``"0.5,0.75,1"`` -> ``(0.5, 0.75, 1.0)``; anything else is a SegnestError naming the flag."""
-    parts = [part.strip() for part in str(text).split(",") if part.strip()]
-    try:
-        scales = tuple(float(part) for part in parts)
-    except ValueError:
-        scales = ()
-    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise SegnestError(
-            f"{flag} {text!r} is not a list of positive numbers; write e.g. {flag} 0.5,0.75,1.0"
-        )
-    return scales
-
-
-def _positive(value: int | None, flag: str) -> int | None:
-    if value is not None and int(value) < 1:
-        raise SegnestError(f"{flag} must be a positive number of pixels, got {value}")
-    return None if value is None else int(value)
-
-
-def inference_config_from(
-    cfg: EvalConfig | PredictConfig, checkpoint: dict[str, Any], dataset: str | None = None
-) -> InferenceConfig:
-    """The inference settings of an eval/predict command (see the module docstring).
-
-    Sizes default to the checkpoint's training config, then to the preset of ``dataset``
-    (default: the checkpoint's dataset).
-    """
-    if cfg.mode not in INFERENCE_MODES:
-        raise SegnestError(
-            f"--mode {cfg.mode!r} is not an inference mode; use one of {', '.join(INFERENCE_MODES)}"
-        )
-    dataset = dataset or checkpoint.get("dataset")
-    preset = DATASET_PRESETS.get(dataset, {}) if dataset else {}
-    trained = checkpoint.get("config") or {}
-    base_size = _positive(
-        cfg.base_size or trained.get("base_size") or preset.get("base_size"), "--base-size"
-    )
-    crop_size = _positive(
-        cfg.crop_size or trained.get("crop_size") or preset.get("crop_size"), "--crop-size"
-    )
-    stride = _positive(cfg.stride, "--stride")
-    if cfg.scales:
-        scales = parse_scales(cfg.scales)
-    elif cfg.multi_scale:
-        if "scales" not in preset:
-            raise SegnestError(
-                f"--multi-scale: no preset scales for dataset {dataset!r}; give them with "
-                "--scales, e.g. --scales 0.5,0.75,1.0,1.25,1.5,1.75"
-            )
-        scales = tuple(float(s) for s in preset["scales"])
-    else:
-        scales = (1.0,)
-    if cfg.mode == "slide":
-        if crop_size is None:
-            raise SegnestError("--mode slide needs a window size; pass --crop-size")
-        if stride is not None and stride > crop_size:
-            raise SegnestError(
-                f"--stride {stride} is larger than --crop-size {crop_size} and would skip "
-                "pixels; use a stride of at most the crop size"
-            )
-    return InferenceConfig(
-        mode=cfg.mode,
-        scales=scales,
-        flip=bool(cfg.flip),
-        base_size=base_size,
-        crop_size=crop_size if cfg.mode == "slide" else None,
-        stride=stride if cfg.mode == "slide" else None,
-    )
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -215,16 +132,14 @@ def _save_prediction(dataset: Any, index: int, pred: np.ndarray, root: Path) -> 
         labels = dataset.to_label_file(pred)
     else:
         labels = pred.astype(np.uint8 if pred.max(initial=0) <= 255 else np.uint16)
-    target = root / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(labels)).save(target, format="PNG")
+    save_png(root / relative, np.ascontiguousarray(labels))
     save_png(root / "color" / relative, colorize(pred, dataset.palette, dataset.ignore_index))
 
 
 def evaluate(
     model: nn.Module | Any,
     dataset: Any,
-    infer_cfg: InferenceConfig,
+    settings: InferenceSettings,
     device: torch.device | str,
     *,
     samples: int | None = None,
@@ -272,7 +187,7 @@ def evaluate(
                     skipped += 1
                     continue
                 batch = tensor.unsqueeze(0).to(device, non_blocking=True)
-                probs = infer(timer, batch, num_classes, infer_cfg)
+                probs = infer(timer, batch, num_classes, settings)
                 pred = probs.argmax(dim=1)[0]
                 matrix.update(pred, target.to(device, non_blocking=True))
                 if len(built_panels) < panels or out_root is not None:
@@ -314,11 +229,11 @@ def evaluate(
 # ---------------------------------------------------------------------------- command
 
 
-def _default_out_dir(cfg: EvalConfig, infer_cfg: InferenceConfig) -> Path:
+def _default_out_dir(cfg: EvalConfig, settings: InferenceSettings) -> Path:
     name = f"eval_{cfg.split}"
-    if len(infer_cfg.scales) > 1:
+    if len(settings.scales) > 1:
         name += "_ms"
-    if infer_cfg.flip:
+    if settings.flip:
         name += "_flip"
     return Path(cfg.checkpoint).resolve().parent / name
 
@@ -362,14 +277,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     data_root = cfg.data_root
     if data_root is None and dataset_name == trained_dataset:
         data_root = (checkpoint.get("config") or {}).get("data_root")
-    infer_cfg = inference_config_from(cfg, checkpoint, dataset_name)
+    settings = InferenceSettings.from_flags(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
     dataset = build_dataset(dataset_name, data_root, cfg.split)
     runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile)
-    out_dir = Path(cfg.out) if cfg.out else _default_out_dir(cfg, infer_cfg)
+    out_dir = Path(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
 
     results, panels = evaluate(
-        runner, dataset, infer_cfg, info.device, samples=cfg.samples,
+        runner, dataset, settings, info.device, samples=cfg.samples,
         panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
         progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
     )
@@ -377,9 +292,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         timing = results["timing"]
         print(format_table(results, dataset.classes))
         print(
-            f"{dataset_name} {cfg.split}: {timing['images']} images, scales "
-            f"{','.join(f'{s:g}' for s in infer_cfg.scales)}{' + flip' if infer_cfg.flip else ''}"
-            f", {infer_cfg.mode}; {timing['total_s']:.1f} s total, "
+            f"{dataset_name} {cfg.split}: {timing['images']} images, {settings.describe()}; "
+            f"{timing['total_s']:.1f} s total, "
             f"{timing['forward_s']:.1f} s in forward passes"
         )
         extra = {
@@ -389,7 +303,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "data_root": str(dataset.root) if hasattr(dataset, "root") else data_root,
             "split": cfg.split,
             "samples": cfg.samples,
-            "inference": asdict(infer_cfg),
+            "inference": asdict(settings),
             "device": str(info.device),
             "world_size": info.world_size,
         }

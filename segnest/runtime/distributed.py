@@ -25,7 +25,6 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from segnest.engine.checkpoint import capture_rng_state
 from segnest.errors import SegnestError
 
 # The autograd-aware all_reduce is the public API CPUSyncBatchNorm needs; its suggested
@@ -62,7 +61,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     rank = _int_from_env("RANK", 0)
     world_size = _int_from_env("WORLD_SIZE", 1)
     local_rank = _int_from_env("LOCAL_RANK", 0)
-    chosen = _resolve_device(device, world_size, local_rank)
+    chosen = resolve_device(device, world_size, local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
 
@@ -135,16 +134,6 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     np.random.seed(process_seed % 2**32)
     torch.manual_seed(process_seed)  # also seeds every CUDA device
     return process_seed
-
-
-def capture_all_rng_states(dist: DistInfo) -> list[dict]:
-    """Every rank's RNG state (ranks draw different dropout masks), indexed by rank."""
-    state = capture_rng_state()
-    if not dist.distributed:
-        return [state]
-    states: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -322,7 +311,10 @@ def _int_from_env(name: str, default: int) -> int:
         ) from None
 
 
-def _resolve_device(requested: str | None, world_size: int, local_rank: int) -> torch.device:
+def resolve_device(requested: str | None, world_size: int = 1,
+                   local_rank: int = 0) -> torch.device:
+    """``--device`` as a torch device: cpu, cuda (under torchrun the GPU numbered
+    ``LOCAL_RANK``) or cuda:N; None means CUDA when visible, else the CPU."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -23,9 +23,9 @@ from segnest.config import (
     resolve_config,
 )
 from segnest.data.mini import ensure_mini_classification, ensure_mini_segmentation
-from segnest.engine.evaluate import run_eval
-from segnest.engine.train_cls import run_pretrain
-from segnest.engine.train_seg import run_train
+from segnest.inference.evaluate import run_eval
+from segnest.training.classification import run_pretrain
+from segnest.training.segmentation import run_train
 
 
 def _stage(number: int, text: str) -> float:

@@ -36,11 +36,11 @@ def build_param_groups(
     lr_mults = lr_mults or {}
     skip_decay = no_decay_parameters(model) if no_decay_norm else set()
     owner: dict[int, float] = {}
+    modules = dict(model.named_modules())
     for name, mult in lr_mults.items():
-        submodule = model.get_submodule(name)
-        if submodule is None:
-            continue
-        for param in submodule.parameters():
+        if name not in modules:
+            raise ValueError(f"lr_mults names {name!r}, which is not a submodule of the model")
+        for param in modules[name].parameters():
             owner[id(param)] = mult
     buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for param in model.parameters():

@@ -1,1 +1,0 @@
-"""Engine: training loops, inference strategies, metrics, checkpoints and visualization."""

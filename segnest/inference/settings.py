@@ -1,0 +1,127 @@
+"""How an image becomes class probabilities: the inference settings, built and validated
+in one place for ``segnest eval``, ``segnest predict`` and training's validation.
+
+- single scale (the default): one view whose long side is ``base_size`` (scale 1.0), as in
+  the reference evaluation's single-scale numbers;
+- ``--multi-scale``: the dataset preset's scales (long side = ``base_size`` x scale);
+  ``--scales 0.5,1.0`` picks them explicitly (and implies multi-scale);
+- ``--flip`` adds the mirrored view of every scale;
+- ``--mode slide``: sliding windows of ``--window-size`` with ``--stride`` (default 2/3 of
+  the window), as the reference evaluates images larger than its crop.
+
+Each value comes from the flag when given, else from the settings the checkpoint was
+trained with (``segnest train`` stores its ``base_size`` and, as the window, its crop
+size), else from the dataset preset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from segnest.config import DATASET_PRESETS, InferenceFlags
+from segnest.errors import SegnestError
+
+INFERENCE_MODES = ("whole", "slide")
+
+
+def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
+    """``"0.5,0.75,1"`` -> ``(0.5, 0.75, 1.0)``; anything else is a SegnestError naming the flag."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    try:
+        scales = tuple(float(part) for part in parts)
+    except ValueError:
+        scales = ()
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise SegnestError(
+            f"{flag} {text!r} is not a list of positive numbers; write e.g. {flag} 0.5,0.75,1.0"
+        )
+    return scales
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """A validated inference strategy; field names match the flags."""
+
+    mode: str = "whole"
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    base_size: int | None = None
+    window_size: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in INFERENCE_MODES:
+            raise SegnestError(f"--mode {self.mode!r} is not an inference mode; use one of "
+                               f"{', '.join(INFERENCE_MODES)}")
+        if not self.scales or any(not math.isfinite(s) or s <= 0 for s in self.scales):
+            raise SegnestError(f"inference scales must be positive numbers, got {self.scales}")
+        for flag, value in (("--base-size", self.base_size), ("--window-size", self.window_size),
+                            ("--stride", self.stride)):
+            if value is not None and (isinstance(value, bool) or int(value) != value
+                                      or value < 1):
+                raise SegnestError(f"{flag} must be a positive number of pixels, got {value}")
+        if self.mode == "slide":
+            if self.window_size is None:
+                raise SegnestError("--mode slide needs a window size; pass --window-size")
+            if self.stride is not None and self.stride > self.window_size:
+                raise SegnestError(
+                    f"--stride {self.stride} is larger than --window-size {self.window_size} "
+                    "and would skip pixels; use a stride of at most the window size")
+
+    @property
+    def views(self) -> int:
+        return len(self.scales) * (2 if self.flip else 1)
+
+    def describe(self) -> str:
+        scales = ",".join(f"{s:g}" for s in self.scales)
+        return f"scales {scales}{' + flip' if self.flip else ''}, {self.mode}"
+
+    @classmethod
+    def for_training(cls, cfg: Any) -> InferenceSettings:
+        """Validation during ``segnest train``: single scale at the recipe's base size; the
+        recipe's crop is recorded as the window for a later ``--mode slide``."""
+        return cls(base_size=cfg.base_size, window_size=cfg.crop_size)
+
+    @classmethod
+    def from_flags(cls, flags: InferenceFlags, checkpoint: dict[str, Any],
+                   dataset: str | None = None) -> InferenceSettings:
+        """Settings of an eval/predict command (see the module docstring). ``dataset``
+        (default: the checkpoint's) names the preset that supplies the multi-scale scales."""
+        dataset = dataset or checkpoint.get("dataset")
+        preset = DATASET_PRESETS.get(dataset, {}) if dataset else {}
+        stored = stored_settings(checkpoint)
+        if flags.scales:
+            scales = parse_scales(flags.scales)
+        elif flags.multi_scale:
+            if "scales" not in preset:
+                raise SegnestError(
+                    f"--multi-scale: no preset scales for dataset {dataset!r}; give them with "
+                    "--scales, e.g. --scales 0.5,0.75,1.0,1.25,1.5,1.75")
+            scales = tuple(float(s) for s in preset["scales"])
+        else:
+            scales = (1.0,)
+        window = _first_given(flags.window_size, stored.get("window_size"),
+                              preset.get("crop_size"))
+        # Whole-image inference keeps only what was typed (validated, unused).
+        return cls(
+            mode=flags.mode, scales=scales, flip=bool(flags.flip),
+            base_size=_first_given(flags.base_size, stored.get("base_size"),
+                                   preset.get("base_size")),
+            window_size=window if flags.mode == "slide" else flags.window_size,
+            stride=flags.stride,
+        )
+
+
+def _first_given(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The inference settings a training checkpoint recorded. Checkpoints of segnest 0.1
+    predate the record: their training config gives the same two sizes."""
+    if "inference" in checkpoint:
+        return dict(checkpoint["inference"])
+    trained = checkpoint.get("config") or {}
+    return {"base_size": trained.get("base_size"), "window_size": trained.get("crop_size")}

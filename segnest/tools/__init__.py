@@ -1,0 +1,1 @@
+"""Commands built from the others: ``segnest bench`` and ``segnest demo``."""

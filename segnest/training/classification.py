@@ -1,0 +1,325 @@
+"""``segnest pretrain``: classification pretraining of a ResNeSt backbone.
+
+The recipe is the paper's (REFERENCE.md): SGD with momentum 0.9, lr 0.1 x total batch /
+256, warmup + cosine stepped every iteration, no weight decay on norm layers and biases,
+zero-initialised last BN gamma per block, label smoothing, mixup/cutmix and AutoAugment.
+Reads top to bottom: :func:`run_pretrain` builds data, model, optimizer and schedule and
+hands them to the training protocol that ``segnest train`` shares
+(:mod:`segnest.training.run_state`: resume, checkpoints, Ctrl-C, logging), with
+:func:`train_one_step` as its step and :func:`evaluate` (top-1/top-5) at every epoch end.
+``--export`` writes the final backbone weights in the official ResNeSt key layout (no
+``fc.*``), which ``segnest.load_pretrained`` loads into a segmentation model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from segnest.config import PretrainConfig
+from segnest.data.classification import build_classification_dataset, build_transforms
+from segnest.data.mini import ensure_mini_classification
+from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
+from segnest.errors import SegnestError
+from segnest.inference.visualize import denormalize
+from segnest.models import create_model
+from segnest.runtime.checkpoint import save_checkpoint
+from segnest.runtime.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    convert_sync_batchnorm,
+    seed_everything,
+)
+from segnest.training.optim import build_param_groups
+from segnest.training.run_state import (
+    Progress,
+    RunState,
+    check_amp,
+    open_writer,
+    run_loop,
+    stopped_message,
+    training_process,
+    wrap_for_training,
+)
+from segnest.training.schedule import WarmupCosineLR
+
+BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# RandomResizedCrop area range: ImageNet's, and a mild one for the 64 px mini images
+# whose shapes must stay in view.
+IMAGENET_CROP_SCALE = (0.08, 1.0)
+MINI_CROP_SCALE = (0.5, 1.0)
+VAL_SAMPLE_IMAGES = 16
+DATASETS = ("imagenet", "mini")
+
+
+def build_batch_mixer(mixup: float, cutmix: float, num_classes: int) -> BatchMixer | None:
+    """MixUp and/or CutMix on whole batches (one picked at random per batch when both are
+    on); returns soft targets of shape ``B x num_classes``. None when both alphas are 0."""
+    if mixup < 0 or cutmix < 0:
+        raise SegnestError(f"--mixup {mixup} / --cutmix {cutmix}: alphas must be >= 0")
+    mixers: list[Any] = []
+    if mixup > 0:
+        mixers.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]
+                 ) -> list[int]:
+    """Number of samples whose target is among the ``k`` highest logits, for each k."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top.eq(targets.unsqueeze(1))
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def train_one_step(model: nn.Module, criterion: nn.Module, batch: tuple, mixer: BatchMixer | None,
+                   optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR,
+                   scaler: torch.amp.GradScaler, device: torch.device, amp: bool
+                   ) -> dict[str, float]:
+    """One SGD step on a batch of (images, labels); a non-finite loss updates nothing."""
+    images, targets = (t.to(device, non_blocking=True) for t in batch)
+    if mixer is not None:
+        images, targets = mixer(images, targets)
+    with torch.autocast(device.type, enabled=amp):
+        loss = criterion(model(images), targets)
+    if not torch.isfinite(loss):
+        return {"loss": loss.item()}
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return {"loss": loss.item()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             amp: bool = False) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-5 becomes top-K when there are fewer than
+    5 classes), summed over all processes."""
+    model.eval()
+    ks = (1, min(5, num_classes))
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(images)
+        top1, topk = topk_correct(logits.float(), targets, ks)
+        counts += torch.tensor([top1, topk, targets.numel()], dtype=torch.float64,
+                               device=device)
+    correct1, correctk, total = all_reduce_sum(counts).tolist()
+    total = max(total, 1.0)
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correctk / total}
+
+
+@torch.no_grad()
+def log_val_samples(writer: Any, model: nn.Module, dataset: Dataset, classes: list[str],
+                    device: torch.device, epoch: int) -> None:
+    """A grid of validation images, spread evenly over the (class-sorted) set, with their
+    predicted and true labels."""
+    model.eval()
+    size = len(dataset)  # type: ignore[arg-type]
+    count = min(VAL_SAMPLE_IMAGES, size)
+    samples = [dataset[i * size // count] for i in range(count)]
+    images = torch.stack([image for image, _ in samples])
+    predictions = model(images.to(device)).argmax(dim=1).tolist()
+    pictures = torch.stack([torch.from_numpy(denormalize(image)).permute(2, 0, 1)
+                            for image in images])
+    writer.add_images("val/samples", pictures, epoch)
+    lines = [f"{i}: predicted **{classes[p]}**, true {classes[t]}"
+             + ("" if p == t else " (wrong)")
+             for i, (p, (_, t)) in enumerate(zip(predictions, samples, strict=True))]
+    writer.add_text("val/sample_labels", "  \n".join(lines), epoch)
+
+
+def build_datasets(cfg: PretrainConfig) -> tuple[Dataset, Dataset, list[str]]:
+    """(train, val, class names) of ``--dataset`` with the recipe's transforms."""
+    if cfg.dataset not in DATASETS:
+        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with --data) or mini")
+    if cfg.dataset == "mini":
+        root, crop_scale = ensure_mini_classification(), MINI_CROP_SCALE
+    else:
+        if not cfg.data:
+            raise SegnestError(
+                "--dataset imagenet needs --data: a folder with train/<class>/ and "
+                "val/<class>/ image folders (ImageNet layout)")
+        root, crop_scale = Path(cfg.data), IMAGENET_CROP_SCALE
+    train_transform, eval_transform = build_transforms(
+        cfg.crop_size, cfg.crop_pct, cfg.auto_augment, crop_scale)
+    train_set = build_classification_dataset(root, "train", train_transform)
+    val_set = build_classification_dataset(root, "val", eval_transform)
+    if train_set.classes != val_set.classes:
+        raise SegnestError(f"{root}: train/ and val/ hold different class folders; give both "
+                           "the same class sub-folders")
+    return train_set, val_set, list(train_set.classes)
+
+
+def make_val_loader(cfg: PretrainConfig, val_set: Dataset, dist: DistInfo) -> DataLoader:
+    # Each process evaluates a disjoint slice, without the padding DistributedSampler adds,
+    # so the summed counts cover every validation image exactly once.
+    indices = range(dist.rank, len(val_set), dist.world_size)  # type: ignore[arg-type]
+    return DataLoader(Subset(val_set, indices), batch_size=cfg.batch_size, shuffle=False,
+                      num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
+
+
+def make_train_loader(cfg: PretrainConfig, train_set: SeededSamples, dist: DistInfo,
+                      epoch: int, start_batch: int) -> DataLoader:
+    """This rank's batches of ``epoch``, from batch ``start_batch`` on (a resumed run)."""
+    train_set.set_epoch(epoch)
+    sampler = EpochSampler(len(train_set), cfg.seed, epoch, dist.rank, dist.world_size,
+                           start=start_batch * cfg.batch_size)
+    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
+                      drop_last=True, worker_init_fn=init_train_worker,
+                      generator=torch.Generator().manual_seed(
+                          cfg.seed * 1_000_003 + epoch * 1_009 + dist.rank))
+
+
+def model_kwargs(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
+    """``create_model`` arguments of the classifier; stored in checkpoints as
+    ``model_kwargs`` so that the model can be rebuilt from the file alone."""
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, stage_width=cfg.stage_width,
+                                  last_gamma=cfg.last_gamma, dropblock_prob=cfg.dropblock_prob,
+                                  final_drop=cfg.final_drop)
+    if cfg.stem_width is not None:
+        kwargs["stem_width"] = cfg.stem_width
+    return kwargs
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The classifier's weights without ``fc.*``: the official ResNeSt key layout that a
+    feature backbone or ``deeplabv3_<backbone>`` loads."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if not k.startswith("fc.")}
+
+
+def check_config(cfg: PretrainConfig, dist: DistInfo) -> None:
+    """Catch settings that cannot work before any data is read or weight is built."""
+    check_amp(cfg.amp, dist.device)
+    if cfg.epochs <= 0:
+        raise SegnestError(f"--epochs {cfg.epochs}: give a positive number of epochs")
+    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval),
+                        ("--keep-checkpoints", cfg.keep_checkpoints)):
+        if value < 0:
+            raise SegnestError(f"{flag} must be 0 or more, got {value}")
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain ``cfg.backbone`` as a classifier; return the final metrics and file paths.
+
+    The returned dict holds ``top1``, ``top5`` (last epoch), ``best_top1``, ``epochs``,
+    ``iterations``, ``seconds``, ``interrupted`` and the paths ``work_dir``, ``last``,
+    ``best`` and ``export`` (None without ``--export``).
+    """
+    with training_process(cfg.device, cfg.workers) as dist:
+        check_config(cfg, dist)
+        return _pretrain(cfg, dist)
+
+
+def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
+    device = dist.device
+    seed_everything(cfg.seed, dist.rank)
+    work_dir = Path(cfg.work_dir or f"runs/pretrain_{cfg.dataset}_{cfg.backbone}")
+
+    plain_train_set, val_set, classes = build_datasets(cfg)
+    num_classes = len(classes)
+    train_set = SeededSamples(plain_train_set, cfg.seed)
+    per_rank = len(train_set) // dist.world_size
+    if per_rank < cfg.batch_size:
+        raise SegnestError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} "
+                           "training images per process; lower --batch-size")
+    val_loader = make_val_loader(cfg, val_set, dist)
+
+    kwargs = model_kwargs(cfg, num_classes)
+    model = create_model(cfg.backbone, **kwargs).to(device)
+    if dist.distributed:
+        model = convert_sync_batchnorm(model, device)
+    total_batch = cfg.batch_size * dist.world_size
+    lr = cfg.lr if cfg.lr is not None else 0.1 * total_batch / 256
+    optimizer = torch.optim.SGD(build_param_groups(model, lr, cfg.weight_decay, no_decay_norm=True),
+                                lr=lr, momentum=cfg.momentum)
+    iters_per_epoch = per_rank // cfg.batch_size
+    total_iters = cfg.epochs * iters_per_epoch
+    warmup_iters = min(int(round(cfg.warmup_epochs * iters_per_epoch)), total_iters)
+    scheduler = WarmupCosineLR(optimizer, total_iters=total_iters, warmup_iters=warmup_iters)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mixer = build_batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
+
+    run = RunState(
+        work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_top1",
+        identity={"task": "classification", "model_name": cfg.backbone, "model_kwargs": kwargs},
+        record={"classes": classes, "config": dataclasses.asdict(cfg)})
+    run.resume(cfg.resume)
+    train_model = wrap_for_training(model, dist, cfg.compile)
+    writer = open_writer(work_dir, dist, cfg.tensorboard)
+    if dist.is_main:
+        print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(train_set)} train / "
+              f"{len(val_set)} val images, {num_classes} classes), {cfg.epochs} epochs x "
+              f"{iters_per_epoch} iterations, batch {total_batch}, lr {lr:g}, device "
+              f"{device}; logs in {work_dir}")
+
+    epoch_losses: list[float] = []
+    started = time.perf_counter()
+
+    def step(batch: tuple) -> dict[str, float]:
+        scalars = train_one_step(train_model, criterion, batch, mixer, optimizer, scheduler,
+                                 scaler, device, cfg.amp)
+        epoch_losses.append(scalars["loss"])
+        return scalars
+
+    def validate(progress: Progress) -> float:
+        metrics = evaluate(train_model, val_loader, device, num_classes, cfg.amp)
+        run.metrics = metrics
+        epoch, loss = run.epoch, sum(epoch_losses) / max(len(epoch_losses), 1)
+        epoch_losses.clear()
+        progress.write(f"epoch {epoch}/{cfg.epochs}: train loss {loss:.4f}, val top1 "
+                       f"{metrics['top1']:.2f}%, top{min(5, num_classes)} {metrics['top5']:.2f}%"
+                       f", {time.perf_counter() - started:.0f}s")
+        if writer is not None:
+            writer.add_scalar("val/top1", metrics["top1"], epoch)
+            writer.add_scalar("val/top5", metrics["top5"], epoch)
+            writer.add_scalar("train/epoch_loss", loss, epoch)
+            log_val_samples(writer, model, val_set, classes, device, epoch)
+            writer.flush()
+        return metrics["top1"]
+
+    train_model.train()
+    finished = run_loop(
+        run, total_iters=total_iters,
+        batches=lambda epoch, start: make_train_loader(cfg, train_set, dist, epoch, start),
+        step=step, validate_due=lambda it: it % iters_per_epoch == 0, validate=validate,
+        images_per_step=total_batch, checkpoint_interval=cfg.checkpoint_interval,
+        keep_checkpoints=cfg.keep_checkpoints, writer=writer, log_interval=cfg.log_interval,
+        lr_hint=f"Lower --lr (now {lr:g}) or check the data")
+    if writer is not None:
+        writer.close()
+    paths = {"work_dir": str(work_dir), "last": str(work_dir / "last.pt"),
+             "best": str(work_dir / "best.pt"), "export": cfg.export}
+    if not finished:
+        if dist.is_main:
+            print(stopped_message(run, total_iters))
+        return {"iterations": run.iteration, "interrupted": True, **paths}
+    metrics = run.metrics or evaluate(train_model, val_loader, device, num_classes, cfg.amp)
+    if cfg.export and dist.is_main:
+        save_checkpoint(backbone_state_dict(model), cfg.export)
+        print(f"exported backbone weights to {cfg.export}")
+    barrier()
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": run.best,
+            "epochs": cfg.epochs, "iterations": run.iteration, "interrupted": False,
+            "seconds": time.perf_counter() - started, **paths}

@@ -1,0 +1,27 @@
+"""The training losses: segmentation cross-entropy with the auxiliary head, as the paper's
+recipe takes it (main + ``aux_weight`` x auxiliary, ignore label excluded)."""
+
+from __future__ import annotations
+
+import torch
+
+from segnest.data.transforms import IGNORE_INDEX
+from segnest.models.deeplabv3 import DeepLabV3
+from segnest.models.pixelwise import upsampled_cross_entropy
+
+
+def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
+                      aux_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CE on the main logits plus ``aux_weight`` x CE on the auxiliary logits, at the
+    target's size; returns (total, auxiliary or None). Logits at a lower resolution
+    (``model(x, upsample=False)``) are upsampled inside the loss exactly as DeepLabV3
+    would have upsampled them."""
+    def criterion(logits: torch.Tensor) -> torch.Tensor:
+        return upsampled_cross_entropy(logits, target, IGNORE_INDEX, DeepLabV3.ALIGN_CORNERS)
+
+    loss = criterion(outputs["out"])
+    aux = None
+    if "aux" in outputs:
+        aux = criterion(outputs["aux"])
+        loss = loss + aux_weight * aux
+    return loss, aux

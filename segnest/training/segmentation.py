@@ -1,0 +1,299 @@
+"""``segnest train``: DeepLabV3 on a ResNeSt backbone, the paper's recipe.
+
+Reads top to bottom: :func:`check_config` refuses settings that cannot work,
+:func:`run_train` builds data, model, optimizer and schedule, then hands them to the
+training protocol that ``segnest pretrain`` shares (:mod:`segnest.training.run_state`:
+resume, checkpoints, Ctrl-C, logging), with :func:`train_one_step` as its step and
+single-scale evaluation of the validation split as its validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm import tqdm
+
+from segnest.config import TrainConfig
+from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
+from segnest.data.sampling import EpochSampler, init_train_worker
+from segnest.data.transforms import IGNORE_INDEX
+from segnest.errors import SegnestError
+from segnest.inference.evaluate import evaluate
+from segnest.inference.settings import InferenceSettings
+from segnest.models import RESNEST_VARIANTS, DeepLabV3, create_model, load_pretrained
+from segnest.models.pixelwise import fuses_upsampling
+from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
+from segnest.training.losses import segmentation_loss
+from segnest.training.optim import build_param_groups
+from segnest.training.run_state import (
+    Progress,
+    RunState,
+    check_amp,
+    open_writer,
+    run_loop,
+    stopped_message,
+    training_process,
+    wrap_for_training,
+)
+from segnest.training.schedule import PolyLR
+
+
+class GuardedSamples(Dataset):
+    """The training set with loading errors returned as data instead of raised.
+
+    A worker that raises dies with a multi-line traceback; returning the error lets the
+    main process stop with the dataset's one-line message, or skip the sample with
+    ``--skip-bad-samples``.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except SegnestError as err:
+            return {"error": str(err)}
+
+
+def collate_guarded(items: list[dict]) -> tuple[dict | None, list[str]]:
+    """(batch of the good samples or None, error messages of the bad ones)."""
+    errors = [item["error"] for item in items if "error" in item]
+    good = [item for item in items if "error" not in item]
+    return (default_collate(good) if good else None), errors
+
+
+def check_config(cfg: TrainConfig, dist: DistInfo) -> None:
+    """Catch settings that cannot work before any data is read or weight is built."""
+    if cfg.backbone not in RESNEST_VARIANTS:
+        raise SegnestError(f"unknown --backbone '{cfg.backbone}'; choose one of: "
+                           f"{', '.join(RESNEST_VARIANTS)}")
+    if cfg.batch_size < 1:
+        raise SegnestError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.batch_size == 1 and not dist.distributed:
+        raise SegnestError(
+            "--batch-size 1 on a single device cannot train: the BatchNorm after the global "
+            "pooling in Split-Attention (and in the ASPP image branch) needs at least 2 "
+            "samples; use --batch-size 2 or more, or several devices with torchrun (SyncBN "
+            "pools the statistics across them)")
+    if cfg.output_stride not in (None, 8, 16, 32):
+        raise SegnestError(f"--output-stride must be 8, 16 or 32, got {cfg.output_stride}")
+    if cfg.iters is None and cfg.epochs is None:
+        raise SegnestError("give the training length with --iters or --epochs")
+    for flag, value in (("--iters", cfg.iters), ("--epochs", cfg.epochs)):
+        if value is not None and value < 1:
+            raise SegnestError(f"{flag} must be positive, got {value}")
+    if not 0 < cfg.scale_min <= cfg.scale_max:
+        raise SegnestError(f"--scale-min/--scale-max must satisfy 0 < min <= max, got "
+                           f"{cfg.scale_min}, {cfg.scale_max}")
+    if cfg.crop_size is None or cfg.base_size is None:
+        raise SegnestError("--crop-size and --base-size are needed for this dataset")
+    if cfg.base_size * cfg.scale_max < cfg.crop_size:
+        raise SegnestError(
+            f"--crop-size {cfg.crop_size} is larger than any scaled image (long side at most "
+            f"--base-size {cfg.base_size} x --scale-max {cfg.scale_max}); every crop would be "
+            "mostly padding: lower --crop-size or raise --base-size")
+    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval),
+                        ("--keep-checkpoints", cfg.keep_checkpoints)):
+        if value < 0:
+            raise SegnestError(f"{flag} must be 0 or more, got {value}")
+    check_amp(cfg.amp, dist.device)
+
+
+def default_lr(cfg: TrainConfig, world_size: int) -> float:
+    """0.01 for a total batch of 16 (the authors' distributed script), scaled linearly."""
+    return 0.01 * cfg.batch_size * world_size / 16
+
+
+def model_kwargs_for(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """``create_model`` arguments of the segmentation model from the flags; what is not
+    given keeps the model's own default."""
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, aux=cfg.aux,
+                                  stage_width=cfg.stage_width)
+    for name in ("output_stride", "head_channels", "stem_width"):
+        if getattr(cfg, name) is not None:
+            kwargs[name] = getattr(cfg, name)
+    return kwargs
+
+
+def recorded_model_kwargs(model: DeepLabV3, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the defaults the model filled in made explicit: checkpoints store
+    these, so a model rebuilds the same even if a default changes later."""
+    return {**kwargs, "output_stride": model.backbone.output_stride,
+            "head_channels": model.head_channels}
+
+
+def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: DistInfo,
+                epoch: int, start_batch: int) -> DataLoader:
+    """This rank's batches of ``epoch``, from batch ``start_batch`` on (a resumed run)."""
+    transform.set_epoch(epoch)
+    sampler = EpochSampler(len(dataset), cfg.seed, epoch, dist.rank, dist.world_size,
+                           start=start_batch * cfg.batch_size)
+    return DataLoader(
+        GuardedSamples(dataset), batch_size=cfg.batch_size, sampler=sampler,
+        num_workers=cfg.workers, collate_fn=collate_guarded, drop_last=True,
+        pin_memory=dist.device.type == "cuda", worker_init_fn=init_train_worker,
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+    )
+
+
+def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                   scheduler: PolyLR, scaler: torch.amp.GradScaler, cfg: TrainConfig,
+                   device: torch.device) -> dict[str, float]:
+    """One SGD step; returns the loss (and auxiliary loss). A non-finite loss is returned
+    without updating anything."""
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["mask"].to(device, non_blocking=True)
+    with torch.autocast(device.type, enabled=cfg.amp):
+        outputs = model(image, upsample=not fuses_upsampling(device))
+        loss, aux = segmentation_loss(outputs, target, cfg.aux_weight)
+    scalars = {"loss": loss.item()}
+    if aux is not None:
+        scalars["aux_loss"] = aux.item()
+    if not torch.isfinite(loss):
+        return scalars
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return scalars
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; returns the iteration reached, whether the run was interrupted, the best and
+    last validation metrics and the work folder."""
+    with training_process(cfg.device, cfg.workers) as dist:
+        check_config(cfg, dist)
+        return _train(cfg, dist)
+
+
+def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
+    device = dist.device
+    seed_everything(cfg.seed, dist.rank)
+    work_dir = Path(cfg.work_dir or f"runs/{cfg.dataset}_{cfg.backbone}")
+
+    train_transform = SegTrainTransform(
+        cfg.base_size, cfg.crop_size, (cfg.scale_min, cfg.scale_max), cfg.cat_max_ratio,
+        photometric=cfg.photometric, ignore_index=IGNORE_INDEX, seed=cfg.seed)
+    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_transform)
+    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform())
+    iters_per_epoch = len(train_set) // (cfg.batch_size * dist.world_size)
+    if iters_per_epoch == 0:
+        raise SegnestError(
+            f"the {cfg.dataset} train split has {len(train_set)} images, fewer than one batch "
+            f"({cfg.batch_size} x {dist.world_size} devices); lower --batch-size")
+    total_iters = cfg.iters or cfg.epochs * iters_per_epoch
+
+    model_name = f"deeplabv3_{cfg.backbone}"
+    model = create_model(model_name, **model_kwargs_for(cfg, train_set.num_classes))
+    model_kwargs = recorded_model_kwargs(model, model_kwargs_for(cfg, train_set.num_classes))
+    if cfg.pretrained:
+        report = load_pretrained(model, cfg.pretrained)
+        if dist.is_main:
+            print(f"loaded {report.loaded} backbone tensors from {cfg.pretrained}")
+    if cfg.checkpoint_activations:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if dist.distributed:
+        model = convert_sync_batchnorm(model, device)
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg, dist.world_size)
+    lr_mults = {"head": cfg.head_lr_mult}
+    if model.aux_head is not None:
+        lr_mults["aux_head"] = cfg.head_lr_mult
+    optimizer = torch.optim.SGD(
+        build_param_groups(model, lr, cfg.weight_decay, cfg.no_decay_norm, lr_mults),
+        lr=lr, momentum=cfg.momentum)
+    scheduler = PolyLR(optimizer, total_iters, cfg.poly_power, cfg.min_lr, cfg.warmup_iters)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
+
+    run = RunState(
+        work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_miou",
+        identity={"task": "segmentation", "model_name": model_name, "model_kwargs": model_kwargs},
+        record={"dataset": cfg.dataset, "classes": list(train_set.classes),
+                "palette": [list(map(int, c)) for c in train_set.palette],
+                "inference": dataclasses.asdict(InferenceSettings.for_training(cfg)),
+                "config": dataclasses.asdict(cfg)})
+    run.resume(cfg.resume)
+    train_model = wrap_for_training(model, dist, cfg.compile)
+    writer = open_writer(work_dir, dist, cfg.tensorboard)
+    if dist.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+        print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
+              f"{train_set.num_classes} classes) for {total_iters} iterations, "
+              f"{dist.world_size} x {device}, batch {cfg.batch_size}/device, lr {lr:g}"
+              f"; logs and checkpoints in {work_dir}")
+
+    skipped: list[str] = []
+
+    def step(item: tuple[dict | None, list[str]]) -> dict[str, float] | None:
+        batch, errors = item
+        if errors:
+            if not cfg.skip_bad_samples:
+                raise SegnestError(f"{errors[0]} (or pass --skip-bad-samples to skip "
+                                   "unreadable samples with a warning)")
+            skipped.extend(errors)
+            for error in errors if dist.is_main else ():
+                tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
+            # BatchNorm needs two samples; a batch emptied by bad files is dropped.
+            if batch is None or batch["image"].shape[0] < 2:
+                return None
+        return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device)
+
+    settings = InferenceSettings.for_training(cfg)
+
+    def validate(progress: Progress) -> float:
+        results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
+                                   panels=cfg.panels if writer else 0, progress=False,
+                                   skip_bad_samples=cfg.skip_bad_samples)
+        run.metrics = results
+        progress.write(f"iter {run.iteration}: mIoU {results['mIoU']:.4f} "
+                       f"pixAcc {results['pixAcc']:.4f} "
+                       f"(best {max(run.best, results['mIoU']):.4f})")
+        if writer is not None:
+            _log_validation(writer, results, train_set.classes, panels, run.iteration)
+        return results["mIoU"]
+
+    val_interval = cfg.val_interval or max(1, total_iters // 10)
+    train_model.train()
+    finished = run_loop(
+        run, total_iters=total_iters,
+        batches=lambda epoch, start: make_loader(train_set, train_transform, cfg, dist,
+                                                 epoch, start),
+        step=step, validate_due=lambda it: it % val_interval == 0, validate=validate,
+        images_per_step=cfg.batch_size * dist.world_size,
+        checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints,
+        writer=writer, log_interval=cfg.log_interval,
+        lr_hint=f"Lower --lr (now {lr:g}), check the labels, or drop --amp")
+    if writer is not None:
+        writer.close()
+    if dist.is_main and skipped:
+        print(f"warning: {len(skipped)} bad training sample(s) were skipped")
+    if not finished and dist.is_main:
+        print(stopped_message(run, total_iters))
+    return {"iteration": run.iteration, "interrupted": not finished, "best_miou": run.best,
+            "metrics": run.metrics, "work_dir": str(work_dir), "skipped_samples": len(skipped)}
+
+
+def _log_validation(writer: Any, results: dict, classes: list[str], panels: list,
+                    iteration: int) -> None:
+    from segnest.inference.visualize import log_panels
+
+    for key in ("pixAcc", "mIoU", "mAcc"):
+        writer.add_scalar(f"val/{key}", results[key], iteration)
+    for name, iou in zip(classes, results["IoU"], strict=True):
+        if iou == iou:  # NaN: class absent from ground truth and prediction
+            writer.add_scalar(f"val_IoU/{name}", iou, iteration)
+    log_panels(writer, "val/image_gt_pred", panels, iteration)
