@@ -37,7 +37,7 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
     left as it is). ``compile`` compiles the result with frozen weights
     (:mod:`segnest.runtime.compiling`), valid only for a model that is not trained
     afterwards, which is why training's validation never goes through here. Each new
-    input size compiles once more (about 20 s for a small model on a CPU), so it pays off
+    input size compiles once more (tens of seconds on a CPU), so it pays off
     on long runs over images of few sizes.
     """
     prepared = fuse_bn(model) if fuse else model.eval()

@@ -8,11 +8,10 @@ bilinearly (align_corners=True) to the input size, so any input size works.
 Memory layout on a CPU: the head runs in channels_last (NHWC) whatever the layout of the
 backbone. oneDNN's NHWC kernels skip the zero padding that the ASPP's wide dilations
 (12/24/36 at output stride 8) read on a 64x64 map, and its NHWC 1x1 convolutions are
-faster too: the head's forward + backward took 5.2 s instead of 6.3 s (2048 channels,
-64x64, batch 2), a DeepLabV3-ResNeSt-50 training step 1.08x faster. The logits are upsampled
-in channels_last as well, which lets the loss and softmax run over contiguous class rows
+faster too (measurements: experiments/benchmarks/README.md). The logits are upsampled in
+channels_last as well, which lets the loss and softmax run over contiguous class rows
 (:mod:`segnest.models.pixelwise`). Same numbers, another stride order; GPUs keep the
-model's own layout (not measured there).
+model's own layout.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ On a CPU, segnest's DeepLabV3 hands back its full-size logits in channels_last (
 memory (see :mod:`segnest.models.deeplabv3`). PyTorch's softmax and cross-entropy over
 dim 1 of such a tensor first copy it back to NCHW and then reduce over classes that lie
 ``H * W`` floats apart. Seen as rows of classes (``permute(0, 2, 3, 1)``), the same numbers
-are contiguous, and the row kernels run over them directly: the loss of a 512x512,
-150-class batch of 2 with its backward (upsampling included) took 0.49 s instead of 0.71 s
-here. Values are those of ``F.cross_entropy`` / ``softmax(dim=1)`` up to float rounding;
-NCHW logits take the plain PyTorch path.
+are contiguous, and the row kernels run over them directly, which is faster
+(experiments/benchmarks/README.md). Values are those of ``F.cross_entropy`` /
+``softmax(dim=1)`` up to float rounding; NCHW logits take the plain PyTorch path.
 """
 
 from __future__ import annotations

@@ -54,8 +54,7 @@ def compile_model(model: nn.Module, *, frozen: bool = False) -> nn.Module:
     """``torch.compile(model)``; with ``frozen`` the weights are compiled in as constants
     (inference only, under ``torch.inference_mode`` or ``no_grad``: the compiled model
     does not see later weight updates) and ``model`` is moved to channels_last in place,
-    which the frozen convolutions run 3-5% faster on this project's CPU (inputs may keep
-    any layout)."""
+    in which oneDNN's frozen convolutions run faster (inputs may keep any layout)."""
     on_cpu = any(p.device.type == "cpu" for p in model.parameters())
     if on_cpu and not _has_cxx():
         raise SegnestError(
