@@ -1,4 +1,4 @@
-"""Command line: ``segnest <command> [flags]``; each command maps its flags onto one engine call.
+"""Command line: ``segnest <command> [flags]``; each command maps its flags onto one call.
 
 User errors (``SegnestError``) are printed as one line without a traceback; ``--debug``
 shows the traceback.

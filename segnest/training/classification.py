@@ -43,8 +43,9 @@ from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
     Progress,
     RunState,
-    check_amp,
+    check_run_flags,
     open_writer,
+    optimizer_step,
     run_loop,
     stopped_message,
     training_process,
@@ -95,13 +96,7 @@ def train_one_step(model: nn.Module, criterion: nn.Module, batch: tuple, mixer: 
         images, targets = mixer(images, targets)
     with torch.autocast(device.type, enabled=amp):
         loss = criterion(model(images), targets)
-    if not torch.isfinite(loss):
-        return {"loss": loss.item()}
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+    optimizer_step(loss, optimizer, scheduler, scaler)
     return {"loss": loss.item()}
 
 
@@ -209,13 +204,9 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_config(cfg: PretrainConfig, dist: DistInfo) -> None:
     """Catch settings that cannot work before any data is read or weight is built."""
-    check_amp(cfg.amp, dist.device)
+    check_run_flags(cfg, dist.device)
     if cfg.epochs <= 0:
         raise SegnestError(f"--epochs {cfg.epochs}: give a positive number of epochs")
-    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval),
-                        ("--keep-checkpoints", cfg.keep_checkpoints)):
-        if value < 0:
-            raise SegnestError(f"{flag} must be 0 or more, got {value}")
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:

@@ -78,10 +78,29 @@ def training_process(device: str | None, workers: int) -> Iterator[DistInfo]:
         cleanup_distributed()
 
 
-def check_amp(amp: bool, device: torch.device) -> None:
-    if amp and device.type != "cuda":
+def check_run_flags(cfg: Any, device: torch.device) -> None:
+    """The flags both training commands share: ``--amp``, ``--checkpoint-interval`` and
+    ``--keep-checkpoints``."""
+    if cfg.amp and device.type != "cuda":
         raise SegnestError(f"--amp needs a CUDA GPU but this run is on {device}; drop --amp "
                            "or use --device cuda on a machine with a GPU")
+    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval),
+                        ("--keep-checkpoints", cfg.keep_checkpoints)):
+        if value < 0:
+            raise SegnestError(f"{flag} must be 0 or more, got {value}")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   scaler: torch.amp.GradScaler) -> None:
+    """Backward, (scaled) SGD step and schedule step; a non-finite loss updates nothing
+    (the loop stops the run on it)."""
+    if not torch.isfinite(loss):
+        return
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
 
 
 def wrap_for_training(model: nn.Module, dist: DistInfo, compile: bool) -> nn.Module:

@@ -35,8 +35,9 @@ from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
     Progress,
     RunState,
-    check_amp,
+    check_run_flags,
     open_writer,
+    optimizer_step,
     run_loop,
     stopped_message,
     training_process,
@@ -103,11 +104,7 @@ def check_config(cfg: TrainConfig, dist: DistInfo) -> None:
             f"--crop-size {cfg.crop_size} is larger than any scaled image (long side at most "
             f"--base-size {cfg.base_size} x --scale-max {cfg.scale_max}); every crop would be "
             "mostly padding: lower --crop-size or raise --base-size")
-    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval),
-                        ("--keep-checkpoints", cfg.keep_checkpoints)):
-        if value < 0:
-            raise SegnestError(f"{flag} must be 0 or more, got {value}")
-    check_amp(cfg.amp, dist.device)
+    check_run_flags(cfg, dist.device)
 
 
 def default_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -157,16 +154,10 @@ def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
     with torch.autocast(device.type, enabled=cfg.amp):
         outputs = model(image, upsample=not fuses_upsampling(device))
         loss, aux = segmentation_loss(outputs, target, cfg.aux_weight)
+    optimizer_step(loss, optimizer, scheduler, scaler)
     scalars = {"loss": loss.item()}
     if aux is not None:
         scalars["aux_loss"] = aux.item()
-    if not torch.isfinite(loss):
-        return scalars
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
     return scalars
 
 
