@@ -195,6 +195,7 @@ def _stop_worker(rank: int, store_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_agree_to_stop_when_any_of_them_was_asked(tmp_path):
     torch.multiprocessing.spawn(_stop_worker, args=(str(tmp_path),), nprocs=2, join=True)
     for rank in range(2):

@@ -8,6 +8,7 @@ from segnest.config import DemoConfig
 from segnest.tools.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_and_can_be_rerun(tmp_path, capsys):
     cfg = DemoConfig(work_dir=str(tmp_path / "demo"), pretrain_epochs=1, iters=4, workers=0,
                      device="cpu")

@@ -141,6 +141,7 @@ def two_process_results(tmp_path_factory) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_two_gloo_processes_match_one_batchnorm_on_the_concatenated_batch(
     two_process_results, momentum
@@ -164,6 +165,7 @@ def test_two_gloo_processes_match_one_batchnorm_on_the_concatenated_batch(
             assert_results_close(actual, expected_rows)
 
 
+@pytest.mark.slow
 def test_init_distributed_under_torchrun_env_starts_gloo_and_helpers_communicate(
     two_process_results,
 ):

@@ -257,6 +257,7 @@ def _counts(results: dict) -> dict:
             if isinstance(results[k], list) else results[k] for k in keys}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(ade_root: Path, tmp_path: Path):
     single, _ = evaluate(ColourModel(150, confuse_right=True), ADE20K(ade_root, "val"), SINGLE,
                          "cpu", progress=False)

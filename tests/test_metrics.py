@@ -155,6 +155,7 @@ def _all_reduce_worker(rank, store_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_sums_matrices_across_processes(tmp_path):
     mp.spawn(_all_reduce_worker, args=(str(tmp_path),), nprocs=2, join=True)
     expected = torch.tensor([[1, 0], [1, 0]])

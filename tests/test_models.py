@@ -161,8 +161,23 @@ def test_zero_init_last_gamma_and_options():
 @pytest.mark.parametrize("size", [32, 48, 64, 100])
 def test_dropblock_trains_on_maps_smaller_than_its_block(size):
     # Output stride 32: 1x1, 2x2, 2x2 and 4x4 maps in layer4, 2x2 or less in layer3 too.
+    torch.manual_seed(0)
     model = create_model("resnest14", num_classes=3, dropblock_prob=0.5, **TINY).train()
+    dropped = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            dropped[name] = (tuple(inputs[0].shape[-2:]), bool((output == 0).any()))
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, DropBlock):
+            module.register_forward_hook(record(name))
     model(torch.randn(2, 3, size, size)).sum().backward()
+    # Every DropBlock, small maps included, dropped activations (no silent pass-through),
+    # and the step gave every parameter a finite gradient.
+    assert dropped and all(hit for _, hit in dropped.values()), dropped
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_dropblock_equals_torchvision_when_the_block_fits():

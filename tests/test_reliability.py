@@ -20,6 +20,7 @@ def segnest_cli(*args: str, timeout: float = 300, **popen) -> subprocess.Complet
                           text=True, timeout=timeout, env=env, **popen)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_auto_matches_uninterrupted(
         folder_dataset, tmp_path, tiny_train_config, tiny_flags):
     work = tmp_path / "killed"
@@ -72,6 +73,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(folder_datas
                    if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_corrupt_training_image_is_one_line_naming_the_file(folder_dataset, tmp_path, tiny_flags):
     bad = folder_dataset / "images" / "train" / "img3.png"
     bad.write_bytes(bad.read_bytes()[:60])
@@ -94,6 +96,7 @@ def test_skip_bad_samples_warns_and_counts(folder_dataset, tmp_path, tiny_train_
     assert result["iteration"] == 4 and result["skipped_samples"] >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -113,6 +116,7 @@ def test_user_errors_are_one_line_without_traceback(args, expected):
     assert result.stderr.startswith("segnest: error:")
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_the_traceback():
     result = segnest_cli("--debug", "eval", "--checkpoint", "/nonexistent/best.pt")
     assert result.returncode == 2 and "Traceback" in result.stderr
@@ -123,6 +127,7 @@ class Payload:
         return (os.system, ("echo pwned",))
 
 
+@pytest.mark.slow
 def test_checkpoint_carrying_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": Payload()}, evil)
@@ -132,6 +137,7 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
     assert "weights" in result.stderr.lower()
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(
         folder_dataset, tmp_path, tiny_flags):
     work = tmp_path / "interrupted"

@@ -154,6 +154,7 @@ def _ddp_worker(rank: int, world: int, port: int, batch, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_syncbn_equals_one_process_with_double_batch(tmp_path):
     torch.manual_seed(1)
     images = torch.randn(4, 3, 32, 32)
