@@ -208,13 +208,14 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     scheduler = PolyLR(optimizer, total_iters, cfg.poly_power, cfg.min_lr, cfg.warmup_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
 
+    settings = InferenceSettings.for_training(cfg)
     run = RunState(
         work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_miou",
         identity={"task": "segmentation", "model_name": model_name, "model_kwargs": model_kwargs},
         record={"dataset": cfg.dataset, "classes": list(train_set.classes),
                 "palette": [list(map(int, c)) for c in train_set.palette],
-                "inference": dataclasses.asdict(InferenceSettings.for_training(cfg)),
+                "inference": dataclasses.asdict(settings),
                 "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
@@ -242,8 +243,6 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             if batch is None or batch["image"].shape[0] < 2:
                 return None
         return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device)
-
-    settings = InferenceSettings.for_training(cfg)
 
     def validate(progress: Progress) -> float:
         results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
