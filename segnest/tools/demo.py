@@ -25,6 +25,7 @@ from segnest.config import (
 from segnest.data.mini import ensure_mini_classification, ensure_mini_segmentation
 from segnest.inference.evaluate import run_eval
 from segnest.training.classification import run_pretrain
+from segnest.training.run_state import LAST_CHECKPOINT_NAME
 from segnest.training.segmentation import run_train
 
 
@@ -78,15 +79,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         t = _stage(3, "the same training from scratch, for comparison")
         scratch_dir = root / "train_scratch"
         _stop_if_interrupted(run_train(_train_config(cfg, scratch_dir, None)))
-        scratch = run_eval(EvalConfig(checkpoint=str(scratch_dir / "last.pt"), multi_scale=True,
-                                      flip=True, workers=cfg.workers, device=cfg.device,
-                                      out=str(root / "eval_scratch")))
+        scratch = run_eval(EvalConfig(checkpoint=str(scratch_dir / LAST_CHECKPOINT_NAME),
+                                      multi_scale=True, flip=True, workers=cfg.workers,
+                                      device=cfg.device, out=str(root / "eval_scratch")))
         timings["scratch_s"] = time.perf_counter() - t
 
     t = _stage(4, "evaluating with multi-scale + flip")
-    results = run_eval(EvalConfig(checkpoint=str(train_dir / "last.pt"), multi_scale=True,
-                                  flip=True, workers=cfg.workers, device=cfg.device,
-                                  out=str(root / "eval")))
+    results = run_eval(EvalConfig(checkpoint=str(train_dir / LAST_CHECKPOINT_NAME),
+                                  multi_scale=True, flip=True, workers=cfg.workers,
+                                  device=cfg.device, out=str(root / "eval")))
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 

@@ -41,6 +41,8 @@ from segnest.runtime.distributed import (
 )
 from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
+    BEST_CHECKPOINT_NAME,
+    LAST_CHECKPOINT_NAME,
     Progress,
     RunState,
     check_run_flags,
@@ -104,18 +106,23 @@ def train_one_step(model: nn.Module, criterion: nn.Module, batch: tuple, mixer: 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
              amp: bool = False) -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent (top-5 becomes top-K when there are fewer than
-    5 classes), summed over all processes."""
+    5 classes), summed over all processes. The model (a DDP or compiled wrapper too) is
+    left in the mode it came in, as :func:`segnest.inference.evaluate.evaluate` does."""
+    was_training = model.training
     model.eval()
     ks = (1, min(5, num_classes))
     counts = torch.zeros(3, dtype=torch.float64, device=device)
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp):
-            logits = model(images)
-        top1, topk = topk_correct(logits.float(), targets, ks)
-        counts += torch.tensor([top1, topk, targets.numel()], dtype=torch.float64,
-                               device=device)
+    try:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(images)
+            top1, topk = topk_correct(logits.float(), targets, ks)
+            counts += torch.tensor([top1, topk, targets.numel()], dtype=torch.float64,
+                                   device=device)
+    finally:
+        model.train(was_training)
     correct1, correctk, total = all_reduce_sum(counts).tolist()
     total = max(total, 1.0)
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correctk / total}
@@ -300,8 +307,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         lr_hint=f"Lower --lr (now {lr:g}) or check the data")
     if writer is not None:
         writer.close()
-    paths = {"work_dir": str(work_dir), "last": str(work_dir / "last.pt"),
-             "best": str(work_dir / "best.pt"), "export": cfg.export}
+    paths = {"work_dir": str(work_dir), "last": str(work_dir / LAST_CHECKPOINT_NAME),
+             "best": str(work_dir / BEST_CHECKPOINT_NAME), "export": cfg.export}
     if not finished:
         if dist.is_main:
             print(stopped_message(run, total_iters))
