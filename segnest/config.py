@@ -62,6 +62,10 @@ CHECKPOINT_INTERVAL = 1000
 CHECKPOINT_INTERVAL_HELP = ("save last.pt every N iterations, also mid-epoch (0 = only at "
                             "validations, epoch ends and when stopped)")
 KEEP_CHECKPOINTS_HELP = "also keep the K newest periodic checkpoints as iter_N.pt (0 = none)"
+RESUME_HELP = ("continue from this checkpoint, or 'auto' (also a bare --resume): the newest "
+               "in the work folder")
+OVERWRITE_HELP = ("start a new run in a work folder that holds an earlier run's checkpoints, "
+                  "deleting them (without it such a run is refused)")
 
 
 @dataclass
@@ -132,7 +136,8 @@ class TrainConfig:
     work_dir: str | None = field(
         default=None, metadata=help_("output folder (default runs/<dataset>_<backbone>)")
     )
-    resume: str | None = field(default=None, metadata=help_("checkpoint to resume, or 'auto'"))
+    resume: str | None = field(default=None, metadata=help_(RESUME_HELP))
+    overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
     seed: int = field(default=0, metadata=help_("random seed"))
     val_interval: int | None = field(
         default=None, metadata=help_("validate every N iterations (default: 10 times per run)")
@@ -268,7 +273,8 @@ class PretrainConfig:
     amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     work_dir: str | None = field(default=None, metadata=help_("output folder"))
-    resume: str | None = field(default=None, metadata=help_("checkpoint to resume, or 'auto'"))
+    resume: str | None = field(default=None, metadata=help_(RESUME_HELP))
+    overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
     export: str | None = field(
         default=None,
         metadata=help_("also write the bare backbone state dict (official key layout) here"),
