@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import segnest
-from segnest.errors import SegnestError
+from segnest.errors import EXIT_ERROR, RunStopped, SegnestError
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -36,12 +36,18 @@ def _configured(cls: type, presets: str | None = None) -> Callable[[argparse.Nam
     return resolve
 
 
+def _run_status(result: dict[str, Any]) -> int:
+    """0 for a finished run; a stopped one raises, so the CLI exits with its signal's code."""
+    if result.get("interrupted"):
+        raise RunStopped(result.get("signal"))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from segnest.config import TrainConfig
     from segnest.training.segmentation import run_train
 
-    run_train(_configured(TrainConfig, "DATASET_PRESETS")(args))
-    return 0
+    return _run_status(run_train(_configured(TrainConfig, "DATASET_PRESETS")(args)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -72,8 +78,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from segnest.config import PretrainConfig
     from segnest.training.classification import run_pretrain
 
-    run_pretrain(_configured(PretrainConfig, "PRETRAIN_PRESETS")(args))
-    return 0
+    return _run_status(run_pretrain(_configured(PretrainConfig, "PRETRAIN_PRESETS")(args)))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -143,7 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"segnest: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except RunStopped as stop:
+        print(f"segnest: stopped by {stop.signal_name} (exit code {stop.exit_code}); the "
+              "checkpoint is saved: run the same command with --resume to continue"
+              + (" (segnest demo resumes by itself)" if args.command == "demo" else ""),
+              file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("\nsegnest: interrupted; finished checkpoints in the work folder are intact: run "
               "the same command with --resume auto to continue (segnest demo resumes by "

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from segnest.config import DemoConfig
+from segnest.errors import RunStopped
 from segnest.tools.demo import run_demo
 
 
@@ -32,13 +33,15 @@ def test_a_stage_stopped_by_ctrl_c_ends_the_demo_before_the_next_stage(tmp_path,
 
     monkeypatch.setattr(demo, "ensure_mini_segmentation", lambda: tmp_path)
     monkeypatch.setattr(demo, "ensure_mini_classification", lambda: tmp_path)
-    monkeypatch.setattr(demo, "run_pretrain", lambda cfg: {"interrupted": True})
-    monkeypatch.setattr(demo, "run_train", lambda cfg: pytest.fail("trained after Ctrl-C"))
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(demo, "run_pretrain", lambda cfg: {"interrupted": True,
+                                                           "signal": "SIGTERM"})
+    monkeypatch.setattr(demo, "run_train", lambda cfg: pytest.fail("trained after SIGTERM"))
+    with pytest.raises(RunStopped) as stopped:
         run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), device="cpu"))
 
     monkeypatch.setattr(demo, "run_pretrain", lambda cfg: {"top1": 50.0})
     monkeypatch.setattr(demo, "run_train", lambda cfg: {"interrupted": True})
     monkeypatch.setattr(demo, "run_eval", lambda cfg: pytest.fail("evaluated after Ctrl-C"))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunStopped) as stopped_later:
         run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), device="cpu"))
+    assert (stopped.value.exit_code, stopped_later.value.exit_code) == (143, 130)

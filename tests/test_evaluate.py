@@ -172,7 +172,7 @@ def test_perfect_predictions_give_miou_one(ade_root: Path):
     dataset = ADE20K(ade_root, "val")
     cfg = InferenceSettings(scales=(1.0,), flip=True, base_size=WIDTH)
     results, panels = evaluate(ColourModel(150), dataset, cfg, "cpu", panels=2, progress=False)
-    assert results["mIoU"] == 1.0 and results["pixAcc"] == 1.0
+    assert results["mIoU"] == 100.0 and results["pixAcc"] == 100.0
     assert results["labelled_pixels"] == 3 * (HEIGHT * WIDTH - 16)
     assert len(panels) == 2 and panels[0].shape == (HEIGHT, 3 * WIDTH + 8, 3)
     # the prediction third of the panel is drawn in the dataset palette
@@ -217,7 +217,7 @@ def test_save_pred_writes_cityscapes_label_ids(cityscapes_root: Path, tmp_path: 
             return {"out": torch.cat([logits[:, :1], logits[:, 2:19], logits[:, 1:2]], 1)}
 
     results, _ = evaluate(CityModel(19), dataset, SINGLE, "cpu", save_pred=out, progress=False)
-    assert results["mIoU"] == 1.0
+    assert results["mIoU"] == 100.0
     saved_path = out / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png"
     saved = np.asarray(Image.open(saved_path))
     expected = np.where(scene(0) == 1, 33, 7)
@@ -235,7 +235,7 @@ def test_bad_sample_stops_or_is_skipped(ade_root: Path):
         results, _ = evaluate(ColourModel(150), dataset, SINGLE, "cpu", progress=False,
                               skip_bad_samples=True)
     assert results["skipped_samples"] == 1 and results["timing"]["images"] == 2
-    assert results["mIoU"] == 1.0
+    assert results["mIoU"] == 100.0
 
 
 def _distributed_worker(rank: int, store: str, ade_root: str, out_dir: str) -> None:

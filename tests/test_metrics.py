@@ -32,8 +32,8 @@ def test_perfect_prediction_scores_one():
     cm = ConfusionMatrix(4)
     cm.update(target.clone(), target)
     res = cm.compute()
-    assert res["pixAcc"] == res["mIoU"] == res["mAcc"] == 1.0
-    assert res["IoU"] == [1.0] * 4
+    assert res["pixAcc"] == res["mIoU"] == res["mAcc"] == 100.0
+    assert res["IoU"] == [100.0] * 4
 
 
 def test_all_wrong_prediction_scores_zero():
@@ -44,11 +44,11 @@ def test_all_wrong_prediction_scores_zero():
 
 def test_hand_computed_two_class_example():
     res = _results(2, [(HAND_PRED, HAND_GT)])
-    assert res["IoU"] == pytest.approx([3 / 5, 1 / 3])
-    assert res["Acc"] == pytest.approx([3 / 4, 1 / 2])
-    assert res["mIoU"] == pytest.approx((3 / 5 + 1 / 3) / 2)
-    assert res["mAcc"] == pytest.approx(0.625)
-    assert res["pixAcc"] == pytest.approx(4 / 6)
+    assert res["IoU"] == pytest.approx([100 * 3 / 5, 100 / 3])
+    assert res["Acc"] == pytest.approx([75.0, 50.0])
+    assert res["mIoU"] == pytest.approx(100 * (3 / 5 + 1 / 3) / 2)
+    assert res["mAcc"] == pytest.approx(62.5)
+    assert res["pixAcc"] == pytest.approx(100 * 4 / 6)
     assert res["labelled_pixels"] == 6 and res["correct_pixels"] == 4
 
 
@@ -62,17 +62,17 @@ def test_ignored_pixels_are_not_counted():
 def test_class_absent_from_gt_and_prediction_is_left_out_of_miou():
     res = _results(3, [(HAND_PRED, HAND_GT)])
     assert math.isnan(res["IoU"][2]) and math.isnan(res["Acc"][2])
-    assert res["mIoU"] == pytest.approx((3 / 5 + 1 / 3) / 2)
-    assert res["mAcc"] == pytest.approx(0.625)
+    assert res["mIoU"] == pytest.approx(100 * (3 / 5 + 1 / 3) / 2)
+    assert res["mAcc"] == pytest.approx(62.5)
 
 
 def test_class_predicted_but_absent_from_gt_counts_as_zero():
     # class 0: TP 1, FN 1 -> IoU 1/2; class 1: IoU 1; class 2: one false positive -> IoU 0
     res = _results(3, [([0, 2, 1, 1], [0, 0, 1, 1])])
-    assert res["IoU"] == pytest.approx([0.5, 1.0, 0.0])
-    assert res["mIoU"] == pytest.approx(0.5)
+    assert res["IoU"] == pytest.approx([50.0, 100.0, 0.0])
+    assert res["mIoU"] == pytest.approx(50.0)
     assert math.isnan(res["Acc"][2])
-    assert res["mAcc"] == pytest.approx(0.75)
+    assert res["mAcc"] == pytest.approx(75.0)
 
 
 def test_accumulation_is_dataset_level_not_mean_of_images():
@@ -83,7 +83,7 @@ def test_accumulation_is_dataset_level_not_mean_of_images():
     per_image = [_results(2, [image])["mIoU"] for image in (image_a, image_b)]
     dataset = _results(2, [image_a, image_b])["mIoU"]
     # Dataset matrix [[3, 1], [0, 100]]: IoU0 = 3/4, IoU1 = 100/101.
-    assert dataset == pytest.approx((3 / 4 + 100 / 101) / 2)
+    assert dataset == pytest.approx(100 * (3 / 4 + 100 / 101) / 2)
     assert dataset != pytest.approx(sum(per_image) / 2)
 
 

@@ -273,7 +273,7 @@ def test_checkpoint_interval_saves_within_epochs(tmp_path, image_folder, monkeyp
 
 def test_resume_with_another_batch_size_is_refused(tmp_path, image_folder):
     run_pretrain(tiny_config(image_folder, tmp_path / "run"))
-    with pytest.raises(SegnestError, match="same --batch-size"):
+    with pytest.raises(SegnestError, match="trained with --batch-size 8, this run has 4"):
         run_pretrain(tiny_config(image_folder, tmp_path / "run", batch_size=4, resume="auto"))
 
 

@@ -63,7 +63,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(folder_datas
     monkeypatch.setattr(train_seg, "segmentation_loss", loss_turning_nan)
     cfg = tiny_train_config(folder_dataset, tmp_path / "nan", iters=6, val_interval=2,
                       checkpoint_interval=2)
-    with pytest.raises(SegnestError, match="loss became nan at iteration 4.*last good"):
+    with pytest.raises(SegnestError, match=r"loss became nan at iteration 4.*last checkpoint.*\(iteration 2\), has finite"):
         train_seg.run_train(cfg)
     last = load_checkpoint(tmp_path / "nan" / "last.pt")
     best = load_checkpoint(tmp_path / "nan" / "best.pt")

@@ -95,7 +95,7 @@ def test_training_without_the_aux_head_trains_and_evaluates(folder_dataset, tmp_
     saved = load_checkpoint(tmp_path / "noaux" / "last.pt")
     assert saved["model_kwargs"]["aux"] is False
     assert not any(key.startswith("aux_head.") for key in saved["model"])
-    assert 0.0 <= result["metrics"]["mIoU"] <= 1.0
+    assert 0.0 <= result["metrics"]["mIoU"] <= 100.0
 
 
 def test_cli_no_aux_flag_trains(folder_dataset, tmp_path, tiny_flags):
@@ -108,10 +108,46 @@ def test_cli_no_aux_flag_trains(folder_dataset, tmp_path, tiny_flags):
     assert "aux_head.0.0.weight" not in load_checkpoint(tmp_path / "w" / "last.pt")["model"]
 
 
-def test_resume_with_another_length_is_refused(folder_dataset, tmp_path, tiny_train_config):
+def test_resume_with_another_length_and_lr_rebuilds_the_schedule(folder_dataset, tmp_path,
+                                                                 tiny_train_config, capsys):
+    """--iters 6 --lr 0.5 after a 3-iteration run: iterations 4-6 follow a 6-iteration poly
+    schedule from 0.5 (not the finished 3-iteration one at lr 0), with the stored momentum
+    buffers and the command line's optimizer settings."""
     run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=3))
-    with pytest.raises(SegnestError, match=r"--iters/--epochs"):
-        run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=9, resume="auto"))
+    before = load_checkpoint(tmp_path / "run" / "last.pt")
+    run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=6, lr=0.5,
+                                weight_decay=0.0, resume="auto", checkpoint_interval=1,
+                                keep_checkpoints=3))
+    assert "iters 3 -> 6" in capsys.readouterr().out
+    for iteration in (4, 5, 6):
+        state = load_checkpoint(tmp_path / "run" / f"iter_{iteration}.pt")
+        groups = state["optimizer"]["param_groups"]
+        assert groups[0]["lr"] == pytest.approx(0.5 * (1 - iteration / 6) ** 0.9, abs=1e-12)
+        assert groups[-1]["lr"] == pytest.approx(10 * groups[0]["lr"], abs=1e-12)  # head
+        assert all(group["weight_decay"] == 0.0 for group in groups)
+        assert state["scheduler"]["total_iters"] == 6
+    after = load_checkpoint(tmp_path / "run" / "iter_4.pt")
+    name = "backbone.conv1.0.weight"
+    assert not torch.equal(before["model"][name], after["model"][name])
+
+
+@pytest.mark.parametrize("change", [dict(batch_size=4), dict(seed=5)])
+def test_resume_that_cannot_continue_exactly_is_refused(folder_dataset, tmp_path,
+                                                        tiny_train_config, change):
+    run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=3))
+    flag = "--" + next(iter(change)).replace("_", "-")
+    with pytest.raises(SegnestError, match=f"trained with {flag}"):
+        run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=6, resume="auto",
+                                    **change))
+
+
+def test_resume_with_a_shorter_length_than_done_trains_nothing(folder_dataset, tmp_path,
+                                                               tiny_train_config, capsys):
+    run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=4))
+    result = run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=2,
+                                         resume="auto"))
+    assert result["iteration"] == 4 and not result["interrupted"]
+    assert "nothing to train" in capsys.readouterr().out
 
 
 def _free_port() -> int:

@@ -13,6 +13,9 @@ Convention (used for every number segnest reports):
 - ``pixAcc = correct / labelled pixels``. Pixels whose target equals ``ignore_index`` are
   not labelled and never counted.
 - With no labelled pixel at all, every summary value is NaN.
+
+Unit: every metric is a percentage (0-100), as papers print them, on the console, in
+``metrics.json``, in TensorBoard and in checkpoints.
 """
 
 from __future__ import annotations
@@ -91,19 +94,19 @@ class ConfusionMatrix:
             dist.all_reduce(self._mat, op=dist.ReduceOp.SUM)
 
     def compute(self) -> dict[str, Any]:
-        """Returns pixAcc, mIoU, mAcc (floats in 0..1), per-class IoU/Acc and counts."""
+        """Returns pixAcc, mIoU, mAcc (percent), per-class IoU/Acc (percent) and counts."""
         mat = self._mat.detach().cpu().to(torch.float64).numpy()
         tp = np.diag(mat)
         gt_pixels = mat.sum(axis=1)
         pred_pixels = mat.sum(axis=0)
         union = gt_pixels + pred_pixels - tp
         with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(union > 0, tp / union, np.nan)
-            acc = np.where(gt_pixels > 0, tp / gt_pixels, np.nan)
+            iou = np.where(union > 0, 100.0 * tp / union, np.nan)
+            acc = np.where(gt_pixels > 0, 100.0 * tp / gt_pixels, np.nan)
         labelled = float(mat.sum())
         correct = float(tp.sum())
         return {
-            "pixAcc": correct / labelled if labelled > 0 else math.nan,
+            "pixAcc": 100.0 * correct / labelled if labelled > 0 else math.nan,
             "mIoU": _nanmean(iou),
             "mAcc": _nanmean(acc),
             "IoU": [float(v) for v in iou],
@@ -120,8 +123,9 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def _percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100.0 * value:.2f}"
+def percent(value: float) -> str:
+    """A metric as printed everywhere: two decimals, "n/a" when undefined."""
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def _check_names(results: dict[str, Any], class_names: Sequence[str]) -> None:
@@ -131,8 +135,8 @@ def _check_names(results: dict[str, Any], class_names: Sequence[str]) -> None:
 
 def _summary(results: dict[str, Any]) -> str:
     return (
-        f"pixAcc {_percent(results['pixAcc'])}  mIoU {_percent(results['mIoU'])}  "
-        f"mAcc {_percent(results['mAcc'])}"
+        f"pixAcc {percent(results['pixAcc'])}  mIoU {percent(results['mIoU'])}  "
+        f"mAcc {percent(results['mAcc'])}"
     )
 
 
@@ -143,7 +147,7 @@ def format_table(results: dict[str, Any], class_names: Sequence[str]) -> str:
     header = f"{'class':<{name_width}}  {'IoU':>7}  {'Acc':>7}"
     lines = [header, "-" * len(header)]
     for name, iou, acc in zip(class_names, results["IoU"], results["Acc"], strict=True):
-        lines.append(f"{name:<{name_width}}  {_percent(iou):>7}  {_percent(acc):>7}")
+        lines.append(f"{name:<{name_width}}  {percent(iou):>7}  {percent(acc):>7}")
     lines.append("-" * len(header))
     lines.append(_summary(results))
     return "\n".join(lines)
@@ -155,14 +159,14 @@ def to_markdown(results: dict[str, Any], class_names: Sequence[str]) -> str:
     lines = [
         "| pixAcc | mIoU | mAcc |",
         "|---:|---:|---:|",
-        f"| {_percent(results['pixAcc'])} | {_percent(results['mIoU'])} "
-        f"| {_percent(results['mAcc'])} |",
+        f"| {percent(results['pixAcc'])} | {percent(results['mIoU'])} "
+        f"| {percent(results['mAcc'])} |",
         "",
         "| class | IoU | Acc |",
         "|---|---:|---:|",
     ]
     for name, iou, acc in zip(class_names, results["IoU"], results["Acc"], strict=True):
-        lines.append(f"| {name} | {_percent(iou)} | {_percent(acc)} |")
+        lines.append(f"| {name} | {percent(iou)} | {percent(acc)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,9 @@ from segnest.config import (
     resolve_config,
 )
 from segnest.data.mini import ensure_mini_classification, ensure_mini_segmentation
+from segnest.errors import RunStopped
 from segnest.inference.evaluate import run_eval
+from segnest.inference.metrics import percent
 from segnest.training.classification import run_pretrain
 from segnest.training.run_state import LAST_CHECKPOINT_NAME
 from segnest.training.segmentation import run_train
@@ -42,10 +44,11 @@ def _train_config(cfg: DemoConfig, work_dir: Path, pretrained: str | None) -> Tr
 
 
 def _stop_if_interrupted(result: dict[str, Any]) -> None:
-    """A stage stopped by Ctrl-C has saved its checkpoint: end the demo there (the CLI says
-    how to continue) instead of running the next stage on a half-trained model."""
+    """A stage stopped by Ctrl-C or SIGTERM has saved its checkpoint: end the demo there
+    (the CLI says how to continue) instead of running the next stage on a half-trained
+    model."""
     if result.get("interrupted"):
-        raise KeyboardInterrupt
+        raise RunStopped(result.get("signal"))
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -93,9 +96,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     stages = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items() if k != "total_s")
     print(f"\ndemo finished in {timings['total_s'] / 60:.1f} min ({stages}): mini val mIoU "
-          f"{100 * results['mIoU']:.2f}, pixAcc {100 * results['pixAcc']:.2f} "
+          f"{percent(results['mIoU'])}, pixAcc {percent(results['pixAcc'])} "
           "(multi-scale + flip)")
     if scratch is not None:
-        print(f"from scratch with the same budget: mIoU {100 * scratch['mIoU']:.2f}")
+        print(f"from scratch with the same budget: mIoU {percent(scratch['mIoU'])}")
     print(f"look at the curves and predicted masks with:  tensorboard --logdir {root}")
     return {"results": results, "pretrain": pretrain, "scratch": scratch, "timings": timings}

@@ -48,6 +48,7 @@ from segnest.training.run_state import (
     check_run_flags,
     open_writer,
     optimizer_step,
+    run_folder,
     run_loop,
     stopped_message,
     training_process,
@@ -225,13 +226,22 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """
     with training_process(cfg.device, cfg.workers) as dist:
         check_config(cfg, dist)
-        return _pretrain(cfg, dist)
+        with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
+                        overwrite=cfg.overwrite, log_name=LOG_NAME):
+            return _pretrain(cfg, dist)
+
+
+LOG_NAME = "pretrain.log"
+
+
+def default_work_dir(cfg: PretrainConfig) -> Path:
+    return Path(cfg.work_dir or f"runs/pretrain_{cfg.dataset}_{cfg.backbone}")
 
 
 def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
     device = dist.device
     seed_everything(cfg.seed, dist.rank)
-    work_dir = Path(cfg.work_dir or f"runs/pretrain_{cfg.dataset}_{cfg.backbone}")
+    work_dir = default_work_dir(cfg)
 
     plain_train_set, val_set, classes = build_datasets(cfg)
     num_classes = len(classes)
@@ -312,11 +322,17 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
     if not finished:
         if dist.is_main:
             print(stopped_message(run, total_iters))
-        return {"iterations": run.iteration, "interrupted": True, **paths}
+        return {"iterations": run.iteration, "interrupted": True, "signal": run.stopped_by,
+                **paths}
     metrics = run.metrics or evaluate(train_model, val_loader, device, num_classes, cfg.amp)
     if cfg.export and dist.is_main:
         save_checkpoint(backbone_state_dict(model), cfg.export)
         print(f"exported backbone weights to {cfg.export}")
+    if dist.is_main:
+        backbone = cfg.export or paths["best"]
+        print(f"finished: val top-1 {metrics['top1']:.2f}% (best {run.best:.2f}% at iteration "
+              f"{run.best_iteration}, {paths['best']})\nnext:\n  segnest train --backbone "
+              f"{cfg.backbone} --pretrained {backbone} ...\n  tensorboard --logdir {work_dir}")
     barrier()
     return {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": run.best,
             "epochs": cfg.epochs, "iterations": run.iteration, "interrupted": False,

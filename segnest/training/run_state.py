@@ -13,8 +13,24 @@ iteration and resumed ends with the weights of one that never stopped.
 
 Checkpoints in the work folder: ``last.pt`` at every validation, every
 ``--checkpoint-interval`` iterations and when the run is asked to stop; ``best.pt`` when the
-validation metric improves (never with non-finite weights); with ``--keep-checkpoints K``
-the K newest periodic ones are also kept as ``iter_<N>.pt``.
+validation metric improves; with ``--keep-checkpoints K`` the K newest periodic ones are
+also kept as ``iter_<N>.pt``. Weights that are not finite are never written.
+
+The work folder belongs to one run (:func:`run_folder`): it is locked while the run lives,
+a new run refuses a folder that holds an earlier run's checkpoints (``--resume`` continues
+it, ``--overwrite`` replaces it), and what the console shows is also appended to
+``train.log`` / ``pretrain.log`` there.
+
+What ``--resume`` takes from the checkpoint: the weights, the optimizer's momentum buffers,
+the grad scaler, the iteration and sample position, the best metric and every rank's random
+generators. What it takes from the command line: everything else, so the learning-rate
+schedule is rebuilt for the length, learning rate and schedule flags given now and continues
+from the stored iteration (``--iters 6`` after a 2-iteration run trains iterations 3-6 of a
+6-iteration schedule). Changes that cannot continue the run exactly are refused: another
+model, batch size, seed, number of processes or training set size.
+
+Exit codes of an interrupted run (:data:`segnest.errors.STOP_EXIT_CODES`): 130 after
+Ctrl-C (SIGINT), 143 after SIGTERM (SLURM, Kubernetes); both save ``last.pt`` first.
 """
 
 from __future__ import annotations
@@ -42,7 +58,9 @@ from segnest.errors import SegnestError
 from segnest.models.factory import canonical_model_kwargs
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 from segnest.runtime.compiling import compile_model
+from segnest.runtime.console import ConsoleLog, is_terminal
 from segnest.runtime.distributed import DistInfo, cleanup_distributed, init_distributed
+from segnest.runtime.lock import FolderLock
 
 LAST_CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
@@ -79,8 +97,8 @@ def training_process(device: str | None, workers: int) -> Iterator[DistInfo]:
 
 
 def check_run_flags(cfg: Any, device: torch.device) -> None:
-    """The flags both training commands share: ``--amp``, ``--checkpoint-interval`` and
-    ``--keep-checkpoints``."""
+    """The flags both training commands share: ``--amp``, ``--checkpoint-interval``,
+    ``--keep-checkpoints``, ``--resume`` and ``--overwrite``."""
     if cfg.amp and device.type != "cuda":
         raise SegnestError(f"--amp needs a CUDA GPU but this run is on {device}; drop --amp "
                            "or use --device cuda on a machine with a GPU")
@@ -88,6 +106,82 @@ def check_run_flags(cfg: Any, device: torch.device) -> None:
                         ("--keep-checkpoints", cfg.keep_checkpoints)):
         if value < 0:
             raise SegnestError(f"{flag} must be 0 or more, got {value}")
+    if cfg.overwrite and cfg.resume is not None:
+        raise SegnestError("--overwrite starts a new run and --resume continues one; give "
+                           "one of them")
+
+
+# ---------------------------------------------------------------------------- work folder
+
+
+def _checkpoints_in(work_dir: Path) -> list[Path]:
+    if not work_dir.is_dir():
+        return []
+    return sorted(entry for entry in work_dir.iterdir() if entry.is_file() and (
+        entry.name in (LAST_CHECKPOINT_NAME, BEST_CHECKPOINT_NAME)
+        or _PERIODIC_NAME.match(entry.name)))
+
+
+def _run_files(work_dir: Path, log_name: str) -> list[Path]:
+    """The files of an earlier run in ``work_dir``: checkpoints, log, TensorBoard events."""
+    others = [entry for entry in work_dir.iterdir() if entry.is_file() and (
+        entry.name == log_name or entry.name.startswith("events.out.tfevents."))]
+    return _checkpoints_in(work_dir) + sorted(others)
+
+
+def check_work_dir(work_dir: Path, *, resume: str | None, overwrite: bool, log_name: str) -> None:
+    """Refuse to start a new run over an earlier one; with ``overwrite``, remove the
+    earlier run's files first. A run that resumes from a checkpoint outside ``work_dir``
+    counts as a new run here: it would replace ``work_dir``'s checkpoints."""
+    earlier = _checkpoints_in(work_dir)
+    continuing = resume == "auto" or (
+        resume is not None and Path(resume).resolve().parent == work_dir.resolve())
+    if not earlier or continuing:
+        return
+    if not overwrite:
+        names = ", ".join(path.name for path in earlier[:3]) + ("..." if len(earlier) > 3 else "")
+        raise SegnestError(
+            f"work folder {work_dir} holds an earlier run ({names}); continue it with "
+            "--resume auto, start a new run with another --work-dir, or replace it with "
+            "--overwrite")
+    removed = _run_files(work_dir, log_name)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    print(f"--overwrite: removed the earlier run's {len(removed)} file(s) from {work_dir}")
+
+
+@contextmanager
+def run_folder(work_dir: Path, dist: DistInfo, *, resume: str | None, overwrite: bool,
+               log_name: str) -> Iterator[None]:
+    """Own ``work_dir`` for the run: lock it, check it may be written (see
+    :func:`check_work_dir`) and copy the console to ``work_dir/log_name``, all on rank 0;
+    every rank raises if rank 0 refused."""
+    lock = FolderLock(work_dir)
+    log = ConsoleLog(work_dir / log_name)
+    refusal: SegnestError | None = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+            check_work_dir(work_dir, resume=resume, overwrite=overwrite, log_name=log_name)
+            log.open()
+        except SegnestError as err:
+            lock.release()
+            refusal = err
+    if dist.distributed:
+        flag = torch.tensor([int(refusal is not None)], device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if refusal is None and flag.item():
+            refusal = SegnestError(f"rank 0 could not use the work folder {work_dir}")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    except SegnestError as err:
+        log.note(f"segnest: error: {err}")
+        raise
+    finally:
+        log.close()
+        lock.release()
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -186,47 +280,61 @@ def capture_all_rng_states(dist: DistInfo) -> list[dict]:
 
 
 class StopRequest:
-    """First Ctrl-C: finish the current iteration, save, exit. Second: stop at once.
+    """First Ctrl-C or SIGTERM: finish the current iteration, save, exit. A second one:
+    stop at once.
 
-    In a distributed run the ranks must stop at the same iteration (the save gathers every
-    rank's RNG state), so :meth:`agreed` combines the ranks' flags with an all-reduce once
-    per iteration. Under torchrun a terminal's Ctrl-C reaches each worker twice: directly
-    and forwarded by the torchrun agent, which waits 30 s before killing them; a repeat
-    within ``REPEAT_GRACE_S`` is taken for that copy, not for a second Ctrl-C.
+    SIGTERM is what SLURM, Kubernetes and ``kill`` send before they kill a job, so it is
+    handled like Ctrl-C. In a distributed run the ranks must stop at the same iteration
+    (the save gathers every rank's RNG state), so :meth:`agreed` combines the ranks' flags
+    with an all-reduce once per iteration. Under torchrun a terminal's Ctrl-C reaches each
+    worker twice: directly and forwarded by the torchrun agent, which waits 30 s before
+    killing them; a repeat within ``REPEAT_GRACE_S`` is taken for that copy, not for a
+    second Ctrl-C. ``signal_name`` says which signal stopped the run.
     """
 
     REPEAT_GRACE_S = 3.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, world_size: int = 1, device: torch.device | None = None) -> None:
         self.world_size, self.device = world_size, device
-        self.requested = False
+        self.signum = 0
         self._first = 0.0
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
 
     def __enter__(self) -> StopRequest:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a test harness)
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test harness)
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
-            self.requested, self._first = True, time.monotonic()
+            self.signum, self._first = int(signum), time.monotonic()
         elif self.world_size == 1 or time.monotonic() - self._first > self.REPEAT_GRACE_S:
             raise KeyboardInterrupt
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop; call it on every rank at the same point."""
         if self.world_size > 1:
-            flag = torch.tensor([int(self.requested)], device=self.device)
+            flag = torch.tensor([self.signum], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.requested = bool(flag.item())
+            self.signum = int(flag.item())
         return self.requested
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 # ---------------------------------------------------------------------------- resume
@@ -279,14 +387,24 @@ def prune_periodic_checkpoints(work_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
+# Settings that fix the sample order: a run resumed with others would not continue exactly.
+_FIXED_ON_RESUME = ("batch_size", "seed")
+# Settings that say where and how to resume, not what to train.
+_NOT_COMPARED_ON_RESUME = ("resume", "overwrite", "config")
+
+
 class RunState:
     """What a training run saves, restores and checks on resume.
 
     ``identity`` (task, model name and constructor arguments) must match on resume; the
-    model, optimizer, schedule and grad scaler are restored with the iteration, the best
-    validation metric (stored under ``best_key``) and every rank's random generators.
-    ``record`` holds what a later command reads from the checkpoint (classes, palette,
-    dataset, the command's configuration, ...).
+    model, optimizer buffers and grad scaler are restored with the iteration, the sample
+    position, the best validation metric (stored under ``best_key``) and every rank's random
+    generators; the schedule continues from the stored iteration with the settings given
+    now (see the module's docstring). ``record`` holds what a later command reads from the
+    checkpoint (classes, palette, dataset, the command's configuration as ``config``, ...).
+
+    ``iteration`` counts optimizer steps, ``position`` the batches drawn: a batch skipped
+    for bad samples advances the position but not the iteration.
     """
 
     def __init__(self, *, work_dir: Path, dist: DistInfo, model: nn.Module,
@@ -298,12 +416,16 @@ class RunState:
         self.identity, self.iters_per_epoch = identity, iters_per_epoch
         self.best_key, self.record = best_key, record
         self.iteration = 0
+        self.position = 0
         self.best = -math.inf
+        self.best_iteration: int | None = None
+        self.saved_iteration: int | None = None
         self.metrics: dict[str, Any] = {}
+        self.stopped_by: str | None = None
 
     @property
     def epoch(self) -> int:
-        return self.iteration // self.iters_per_epoch
+        return self.position // self.iters_per_epoch
 
     def resume(self, resume: str | None) -> Path | None:
         """Restore from ``--resume PATH`` or the newest checkpoint of ``--resume auto``;
@@ -318,16 +440,47 @@ class RunState:
         state = load_checkpoint(path)
         self._check_compatible(path, state)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._restore_optimizer(path, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        self.position = int(state.get("position", self.iteration))
+        self.scheduler.resume_at(self.iteration)
         self.best = float(state.get(self.best_key, -math.inf))
+        if self.best_key == "best_miou" and state.get("metric_unit") != "percent":
+            self.best *= 100.0  # segnest 0.1 stored mIoU as a fraction
+        self.best_iteration = state.get("best_iteration")
+        if path.resolve() == (self.work_dir / LAST_CHECKPOINT_NAME).resolve():
+            self.saved_iteration = self.iteration
         self.metrics = dict(state.get("metrics") or {})
         restore_rng_state(state["rng"][self.dist.rank])
         if self.dist.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
+            changed = self._changed_settings(state.get("config") or {})
+            if changed:
+                print("settings changed since that checkpoint, taken from this command: "
+                      + ", ".join(changed) + f"; the schedule continues at iteration "
+                      f"{self.iteration} of {self.scheduler.total_iters}")
         return path
+
+    def _restore_optimizer(self, path: Path, stored: dict[str, Any]) -> None:
+        """The stored buffers (momentum) with the hyperparameters given now (learning rate,
+        momentum, weight decay), which ``load_state_dict`` alone would replace."""
+        given = [{k: v for k, v in group.items() if k != "params"}
+                 for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(stored)
+        except ValueError as err:
+            raise SegnestError(
+                f"--resume {path}: the optimizer's parameter groups differ from this run's "
+                f"({err}); resume with the same --no-decay-norm setting") from err
+        for group, settings in zip(self.optimizer.param_groups, given, strict=True):
+            group.update(settings)
+
+    def _changed_settings(self, stored: Mapping[str, Any]) -> list[str]:
+        current = self.record.get("config") or {}
+        return [f"{key} {stored[key]!r} -> {value!r}" for key, value in current.items()
+                if key in stored and key not in _NOT_COMPARED_ON_RESUME
+                and stored[key] != value]
 
     def _check_compatible(self, path: Path, state: Mapping[str, Any]) -> None:
         stored = {"task": state.get("task", "segmentation"),
@@ -345,20 +498,27 @@ class RunState:
                 f"--resume {path} was written by {ranks} process(es), this run has "
                 f"{self.dist.world_size}; resume with the same number of processes to "
                 "continue exactly")
+        stored_config, config = state.get("config") or {}, self.record.get("config") or {}
+        for key in _FIXED_ON_RESUME:
+            if key in stored_config and key in config and stored_config[key] != config[key]:
+                flag = "--" + key.replace("_", "-")
+                raise SegnestError(
+                    f"--resume {path} was trained with {flag} {stored_config[key]}, this run "
+                    f"has {config[key]}; the run cannot continue exactly with another {flag}: "
+                    f"resume with {flag} {stored_config[key]}, or start a new --work-dir")
         stored_epoch = state.get("iters_per_epoch", self.iters_per_epoch)
-        total = state["scheduler"].get("total_iters")
-        if stored_epoch != self.iters_per_epoch or total != self.scheduler.total_iters:
+        if stored_epoch != self.iters_per_epoch:
             raise SegnestError(
-                f"--resume {path} was written by a run of {stored_epoch} iterations per epoch "
-                f"and {total} in all, this one has {self.iters_per_epoch} and "
-                f"{self.scheduler.total_iters}; resume with the same --batch-size, length "
-                "(--iters/--epochs) and number of processes")
+                f"--resume {path} was written by a run of {stored_epoch} iterations per epoch, "
+                f"this one has {self.iters_per_epoch}: the training set or the batch size "
+                "changed; resume on the same data with the same --batch-size")
 
     def payload(self, rng: list[dict]) -> dict[str, Any]:
         return {
             **self.record, **self.identity,
             "model": self.model.state_dict(),
             "iteration": self.iteration,
+            "position": self.position,
             "epoch": self.epoch,  # completed epochs
             "iters_per_epoch": self.iters_per_epoch,
             "optimizer": self.optimizer.state_dict(),
@@ -366,14 +526,21 @@ class RunState:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             self.best_key: self.best,
+            "best_iteration": self.best_iteration,
             "metrics": self.metrics,
+            "metric_unit": "percent",
             "segnest_version": segnest.__version__,
         }
 
-    def save(self, rng: list[dict], *, best: bool, keep: int) -> None:
-        """Write ``last.pt`` (and ``best.pt``, and a kept ``iter_<N>.pt``) on rank 0."""
+    def save(self, rng: list[dict], *, best: bool, keep: int) -> bool:
+        """Write ``last.pt`` (and ``best.pt``, and a kept ``iter_<N>.pt``) on rank 0;
+        nothing when the weights are not finite (returns False then)."""
         if not self.dist.is_main:
-            return
+            return True
+        if not parameters_finite(self.model):
+            print(f"warning: not saving iteration {self.iteration}: the weights are not "
+                  "finite", file=sys.stderr)
+            return False
         state = self.payload(rng)
         if best:
             save_checkpoint(state, self.work_dir / BEST_CHECKPOINT_NAME)
@@ -381,29 +548,59 @@ class RunState:
         if keep:
             save_checkpoint(state, self.work_dir / periodic_checkpoint_name(self.iteration))
             prune_periodic_checkpoints(self.work_dir, keep)
+        self.saved_iteration = self.iteration
+        return True
 
 
 # ---------------------------------------------------------------------------- loop
 
 
 class Progress:
-    """The console side of a run: a progress bar on a terminal, and the lines that must
-    stay (validation results, warnings) printed above it; silent on ranks other than 0."""
+    """The console side of a run on rank 0 (silent elsewhere): on a terminal a progress bar
+    with lines that must stay (validation results, warnings) printed above it; elsewhere
+    (a log file, a batch job) one plain line every ``log_interval`` iterations instead of a
+    bar redrawn hundreds of times."""
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="train",
+    def __init__(self, total: int, initial: int, enabled: bool, log_interval: int) -> None:
+        self.enabled, self.total, self.log_interval = enabled, total, log_interval
+        self.terminal = enabled and is_terminal()
+        self.bar = tqdm(total=total, initial=initial, disable=not self.terminal, desc="train",
                         dynamic_ncols=True, file=sys.stderr)
+        self._started, self._initial = time.perf_counter(), initial
+
+    def update(self, iteration: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.terminal:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()})
+            return
+        if iteration % self.log_interval and iteration != self.total:
+            return
+        done = iteration - self._initial
+        remaining = (time.perf_counter() - self._started) / max(done, 1) * (self.total - iteration)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+        print(f"iter {iteration}/{self.total}  {values}  eta {_duration(remaining)}", flush=True)
 
     def write(self, line: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.terminal:
             self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def run_loop(
@@ -422,31 +619,37 @@ def run_loop(
     lr_hint: str,
 ) -> bool:
     """Train ``run`` up to ``total_iters``; True when it got there, False when asked to stop
-    (after saving ``last.pt``).
+    (after saving ``last.pt``; ``run.stopped_by`` names the signal).
 
     ``batches(epoch, start_batch)`` yields the epoch's batches from ``start_batch`` on;
     ``step(batch)`` trains on one and returns its scalars (``loss`` first), or None for a
-    batch it skipped; ``validate`` returns the metric that ``best.pt`` follows and runs at
-    every iteration where ``validate_due`` says so and at the last.
+    batch it skipped (every rank must agree on that); ``validate`` returns the metric that
+    ``best.pt`` follows and runs at every iteration where ``validate_due`` says so and at
+    the last.
     """
-    progress = Progress(total_iters, run.iteration, run.dist.is_main)
+    progress = Progress(total_iters, run.iteration, run.dist.is_main, log_interval)
+    if run.iteration >= total_iters and run.dist.is_main:
+        print(f"the run is already at iteration {run.iteration} of the {total_iters} asked "
+              "for; nothing to train (give a larger --iters/--epochs to train on)")
     stopping = False
     started = time.perf_counter()
     with StopRequest(run.dist.world_size, run.dist.device) as stop, progress:
         while run.iteration < total_iters and not stopping:
-            epoch, start_batch = divmod(run.iteration, run.iters_per_epoch)
+            epoch, start_batch = divmod(run.position, run.iters_per_epoch)
+            stepped = False
             for batch in batches(epoch, start_batch):
+                run.position += 1
                 scalars = step(batch)
                 if scalars is None:
                     continue
+                stepped = True
                 _check_finite(scalars["loss"], run, lr_hint)
                 run.iteration += 1
                 now = time.perf_counter()
                 scalars["lr"] = run.scheduler.get_last_lr()[0]
                 scalars["images_per_s"] = images_per_step / max(now - started, 1e-9)
                 started = now
-                progress.bar.update(1)
-                progress.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()})
+                progress.update(run.iteration, scalars)
                 if writer is not None and (run.iteration % log_interval == 0
                                            or run.iteration == total_iters):
                     for key, value in scalars.items():
@@ -460,15 +663,22 @@ def run_loop(
                     started = time.perf_counter()
                 if stopping or run.iteration >= total_iters:
                     break
+            if not stepped and start_batch == 0:
+                raise SegnestError(
+                    f"no batch of epoch {epoch} could be used: every one held unreadable "
+                    "samples (see the warnings above); fix or remove those files")
+    run.stopped_by = stop.signal_name if stopping else None
     return not stopping
 
 
 def _check_finite(loss: float, run: RunState, lr_hint: str) -> None:
     if math.isfinite(loss):
         return
-    last = run.work_dir / LAST_CHECKPOINT_NAME
-    kept = f"the last good checkpoint is {last}" if last.exists() else \
-        "no checkpoint was written yet"
+    if run.saved_iteration is not None:
+        kept = (f"the last checkpoint, {run.work_dir / LAST_CHECKPOINT_NAME} (iteration "
+                f"{run.saved_iteration}), has finite weights")
+    else:
+        kept = "no checkpoint was written yet"
     raise SegnestError(f"the loss became {loss} at iteration {run.iteration + 1}; training "
                        f"stopped and {kept}. {lr_hint}")
 
@@ -484,12 +694,12 @@ def _checkpoint(run: RunState, validate: Callable[[Progress], float] | None,
         run.model.train()
         best = metric > run.best and parameters_finite(run.model)
         if best:
-            run.best = metric
+            run.best, run.best_iteration = metric, run.iteration
     run.save(rng, best=best, keep=keep)
     restore_rng_state(rng[run.dist.rank])
 
 
 def stopped_message(run: RunState, total_iters: int) -> str:
-    return (f"stopped at iteration {run.iteration}/{total_iters}; checkpoint saved to "
-            f"{run.work_dir / LAST_CHECKPOINT_NAME}. Resume with the same command plus "
-            "--resume auto")
+    return (f"stopped by {run.stopped_by or 'request'} at iteration {run.iteration}/"
+            f"{total_iters}; checkpoint saved to {run.work_dir / LAST_CHECKPOINT_NAME}. "
+            "Resume with the same command plus --resume")

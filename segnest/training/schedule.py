@@ -1,9 +1,11 @@
 """Per-iteration learning-rate schedules: poly (segmentation) and warmup + cosine (pretraining).
 
 Both are ``torch.optim.lr_scheduler.LRScheduler`` subclasses stepped once per iteration
-and computed in closed form from the iteration count, so ``state_dict`` /
-``load_state_dict`` resume a run exactly. Each parameter group follows the schedule from its
-own initial learning rate, which keeps the head's 10x multiplier.
+and computed in closed form from the iteration count, so a resumed run rebuilds its schedule
+from the settings it is given and continues it with :meth:`ClosedFormLR.resume_at` (the
+same learning rates as an uninterrupted run when the settings are the same; a longer or
+shorter schedule when ``--iters`` changed). Each parameter group follows the schedule from
+its own initial learning rate, which keeps the head's 10x multiplier.
 """
 
 from __future__ import annotations
@@ -41,7 +43,26 @@ def _check_lengths(total_iters: int, warmup_iters: int, warmup_ratio: float) -> 
         raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
 
 
-class PolyLR(LRScheduler):
+class ClosedFormLR(LRScheduler):
+    """A schedule whose learning rates are a function of the iteration alone."""
+
+    def get_lr(self) -> list[float]:
+        return self.lrs_at(self.last_epoch)
+
+    def lrs_at(self, iteration: int) -> list[float]:
+        raise NotImplementedError
+
+    def resume_at(self, iteration: int) -> None:
+        """Continue at ``iteration``: the optimizer gets the learning rates this schedule
+        gives there, and the next ``step`` moves on from it."""
+        self.last_epoch = iteration
+        self._step_count = iteration + 1  # as if stepped from the start (1 at construction)
+        self._last_lr = self.lrs_at(iteration)
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
+
+class PolyLR(ClosedFormLR):
     """Poly decay ``(base - min_lr) * (1 - t / T) ** power + min_lr`` with optional warmup.
 
     ``min_lr=0`` is the authors' plain poly (``base * (1 - t/T) ** 0.9``); a positive floor
@@ -70,8 +91,8 @@ class PolyLR(LRScheduler):
         self.warmup_ratio = warmup_ratio
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
-        iteration = min(self.last_epoch, self.total_iters)
+    def lrs_at(self, iteration: int) -> list[float]:
+        iteration = min(iteration, self.total_iters)
         decay = (1.0 - iteration / self.total_iters) ** self.power
         warmup = linear_warmup_factor(iteration, self.warmup_iters, self.warmup_ratio)
         return [
@@ -80,7 +101,7 @@ class PolyLR(LRScheduler):
         ]
 
 
-class WarmupCosineLR(LRScheduler):
+class WarmupCosineLR(ClosedFormLR):
     """Linear warmup from ``warmup_ratio * base`` to ``base``, then cosine decay to ``min_lr``.
 
     Over ``warmup_iters`` iterations the learning rate rises linearly; over the remaining
@@ -105,8 +126,8 @@ class WarmupCosineLR(LRScheduler):
         self.min_lrs = _per_group_floor(min_lr, optimizer)
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
-        iteration = min(self.last_epoch, self.total_iters)
+    def lrs_at(self, iteration: int) -> list[float]:
+        iteration = min(iteration, self.total_iters)
         if iteration < self.warmup_iters:
             factor = linear_warmup_factor(iteration, self.warmup_iters, self.warmup_ratio)
             return [base_lr * factor for base_lr in self.base_lrs]

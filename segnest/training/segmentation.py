@@ -26,18 +26,22 @@ from segnest.data.sampling import EpochSampler, init_train_worker
 from segnest.data.transforms import IGNORE_INDEX
 from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate
+from segnest.inference.metrics import format_table, percent
 from segnest.inference.settings import InferenceSettings
 from segnest.models import RESNEST_VARIANTS, DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
+from segnest.runtime.files import write_text_atomic
 from segnest.training.losses import segmentation_loss
 from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
+    BEST_CHECKPOINT_NAME,
     Progress,
     RunState,
     check_run_flags,
     open_writer,
     optimizer_step,
+    run_folder,
     run_loop,
     stopped_message,
     training_process,
@@ -161,18 +165,39 @@ def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
     return scalars
 
 
+LOG_NAME = "train.log"
+
+
+def default_work_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.work_dir or f"runs/{cfg.dataset}_{cfg.backbone}")
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train; returns the iteration reached, whether the run was interrupted, the best and
-    last validation metrics and the work folder."""
+    """Train; returns the iteration reached, whether the run was interrupted (and by which
+    signal), the best and last validation metrics and the work folder."""
     with training_process(cfg.device, cfg.workers) as dist:
         check_config(cfg, dist)
-        return _train(cfg, dist)
+        with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
+                        overwrite=cfg.overwrite, log_name=LOG_NAME):
+            return _train(cfg, dist)
+
+
+def _usable(batch: dict | None, dist: DistInfo) -> bool:
+    """Whether every rank can train on its batch after bad samples were dropped: a batch
+    emptied by them is not, nor one of a single sample on a single device (BatchNorm needs
+    two; SyncBN pools them across devices)."""
+    usable = batch is not None and (dist.distributed or batch["image"].shape[0] >= 2)
+    if dist.distributed:
+        flag = torch.tensor([int(usable)], device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        usable = bool(flag.item())
+    return usable
 
 
 def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     device = dist.device
     seed_everything(cfg.seed, dist.rank)
-    work_dir = Path(cfg.work_dir or f"runs/{cfg.dataset}_{cfg.backbone}")
+    work_dir = default_work_dir(cfg)
 
     train_transform = SegTrainTransform(
         cfg.base_size, cfg.crop_size, (cfg.scale_min, cfg.scale_max), cfg.cat_max_ratio,
@@ -221,8 +246,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     train_model = wrap_for_training(model, dist, cfg.compile)
     writer = open_writer(work_dir, dist, cfg.tensorboard)
     if dist.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+        write_text_atomic(work_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg)))
         print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
               f"{train_set.num_classes} classes) for {total_iters} iterations, "
               f"{dist.world_size} x {device}, batch {cfg.batch_size}/device, lr {lr:g}"
@@ -239,19 +263,20 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             skipped.extend(errors)
             for error in errors if dist.is_main else ():
                 tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
-            # BatchNorm needs two samples; a batch emptied by bad files is dropped.
-            if batch is None or batch["image"].shape[0] < 2:
-                return None
+        if cfg.skip_bad_samples and not _usable(batch, dist):
+            return None
         return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device)
 
     def validate(progress: Progress) -> float:
+        progress.bar.clear()
         results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
-                                   panels=cfg.panels if writer else 0, progress=False,
+                                   panels=cfg.panels if writer else 0,
+                                   progress=dist.is_main and progress.terminal,
                                    skip_bad_samples=cfg.skip_bad_samples)
         run.metrics = results
-        progress.write(f"iter {run.iteration}: mIoU {results['mIoU']:.4f} "
-                       f"pixAcc {results['pixAcc']:.4f} "
-                       f"(best {max(run.best, results['mIoU']):.4f})")
+        progress.write(f"iter {run.iteration}: val mIoU {percent(results['mIoU'])} "
+                       f"pixAcc {percent(results['pixAcc'])} "
+                       f"(best {percent(max(run.best, results['mIoU']))})")
         if writer is not None:
             _log_validation(writer, results, train_set.classes, panels, run.iteration)
         return results["mIoU"]
@@ -271,10 +296,29 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         writer.close()
     if dist.is_main and skipped:
         print(f"warning: {len(skipped)} bad training sample(s) were skipped")
-    if not finished and dist.is_main:
-        print(stopped_message(run, total_iters))
-    return {"iteration": run.iteration, "interrupted": not finished, "best_miou": run.best,
-            "metrics": run.metrics, "work_dir": str(work_dir), "skipped_samples": len(skipped)}
+    if dist.is_main:
+        print(stopped_message(run, total_iters) if not finished
+              else _summary(run, train_set.classes))
+    return {"iteration": run.iteration, "interrupted": not finished, "signal": run.stopped_by,
+            "best_miou": run.best, "metrics": run.metrics, "work_dir": str(work_dir),
+            "skipped_samples": len(skipped)}
+
+
+def _summary(run: RunState, classes: list[str]) -> str:
+    """The end of a finished run: its best and last validation, and what to run next."""
+    if not run.metrics:
+        return f"finished at iteration {run.iteration}; checkpoints in {run.work_dir}"
+    best = run.work_dir / BEST_CHECKPOINT_NAME
+    chosen = best if best.is_file() else run.work_dir / "last.pt"
+    lines = [f"last validation (iteration {run.iteration}, single scale):",
+             format_table(run.metrics, classes),
+             f"best val mIoU {percent(run.best)} at iteration {run.best_iteration}: {best}"
+             if best.is_file() else f"no best.pt: no validation had finite weights; {chosen}",
+             "next:",
+             f"  segnest eval --checkpoint {chosen} --multi-scale --flip",
+             f"  segnest predict IMAGES_OR_FOLDER --checkpoint {chosen} --out predictions",
+             f"  tensorboard --logdir {run.work_dir}"]
+    return "\n".join(lines)
 
 
 def _log_validation(writer: Any, results: dict, classes: list[str], panels: list,

@@ -1,0 +1,93 @@
+"""The console of a run, also kept in a log file.
+
+:class:`ConsoleLog` copies what a command prints (stdout and stderr, warnings included)
+into a log file while it still reaches the terminal. Progress bars redraw a line with
+carriage returns; the log keeps only what the terminal finally shows of each line, without
+colour codes, so a log is plain text a person or ``grep`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def is_terminal(stream: Any = None) -> bool:
+    """Whether ``stream`` (default stderr) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Tee:
+    """A text stream writing to ``terminal`` and, line by line, to ``log``."""
+
+    def __init__(self, terminal: IO[str], log: IO[str]) -> None:
+        self.terminal, self.log = terminal, log
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        written = self.terminal.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            shown = _ANSI.sub("", line.rsplit("\r", 1)[-1]).rstrip()
+            if shown:
+                self.log.write(shown + "\n")
+        self.log.flush()
+        return written
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return is_terminal(self.terminal)
+
+    def fileno(self) -> int:
+        return self.terminal.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.terminal, "encoding", "utf-8")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.terminal, name)
+
+
+class ConsoleLog:
+    """Append the console to ``path`` between :meth:`open` and :meth:`close` (a resumed run
+    continues the same log). ``file_only`` writes to the log alone."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+        self._saved: tuple[Any, Any] | None = None
+
+    def open(self) -> ConsoleLog:
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout = _Tee(sys.stdout, self._file)
+        sys.stderr = _Tee(sys.stderr, self._file)
+        return self
+
+    def note(self, line: str) -> None:
+        """Write ``line`` to the log only (e.g. the error the command line prints later)."""
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._saved is not None:
+            sys.stdout, sys.stderr = self._saved
+            self._saved = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
