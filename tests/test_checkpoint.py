@@ -189,8 +189,8 @@ def _stop_worker(rank: int, store_dir: str) -> None:
     try:
         stop = StopRequest(world_size=2)
         first = stop.agreed()
-        stop.requested = rank == 1  # only rank 1 saw the Ctrl-C
-        torch.save([first, stop.agreed()], f"{store_dir}/stop{rank}.pt")
+        stop.signum = signal.SIGTERM if rank == 1 else 0  # only rank 1 got the signal
+        torch.save([first, stop.agreed(), stop.signal_name], f"{store_dir}/stop{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -199,4 +199,4 @@ def _stop_worker(rank: int, store_dir: str) -> None:
 def test_ranks_agree_to_stop_when_any_of_them_was_asked(tmp_path):
     torch.multiprocessing.spawn(_stop_worker, args=(str(tmp_path),), nprocs=2, join=True)
     for rank in range(2):
-        assert torch.load(tmp_path / f"stop{rank}.pt") == [False, True]
+        assert torch.load(tmp_path / f"stop{rank}.pt") == [False, True, "SIGTERM"]

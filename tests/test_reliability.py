@@ -63,7 +63,8 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(folder_datas
     monkeypatch.setattr(train_seg, "segmentation_loss", loss_turning_nan)
     cfg = tiny_train_config(folder_dataset, tmp_path / "nan", iters=6, val_interval=2,
                       checkpoint_interval=2)
-    with pytest.raises(SegnestError, match=r"loss became nan at iteration 4.*last checkpoint.*\(iteration 2\), has finite"):
+    with pytest.raises(SegnestError,
+                       match=r"loss became nan at iteration 4.*\(iteration 2\), has finite"):
         train_seg.run_train(cfg)
     last = load_checkpoint(tmp_path / "nan" / "last.pt")
     best = load_checkpoint(tmp_path / "nan" / "best.pt")
@@ -138,11 +139,12 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(
-        folder_dataset, tmp_path, tiny_flags):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_finishes_the_iteration_saves_and_exits_non_zero(
+        folder_dataset, tmp_path, tiny_flags, signum, code):
     work = tmp_path / "interrupted"
     flags = [*tiny_flags]
-    flags[flags.index("--workers") + 1] = "2"  # workers see the SIGINT too, as in a terminal
+    flags[flags.index("--workers") + 1] = "2"  # workers get the signal too, as in a terminal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "segnest", "train", "--dataset", "folder", "--data-root",
@@ -153,9 +155,13 @@ def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(
     deadline = time.time() + 120
     while not (work / "iter_2.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    os.killpg(proc.pid, signum)  # a terminal's Ctrl-C, or SLURM's SIGTERM: the whole group
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopped at iteration" in out and "--resume auto" in out
-    stopped_at = int(out.split("stopped at iteration ")[1].split("/")[0])
+    name = signal.Signals(signum).name
+    assert proc.returncode == code, err[-2000:]
+    assert f"stopped by {name} at iteration" in out and "--resume" in err
+    assert "Traceback" not in err
+    stopped_at = int(out.split("at iteration ")[1].split("/")[0])
     assert load_checkpoint(work / "last.pt")["iteration"] == stopped_at
+    log = (work / "train.log").read_text()
+    assert f"stopped by {name}" in log and "\r" not in log

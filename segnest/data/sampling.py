@@ -72,7 +72,10 @@ class SeededSamples(Dataset):
 
 
 def init_train_worker(worker_id: int) -> None:
-    """Seed the worker, and leave Ctrl-C to the main process: it finishes the iteration and
-    saves, which it could not do if the workers died on the same SIGINT."""
+    """Seed the worker, and leave Ctrl-C and SIGTERM to the main process: it finishes the
+    iteration and saves, which it could not do if the workers died on the same signal (a
+    terminal's Ctrl-C and SLURM's SIGTERM reach every process of the job). The main process
+    shuts its workers down itself, and they exit on their own if it dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed_worker(worker_id)
