@@ -18,7 +18,7 @@ def test_demo_runs_the_whole_pipeline_and_can_be_rerun(tmp_path, capsys):
     assert "[4/4] evaluating with multi-scale + flip" in out
     assert "tensorboard --logdir" in out
     metrics = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["mIoU"] <= 1.0 and len(metrics["class_names"]) == 8
+    assert 0.0 <= metrics["mIoU"] <= 100.0 and len(metrics["class_names"]) == 8
     assert metrics["inference"]["flip"] and len(metrics["inference"]["scales"]) == 3
     assert (tmp_path / "demo" / "pretrain" / "backbone.pth").exists()
     assert result["pretrain"]["top1"] >= 0.0
