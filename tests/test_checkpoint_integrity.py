@@ -17,7 +17,7 @@ import torch
 import segnest
 from segnest.errors import SegnestError
 from segnest.models import create_model, model_from_checkpoint
-from segnest.runtime import files
+from segnest.runtime import checkpoint, files
 from segnest.runtime.checkpoint import CHECKSUM_KEY, load_checkpoint, save_checkpoint
 from segnest.runtime.files import atomic_open, remove_stale_temp_files, write_text_atomic
 from segnest.training.run_state import find_resume_checkpoint
@@ -172,6 +172,15 @@ def test_a_flipped_byte_inside_a_tensor_fails_the_checksum(tmp_path, mmap):
     one_line_error(excinfo, path)
     loaded = load_checkpoint(path, verify=False)  # what torch.load alone would hand out
     assert not torch.equal(loaded["model"]["w"], training_state()["model"]["w"])
+
+
+def test_the_checksum_is_the_same_hashed_on_threads_or_not(monkeypatch):
+    state = training_state()
+    serial = checkpoint.state_checksum(state)
+    monkeypatch.setattr(checkpoint, "_PARALLEL_FROM_BYTES", 0)
+    assert checkpoint.state_checksum(state) == serial
+    state["model"]["w"][0, 0] += 1
+    assert checkpoint.state_checksum(state) != serial
 
 
 def test_checksummed_checkpoint_loads_back_equal_without_the_checksum_entry(tmp_path):
