@@ -1,6 +1,9 @@
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +28,13 @@ class NotAWeight:
 def state_at(iteration: int) -> dict:
     generator = torch.Generator().manual_seed(iteration)
     return {"iteration": iteration, "model": {"w": torch.randn(4, 3, generator=generator)}}
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def truncate(path, keep_fraction: float = 0.5) -> None:
@@ -60,7 +70,8 @@ def test_crash_during_save_keeps_the_old_checkpoint_and_leaves_no_partial_target
 
 def test_temp_file_of_a_killed_writer_is_ignored_then_removed_by_the_next_save(tmp_path):
     save_checkpoint(state_at(3), tmp_path / "iter_3.pt")
-    orphan = tmp_path / ".last.pt.deadbeef.partial"
+    host = socket.gethostname().replace(".", "_")
+    orphan = tmp_path / f".last.pt.{host}.{dead_pid()}.0123456789abcdef.partial"
     orphan.write_bytes(b"PK\x03\x04 killed mid-write")
     assert find_resume_checkpoint(tmp_path) == tmp_path / "iter_3.pt"
     save_checkpoint(state_at(4), tmp_path / "last.pt")

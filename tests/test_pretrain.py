@@ -184,7 +184,7 @@ def test_pretrained_backbone_loads_into_segmentation_model(tmp_path, image_folde
     load_pretrained(backbone, export)
     assert torch.equal(backbone.conv1[0].weight, trained["conv1.0.weight"])
 
-    classifier = model_from_checkpoint(checkpoint).eval()
+    classifier = model_from_checkpoint(checkpoint, task="classification").eval()
     assert classifier.fc.out_features == 3
     assert torch.equal(classifier.state_dict()["fc.weight"], checkpoint["model"]["fc.weight"])
 

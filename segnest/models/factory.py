@@ -91,19 +91,65 @@ def canonical_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {_RENAMED_KWARGS.get(k, k): v for k, v in kwargs.items()}
 
 
-def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> nn.Module:
+TASKS = ("segmentation", "classification")
+_TASK_COMMANDS = {"segmentation": "segnest train", "classification": "segnest pretrain"}
+
+
+def checkpoint_task(checkpoint: dict) -> str | None:
+    """The task a segnest checkpoint was trained for: its ``task`` entry, or for older
+    checkpoints without one, what its ``model_name`` builds; None when neither says."""
+    task = checkpoint.get("task")
+    if task in TASKS:
+        return task
+    name = checkpoint.get("model_name")
+    if not isinstance(name, str):
+        return None
+    if name.startswith(SEGMENTATION_PREFIX) and name[len(SEGMENTATION_PREFIX):] in RESNEST_VARIANTS:
+        return "segmentation"
+    return "classification" if name in RESNEST_VARIANTS else None
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint",
+                          task: str = "segmentation") -> nn.Module:
     """Rebuild the model a segnest checkpoint was trained with and load its weights.
 
     segnest checkpoints carry ``model_name`` and ``model_kwargs`` so that eval, predict
-    and export never ask the user to repeat the model's settings.
+    and export never ask the user to repeat the model's settings. ``task`` is what the
+    caller needs: a pretraining (classification) checkpoint given where a segmentation
+    model is needed is refused with the way to use it instead.
     """
     if "model_name" not in checkpoint or "model" not in checkpoint:
+        hint = (f"; to use its weights as a backbone pass it to segnest train --pretrained {source}"
+                if task == "segmentation" and extract_state_dict(checkpoint) else "")
         raise SegnestError(
             f"{source} is not a segnest training checkpoint (no model_name/model entries); "
-            "use a .pt file written by 'segnest train' or 'segnest pretrain'"
+            f"use a .pt file written by '{_TASK_COMMANDS.get(task, 'segnest train')}'{hint}"
         )
+    _check_task(checkpoint, source, task)
     kwargs = canonical_model_kwargs(checkpoint.get("model_kwargs", {}))
     model = create_model(checkpoint["model_name"], **kwargs)
     state, _ = match_state_dict(model, extract_state_dict(checkpoint), source=source)
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _check_task(checkpoint: dict, source: str, task: str) -> None:
+    name = checkpoint["model_name"]
+    found = checkpoint_task(checkpoint)
+    if task == "segmentation" and found == "classification":
+        raise SegnestError(
+            f"{source} is a classification pretraining checkpoint (task 'classification', "
+            "from segnest pretrain); eval/predict/export need a segmentation checkpoint from "
+            f"segnest train; to use it as a backbone pass it to segnest train --pretrained {source}"
+        )
+    if task == "segmentation" and not str(name).startswith(SEGMENTATION_PREFIX):
+        raise SegnestError(
+            f"{source} holds model '{name}', which is not a segmentation model (those are "
+            f"named {SEGMENTATION_PREFIX}<backbone>); eval/predict/export need a segmentation "
+            "checkpoint from segnest train"
+        )
+    if task == "classification" and found == "segmentation":
+        raise SegnestError(
+            f"{source} is a segmentation checkpoint (task 'segmentation', from segnest train), "
+            "not a classification one; pass a checkpoint from segnest pretrain"
+        )
