@@ -93,15 +93,10 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     return label_values(open_image(Path(path)), path)
 
 
-def is_label_mode(mode: str) -> bool:
-    """Whether a Pillow image mode holds one integer value per pixel."""
-    return mode in _LABEL_MODES
-
-
 def label_values(image: Image.Image, path: str | os.PathLike, hint: str = "") -> np.ndarray:
     """The values of an opened single-channel mask as int64; ``hint`` ends the refusal of
     other modes (the folder dataset says how it reads colour masks)."""
-    if not is_label_mode(image.mode):
+    if image.mode not in _LABEL_MODES:
         raise SegnestError(
             f"mask {path} is a {image.mode} image; masks must be single-channel PNGs "
             f"holding one class id per pixel (grey or palette indices), not colour images{hint}"

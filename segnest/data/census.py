@@ -81,7 +81,7 @@ def census_key(dataset: SegmentationDataset) -> str:
     for _, mask_path in dataset.samples:
         if mask_path is not None:
             stat = os.stat(mask_path)
-            files.append((str(Path(mask_path).resolve()), stat.st_mtime_ns, stat.st_size))
+            files.append((os.path.abspath(mask_path), stat.st_mtime_ns, stat.st_size))
     identity = [CENSUS_VERSION, dataset.label_mapping_id(), dataset.split, sorted(files)]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
 

@@ -25,7 +25,6 @@ from segnest.data.base import (
     IMAGE_SUFFIXES,
     SampleTransform,
     SegmentationDataset,
-    is_label_mode,
     label_values,
     missing_layout_error,
     open_image,
@@ -186,7 +185,7 @@ class FolderDataset(SegmentationDataset):
 
     def _read_raw_mask(self, mask_path: Path) -> np.ndarray:
         image = open_image(mask_path)
-        if is_label_mode(image.mode) or self.mask_colours is None:
+        if image.mode not in ("RGB", "RGBA") or self.mask_colours is None:
             return label_values(image, mask_path, hint=(
                 f"; to read colour masks, give every class its R G B colour in "
                 f"{self.classes_path} (e.g. 'road 128 64 128')"))
