@@ -155,6 +155,11 @@ class TrainConfig:
     skip_bad_samples: bool = field(
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )
+    label_map: str | None = field(
+        default=None,
+        metadata=help_("folder masks: raw value -> train id, e.g. 255:1,128:2 (other values "
+                       "unchanged; a recipe may give a mapping {255: 1})"),
+    )
     device: str | None = field(
         default=None, metadata=help_("cpu | cuda | cuda:N (default: cuda if present)")
     )
@@ -407,6 +412,9 @@ def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         if f.name not in values:
             continue
         value, tp = values[f.name], _field_type(f, cls)
+        if isinstance(value, dict) and tp is str:
+            # A recipe's mapping for a "k:v,k:v" flag (label_map: {255: 1}).
+            value = ",".join(f"{key}:{item}" for key, item in value.items())
         if value is not None and tp in (int, float, str) and not isinstance(value, tp):
             try:
                 value = tp(value)

@@ -35,6 +35,20 @@ def folder_dataset(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never write into the user's ~/.cache/segnest (label censuses, mini data)."""
+    import os
+
+    previous = os.environ.get("SEGNEST_CACHE")
+    os.environ["SEGNEST_CACHE"] = str(tmp_path_factory.mktemp("segnest-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SEGNEST_CACHE", None)
+    else:
+        os.environ["SEGNEST_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and multi-process tests would
     oversubscribe the cores; one thread keeps the suite fast and steady."""

@@ -1,9 +1,10 @@
-"""Datasets and transforms: ``build_dataset(name, root, split, transform)`` is the entry
-point; see datasets/README.md for the folder layouts."""
+"""Datasets and transforms: ``build_dataset(name, root, split, transform, label_map)`` is the
+entry point; see datasets/README.md for the folder layouts."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from segnest.data.ade20k import ADE20K, ADE20K_CLASSES
 from segnest.data.base import (
@@ -39,9 +40,16 @@ def build_dataset(
     root: str | os.PathLike | None = None,
     split: str = "train",
     transform: SampleTransform | None = None,
+    label_map: str | Mapping | None = None,
 ) -> SegmentationDataset:
     """The dataset ``name`` over ``root`` (None: the default root; for ``mini`` the root is
-    the cache folder it is generated into)."""
+    the cache folder it is generated into). ``label_map`` (raw mask value -> train id)
+    applies to folder datasets only: the others map their published label ids themselves."""
+    if label_map and name in DATASET_NAMES and name != "folder":
+        raise SegnestError(
+            f"--label-map applies to folder datasets only; {name} maps its own label ids, "
+            "remove --label-map (or the label_map recipe key)"
+        )
     if name == "ade20k":
         return ADE20K(root, split, transform)
     if name == "cityscapes":
@@ -52,7 +60,7 @@ def build_dataset(
                 "the folder dataset needs a root; pass --data-root pointing at a folder with "
                 "classes.txt, images/<split>/ and masks/<split>/ (see datasets/README.md)"
             )
-        return FolderDataset(root, split, transform)
+        return FolderDataset(root, split, transform, label_map)
     if name == "mini":
         return build_mini_dataset(root, split, transform)
     raise SegnestError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")

@@ -1,7 +1,8 @@
 """What every segmentation dataset shares: image/mask reading, validation, the sample dict.
 
 A dataset adapter only has to list its ``(image, mask)`` pairs, say how a raw mask maps to
-train ids (``_to_train_ids``) and how a sample is named. Reading, converting any image mode
+train ids (``_to_train_ids``, and ``label_mapping_id`` naming that mapping for caches) and
+how a sample is named. Reading, converting any image mode
 to RGB uint8, and checking every sample happens here, lazily in ``load``, so that a bad file
 is reported by name when it is first used instead of giving a silently wrong result.
 """
@@ -46,7 +47,7 @@ def missing_layout_error(looked_at: Path, layout: str) -> SegnestError:
     )
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Open and fully decode an image, turning any decoding failure into a SegnestError."""
     try:
         image = Image.open(path)
@@ -66,7 +67,7 @@ def open_rgb_image(path: str | os.PathLike) -> Image.Image:
 
     No EXIF rotation is applied: annotations are aligned with the stored pixels.
     """
-    image = _open_image(Path(path))
+    image = open_image(Path(path))
     if image.mode == "RGB":
         return image
     if image.mode in _WIDE_MODES:
@@ -89,11 +90,16 @@ def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
     """Read a single-channel label PNG (8- or 16-bit, grey or palette indices) as int64."""
-    image = _open_image(Path(path))
+    return label_values(open_image(Path(path)), path)
+
+
+def label_values(image: Image.Image, path: str | os.PathLike, hint: str = "") -> np.ndarray:
+    """The values of an opened single-channel mask as int64; ``hint`` ends the refusal of
+    other modes (the folder dataset says how it reads colour masks)."""
     if image.mode not in _LABEL_MODES:
         raise SegnestError(
             f"mask {path} is a {image.mode} image; masks must be single-channel PNGs "
-            "holding one class id per pixel (grey or palette indices), not colour images"
+            f"holding one class id per pixel (grey or palette indices), not colour images{hint}"
         )
     return np.asarray(image).astype(np.int64)
 
@@ -141,9 +147,24 @@ class SegmentationDataset(Dataset):
         """Stem used for prediction file names."""
         return self.samples[index][0].stem
 
+    def _read_raw_mask(self, mask_path: Path) -> np.ndarray:
+        """A mask file's values as stored (HxW); a dataset may also return HxWx3 colours."""
+        return read_label_image(mask_path)
+
     def _to_train_ids(self, raw: np.ndarray, mask_path: Path) -> np.ndarray:
         """Map raw mask values to train ids; by default the file holds train ids already."""
         return raw
+
+    def label_mapping_id(self) -> str:
+        """Names everything that decides how raw mask values become train ids, so that a
+        cache of label counts (segnest.data.census) is not reused across mappings."""
+        return f"{type(self).__name__}/{self.num_classes}"
+
+    def read_mask(self, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(raw values as stored, train ids) of one mask file, unchecked: ``load`` refuses
+        values outside the classes, the census (segnest.data.census) counts them."""
+        raw = self._read_raw_mask(mask_path)
+        return raw, self._to_train_ids(raw, mask_path)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Return the RGB uint8 image and its int64 train-id mask at original size.
@@ -154,7 +175,7 @@ class SegmentationDataset(Dataset):
         image = read_rgb_image(image_path)
         if mask_path is None:
             return image, np.full(image.shape[:2], self.ignore_index, dtype=np.int64)
-        mask = self._to_train_ids(read_label_image(mask_path), mask_path).astype(np.int64)
+        mask = self.read_mask(mask_path)[1].astype(np.int64)
         if mask.shape != image.shape[:2]:
             raise SegnestError(
                 f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} but "

@@ -279,7 +279,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         data_root = (checkpoint.get("config") or {}).get("data_root")
     settings = InferenceSettings.from_flags(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
-    dataset = build_dataset(dataset_name, data_root, cfg.split)
+    # Masks of the dataset trained on are read with the label map training used.
+    label_map = None
+    if dataset_name == trained_dataset:
+        label_map = (checkpoint.get("config") or {}).get("label_map")
+    dataset = build_dataset(dataset_name, data_root, cfg.split, label_map=label_map)
     runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile)
     out_dir = Path(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from segnest.config import TrainConfig
 from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
+from segnest.data.census import check_train_labels
 from segnest.data.sampling import EpochSampler, init_train_worker
 from segnest.data.transforms import IGNORE_INDEX
 from segnest.errors import SegnestError
@@ -202,8 +203,11 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     train_transform = SegTrainTransform(
         cfg.base_size, cfg.crop_size, (cfg.scale_min, cfg.scale_max), cfg.cat_max_ratio,
         photometric=cfg.photometric, ignore_index=IGNORE_INDEX, seed=cfg.seed)
-    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_transform)
-    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform())
+    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_transform,
+                              cfg.label_map)
+    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform(),
+                            cfg.label_map)
+    check_train_labels(train_set, cfg.skip_bad_samples, verbose=dist.is_main)
     iters_per_epoch = len(train_set) // (cfg.batch_size * dist.world_size)
     if iters_per_epoch == 0:
         raise SegnestError(
