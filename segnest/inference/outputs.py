@@ -60,7 +60,7 @@ def refuse_input_file(output: Path, inputs: Mapping[tuple[int, int], str], flag:
     what = inputs.get(file_identity(output)) if inputs else None
     if what is not None:
         raise SegnestError(f"{flag} would write {output}, which is {what}; choose an output "
-                       "that is not an input")
+                           "that is not an input")
 
 
 def refuse_overlap(folder: Path, protected: Mapping[Path, str], flag: str) -> None:
@@ -69,10 +69,11 @@ def refuse_overlap(folder: Path, protected: Mapping[Path, str], flag: str) -> No
     for other, what in protected.items():
         if is_within(folder, other):
             where = "is" if folder == other else "lies inside"
-            raise SegnestError(f"{flag} {folder} {where} {what} {other}; choose a folder outside it")
+            raise SegnestError(f"{flag} {folder} {where} {what} {other}; choose a folder "
+                               "outside it")
         if is_within(other, folder):
-            raise SegnestError(f"{flag} {folder} contains {what} {other}; choose a folder that "
-                           "does not contain it")
+            raise SegnestError(f"{flag} {folder} contains {what} {other}; choose a folder "
+                               "that does not contain it")
 
 
 def dataset_folders(dataset: Any) -> dict[Path, str]:
