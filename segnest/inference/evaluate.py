@@ -217,7 +217,8 @@ def evaluate(
             for index, image, tensor, target, error in bar:
                 if error is not None:
                     if not skip_bad_samples:
-                        raise SegnestError(error)
+                        raise SegnestError(f"{error}, or pass --skip-bad-samples to skip "
+                                           "unreadable samples")
                     warnings.warn(f"skipping sample {index}: {error}", stacklevel=2)
                     skipped += 1
                     continue
