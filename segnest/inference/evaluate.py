@@ -381,5 +381,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
         print(f"metrics written to {json_path}")
         if cfg.save_pred:
-            print(f"predictions written to {cfg.save_pred}")
+            print(f"predictions written to {cfg.save_pred}, coloured previews to "
+                  f"{preview_folder(cfg.save_pred)}")
     return results
