@@ -15,6 +15,22 @@ from typing import Any
 import segnest
 from segnest.errors import EXIT_ERROR, RunStopped, SegnestError
 
+# What an interrupted (Ctrl-C) command leaves behind and how to go on, per command.
+RESUME_ADVICE = ("finished checkpoints in the work folder are intact: run the same command "
+                 "with --resume auto to continue")
+INTERRUPT_ADVICE = {
+    "train": RESUME_ADVICE,
+    "pretrain": RESUME_ADVICE,
+    "demo": "finished steps are kept: run segnest demo again and it resumes by itself",
+    "eval": "nothing was lost: the checkpoint and the dataset are untouched and every "
+            "prediction file written so far is complete; run the same command again to "
+            "evaluate from the start",
+    "predict": "nothing was lost: every mask written so far is a complete file; run the same "
+               "command again to redo them all",
+    "export": "nothing was written (the file appears only once verified); run the same "
+              "command again",
+}
+
 
 def cmd_models(args: argparse.Namespace) -> int:
     for name in segnest.list_models():
@@ -156,9 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        print("\nsegnest: interrupted; finished checkpoints in the work folder are intact: run "
-              "the same command with --resume auto to continue (segnest demo resumes by "
-              "itself)", file=sys.stderr)
+        advice = INTERRUPT_ADVICE.get(args.command, "nothing was written; run the same "
+                                                    "command again")
+        print(f"\nsegnest: interrupted; {advice}", file=sys.stderr)
         return 130
 
 

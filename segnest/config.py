@@ -221,6 +221,9 @@ class PredictConfig(InferenceFlags):
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     out: str = field(default="predictions", metadata=help_("output folder"))
     overlay: bool = field(default=False, metadata=help_("also write image/mask overlays"))
+    skip_bad_samples: bool = field(
+        default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
+    )
 
 
 @dataclass

@@ -203,7 +203,7 @@ def test_save_pred_writes_ade_benchmark_format(ade_root: Path, tmp_path: Path):
         assert saved.dtype == np.uint8 and saved.shape == (HEIGHT, WIDTH)
         assert saved.min() >= 1 and saved.max() <= 3  # never 0 for a predicted pixel
         np.testing.assert_array_equal(saved[gt != 0], gt[gt != 0])
-        colour = np.asarray(Image.open(out / "color" / name).convert("RGB"))
+        colour = np.asarray(Image.open(tmp_path / "pred_color" / name).convert("RGB"))
         np.testing.assert_array_equal(colour, ADE20K_PALETTE[saved.astype(int) - 1])
 
 
@@ -222,14 +222,15 @@ def test_save_pred_writes_cityscapes_label_ids(cityscapes_root: Path, tmp_path: 
     saved = np.asarray(Image.open(saved_path))
     expected = np.where(scene(0) == 1, 33, 7)
     np.testing.assert_array_equal(saved, expected)
-    assert (out / "color" / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png").is_file()
+    previews = tmp_path / "pred_color" / "frankfurt"
+    assert (previews / "frankfurt_000000_000294_leftImg8bit.png").is_file()
 
 
 def test_bad_sample_stops_or_is_skipped(ade_root: Path):
     image = ade_root / "ADEChallengeData2016/images/validation/ADE_val_00000001.png"
     image.write_bytes(b"not a png")
     dataset = ADE20K(ade_root, "val")
-    with pytest.raises(SegnestError, match="ADE_val_00000001"):
+    with pytest.raises(SegnestError, match="ADE_val_00000001.*--skip-bad-samples"):
         evaluate(ColourModel(150), dataset, SINGLE, "cpu", progress=False)
     with pytest.warns(UserWarning, match="skipping sample 1"):
         results, _ = evaluate(ColourModel(150), dataset, SINGLE, "cpu", progress=False,

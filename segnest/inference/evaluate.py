@@ -9,11 +9,21 @@ into one dataset-level confusion matrix (summed over all ranks; see
 ``segnest eval`` and ``predict`` run the checkpoint's model with its batch norms folded into
 the convolutions (``--no-fuse-bn`` turns that off) and, with ``--compile``, compiled with
 frozen weights (:func:`segnest.inference.strategies.inference_model`).
+
+``--save-pred`` holds exactly the label files a benchmark reads (see ``prediction_path``);
+their coloured previews go to the sibling folder ``<save-pred>_color`` with the same
+relative names. Before evaluating, ``segnest eval`` refuses a metrics folder (``--out``) or
+``--save-pred`` that is, lies in or contains the dataset's image or ground-truth folders
+(:mod:`segnest.inference.outputs`), or a metrics folder inside ``--save-pred``, and creates
+the folders, so that a location it cannot write fails at once.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,7 +41,19 @@ from segnest.config import EvalConfig
 from segnest.data import Cityscapes, build_dataset
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
-from segnest.inference.metrics import ConfusionMatrix, format_table, save_results
+from segnest.inference.metrics import (
+    ConfusionMatrix,
+    format_table,
+    metric_warnings,
+    save_results,
+)
+from segnest.inference.outputs import (
+    dataset_folders,
+    is_within,
+    prepare_folder,
+    refuse_overlap,
+    resolved,
+)
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import infer, inference_model
 from segnest.inference.visualize import colorize, denormalize, log_panels, make_panel, save_png
@@ -126,14 +148,26 @@ def prediction_path(dataset: Any, index: int) -> Path:
     return Path(f"{name}.png")
 
 
-def _save_prediction(dataset: Any, index: int, pred: np.ndarray, root: Path) -> None:
+def preview_folder(save_pred: str | os.PathLike) -> Path:
+    """Where the coloured previews of ``--save-pred`` go: the sibling ``<name>_color``.
+
+    Not inside ``--save-pred``: the Cityscapes evaluator globs every PNG below the
+    prediction folder and needs exactly one per ground-truth file, and a benchmark server
+    takes the folder as it is.
+    """
+    root = resolved(save_pred)
+    return root.with_name(root.name + "_color")
+
+
+def _save_prediction(dataset: Any, index: int, pred: np.ndarray, root: Path,
+                     previews: Path) -> None:
     relative = prediction_path(dataset, index)
     if hasattr(dataset, "to_label_file"):
         labels = dataset.to_label_file(pred)
     else:
         labels = pred.astype(np.uint8 if pred.max(initial=0) <= 255 else np.uint16)
     save_png(root / relative, np.ascontiguousarray(labels))
-    save_png(root / "color" / relative, colorize(pred, dataset.palette, dataset.ignore_index))
+    save_png(previews / relative, colorize(pred, dataset.palette, dataset.ignore_index))
 
 
 def evaluate(
@@ -167,6 +201,7 @@ def evaluate(
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     timer = ForwardTimer(model, device)
     out_root = Path(save_pred) if save_pred is not None else None
+    previews = preview_folder(save_pred) if save_pred is not None else None
     loader = DataLoader(_EvalSamples(dataset, indices), batch_size=1, shuffle=False,
                         num_workers=workers, collate_fn=_single)
     built_panels: list[np.ndarray] = []
@@ -182,7 +217,8 @@ def evaluate(
             for index, image, tensor, target, error in bar:
                 if error is not None:
                     if not skip_bad_samples:
-                        raise SegnestError(error)
+                        raise SegnestError(f"{error}, or pass --skip-bad-samples to skip "
+                                           "unreadable samples")
                     warnings.warn(f"skipping sample {index}: {error}", stacklevel=2)
                     skipped += 1
                     continue
@@ -197,7 +233,7 @@ def evaluate(
                         built_panels.append(make_panel(image, target.numpy(), pred_np,
                                                        dataset.palette, ignore_index))
                     if out_root is not None:
-                        _save_prediction(dataset, index, pred_np, out_root)
+                        _save_prediction(dataset, index, pred_np, out_root, previews)
             bar.close()
     finally:
         if was_training and hasattr(model, "train"):
@@ -240,19 +276,46 @@ def _default_out_dir(cfg: EvalConfig, settings: InferenceSettings) -> Path:
 
 def _log_tensorboard(out_dir: Path, results: dict[str, Any], class_names: Sequence[str],
                      panels: list[np.ndarray], step: int) -> None:
+    """Writes the event file in a hidden folder and moves it into ``out_dir`` when closed,
+    so that an interrupted eval leaves no half-written event file."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(out_dir))
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tensorboard-", suffix=".partial"))
     try:
-        for key in ("pixAcc", "mIoU", "mAcc"):
-            if not math.isnan(results[key]):
-                writer.add_scalar(f"eval/{key}", results[key], step)
-        for name, iou in zip(class_names, results["IoU"], strict=True):
-            if not math.isnan(iou):
-                writer.add_scalar(f"eval_class_IoU/{name}", iou, step)
-        log_panels(writer, "eval/panels", panels, step)
+        writer = SummaryWriter(log_dir=str(staging))
+        try:
+            for key in ("pixAcc", "mIoU", "mAcc"):
+                if not math.isnan(results[key]):
+                    writer.add_scalar(f"eval/{key}", results[key], step)
+            for name, iou in zip(class_names, results["IoU"], strict=True):
+                if not math.isnan(iou):
+                    writer.add_scalar(f"eval_class_IoU/{name}", iou, step)
+            log_panels(writer, "eval/panels", panels, step)
+        finally:
+            writer.close()
+        for event_file in staging.iterdir():
+            os.replace(event_file, out_dir / event_file.name)
     finally:
-        writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _prepare_outputs(cfg: EvalConfig, out_dir: Path, dataset: Any) -> None:
+    """Refuse outputs in the dataset or a metrics folder inside --save-pred; create them."""
+    data = dataset_folders(dataset)
+    refuse_overlap(out_dir, data, "--out")
+    if cfg.save_pred:
+        save_pred, previews = resolved(cfg.save_pred), preview_folder(cfg.save_pred)
+        refuse_overlap(save_pred, data, "--save-pred")
+        refuse_overlap(previews, data, "--save-pred's colour previews")
+        for folder in (save_pred, previews):
+            if is_within(out_dir, folder):
+                raise SegnestError(
+                    f"--out {out_dir} lies in {folder}, which must hold only predictions; "
+                    "choose a metrics folder outside --save-pred"
+                )
+        prepare_folder(save_pred, "--save-pred")
+        prepare_folder(previews, "--save-pred's colour previews")
+    prepare_folder(out_dir, "--out")
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -284,8 +347,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if dataset_name == trained_dataset:
         label_map = (checkpoint.get("config") or {}).get("label_map")
     dataset = build_dataset(dataset_name, data_root, cfg.split, label_map=label_map)
+    out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
+    _prepare_outputs(cfg, out_dir, dataset)
     runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile)
-    out_dir = Path(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
 
     results, panels = evaluate(
         runner, dataset, settings, info.device, samples=cfg.samples,
@@ -294,7 +358,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     )
     if info.is_main:
         timing = results["timing"]
+        results["warnings"] = metric_warnings(results, dataset.classes)
         print(format_table(results, dataset.classes))
+        for warning in results["warnings"]:
+            print(f"warning: {warning}")
         print(
             f"{dataset_name} {cfg.split}: {timing['images']} images, {settings.describe()}; "
             f"{timing['total_s']:.1f} s total, "
@@ -318,5 +385,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
         print(f"metrics written to {json_path}")
         if cfg.save_pred:
-            print(f"predictions written to {cfg.save_pred}")
+            print(f"predictions written to {cfg.save_pred}, coloured previews to "
+                  f"{preview_folder(cfg.save_pred)}")
     return results

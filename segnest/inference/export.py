@@ -6,12 +6,17 @@ dimension 1 for the class map. Both formats are exported with dynamic height and
 checked against PyTorch (max abs difference <= 1e-4) at the example size ``--size`` and at a
 second, non-square size before the file is written (atomically). Should the second check
 fail, the export is kept for the example size only, and the message says so.
+
+``--out`` may replace only an earlier export in the same format (a TorchScript archive, an
+ONNX model); the checkpoint, another checkpoint or any other file already there is refused
+before the export starts, as is a folder that cannot be written.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from torch import nn
 
 from segnest.config import ExportConfig
 from segnest.errors import SegnestError
+from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
@@ -110,10 +116,11 @@ def run_export(cfg: ExportConfig) -> Path:
                            f"{', '.join(EXPORT_FORMATS)}")
     if cfg.size < MIN_SIZE:
         raise SegnestError(f"--size {cfg.size} is too small; use at least {MIN_SIZE}")
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    model = LogitsOnly(model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))).eval()
     source = Path(cfg.checkpoint)
     target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIXES[fmt])
+    _check_target(target, source, fmt)
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    model = LogitsOnly(model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))).eval()
 
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(1, 3, h, w, generator=generator) for h, w in _check_sizes(cfg.size)]
@@ -141,6 +148,39 @@ def run_export(cfg: ExportConfig) -> Path:
     print(f"exported {fmt} to {target}: normalized image (1,3,H,W) -> logits (1,C,H,W), "
           f"{shape}; {check}")
     return target
+
+
+def _check_target(target: Path, checkpoint: Path, fmt: str) -> None:
+    """Refuse a target that is the checkpoint or an existing file other than an earlier
+    ``fmt`` export; create its folder."""
+    if target.is_dir():
+        raise SegnestError(f"--out {target} is a folder; give a file name, e.g. "
+                           f"--out {target / ('model' + SUFFIXES[fmt])}")
+    refuse_input_file(target, identities({checkpoint: f"the checkpoint {checkpoint}"}),
+                      "--out")
+    if target.exists() and not _is_export(target, fmt):
+        raise SegnestError(f"--out {target} exists and is not a {fmt} export; choose another "
+                           "file name or delete that file yourself")
+    prepare_folder(resolved(target).parent, "--out's folder")
+
+
+def _is_export(path: Path, fmt: str) -> bool:
+    """Whether ``path`` holds an earlier export in ``fmt``: a TorchScript archive is a zip
+    with ``constants.pkl`` and ``code/``, which a torch.save checkpoint lacks; an ONNX model
+    is a protobuf starting with its ir_version field (byte 0x08), where a torch.save file
+    starts with a zip or pickle header."""
+    try:
+        if fmt == "torchscript":
+            if not zipfile.is_zipfile(path):
+                return False
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            return (any(name.endswith("/constants.pkl") for name in names)
+                    and any("/code/" in name for name in names))
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x08"
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _export(fmt: str, model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool) -> None:

@@ -206,3 +206,20 @@ def save_results(
     write_text_atomic(json_path, text)
     write_text_atomic(md_path, to_markdown(results, class_names))
     return json_path, md_path
+
+
+def metric_warnings(results: dict[str, Any], class_names: Sequence[str]) -> list[str]:
+    """Why the scores in ``results`` may mean little, one sentence each (empty when fine).
+
+    With no labelled pixel every summary value is NaN; with one ground-truth class, mIoU
+    measures that class alone and says nothing about telling classes apart.
+    """
+    if results["labelled_pixels"] == 0:
+        return ["every evaluated pixel is ignore in the ground truth, so pixAcc, mIoU and "
+                "mAcc are undefined; check the masks, --split and --samples"]
+    present = [name for name, count in zip(class_names, results["gt_pixels"], strict=True)
+               if count > 0]
+    if len(present) < 2:
+        return [f"the ground truth holds only 1 class ({present[0]}), so mIoU scores that "
+                "class alone; evaluate on more images or check the masks"]
+    return []

@@ -6,11 +6,17 @@ RGBA, palette, 16-bit) is read as RGB. For an input ``<stem>`` the outputs are
 (uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``. Images found in a
 folder keep their sub-folder below ``<out>``; names that would collide get a suffix. The
 inference settings are those of ``segnest eval`` (see :mod:`segnest.inference.settings`).
+
+``--out`` may be a sub-folder of an input folder: images below ``--out`` are never read as
+inputs. It may not be an input folder itself, nor make an output land in an input folder or
+on an input file or the checkpoint (:mod:`segnest.inference.outputs`); that is checked, and
+``--out`` created, before the checkpoint is loaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,13 @@ from segnest.data.base import IMAGE_SUFFIXES, read_rgb_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import MEAN, STD
 from segnest.errors import SegnestError
+from segnest.inference.outputs import (
+    identities,
+    is_within,
+    prepare_folder,
+    refuse_input_file,
+    resolved,
+)
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import infer, inference_model
 from segnest.inference.visualize import colorize, overlay, save_jpeg, save_png
@@ -37,22 +50,28 @@ def _output_names(stem: Path) -> tuple[Path, Path, Path]:
             stem.with_name(stem.name + "_overlay.jpg"))
 
 
-def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+def collect_images(inputs: Sequence[str | Path],
+                   skip: str | Path | None = None) -> list[tuple[Path, Path]]:
     """``(image file, output stem relative to --out)`` for every input image, in order.
 
     A file given directly is named by its stem; files found in a folder by their path
     relative to that folder. When two inputs would write the same file, the later one gets
-    its extension (``photo_png``) and, if needed, a number appended.
+    its extension (``photo_png``) and, if needed, a number appended. An input folder that
+    holds ``skip`` (the output folder) is read without the files below ``skip``, so that a
+    run writing into a sub-folder of its input never reads its own masks back.
     """
     if not inputs:
         raise SegnestError("no inputs given; pass image files or folders, e.g. "
                            "segnest predict photo.jpg --checkpoint best.pt")
+    skip_folder = resolved(skip) if skip is not None else None
     found: list[tuple[Path, Path]] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
+            skipped = _below_folder(skip_folder, resolved(path))
             files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not skipped(p))
             if not files:
                 raise SegnestError(
                     f"input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
@@ -80,6 +99,47 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return named
 
 
+def _below_folder(skip: Path | None, scanned: Path) -> Callable[[Path], bool]:
+    """Whether a file found in ``scanned`` lies below ``skip``; only a ``skip`` strictly
+    inside ``scanned`` can hold such files (parent folders resolved once each)."""
+    if skip is None or skip == scanned or not is_within(skip, scanned):
+        return lambda file: False
+    parents: dict[Path, bool] = {}
+
+    def below(file: Path) -> bool:
+        if file.parent not in parents:
+            parents[file.parent] = is_within(resolved(file.parent), skip)
+        return parents[file.parent]
+
+    return below
+
+
+def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
+    """Refuse an --out that would replace or mix with an input; returns --out resolved."""
+    out = resolved(cfg.out)
+    folders = [resolved(raw) for raw in cfg.inputs if Path(raw).is_dir()]
+    for folder in folders:
+        if out == folder:
+            raise SegnestError(
+                f"--out {cfg.out} is the input folder {folder}; the masks would be mixed with "
+                f"the images; choose another folder, e.g. --out {folder / 'predictions'}"
+            )
+    inputs = identities({file: f"the input image {file}" for file, _ in images})
+    inputs.update(identities({cfg.checkpoint: f"the checkpoint {cfg.checkpoint}"}))
+    for _, stem in images:
+        for name in _output_names(stem)[: 3 if cfg.overlay else 2]:
+            target = out / name
+            refuse_input_file(target, inputs, "--out")
+            for folder in folders:
+                # Below --out is never read, so only outputs outside it can pollute an input.
+                if is_within(target, folder) and not is_within(out, folder):
+                    raise SegnestError(
+                        f"--out {cfg.out} would put {target} into the input folder {folder}; "
+                        "choose an --out outside that folder or a sub-folder of it"
+                    )
+    return out
+
+
 def _normalize(image: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
@@ -96,7 +156,8 @@ def _palette(checkpoint: dict[str, Any], num_classes: int) -> np.ndarray:
 
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
-    images = collect_images(cfg.inputs)
+    images = collect_images(cfg.inputs, skip=cfg.out)
+    prepare_folder(_check_outputs(cfg, images), "--out")
     checkpoint = load_checkpoint(cfg.checkpoint)
     model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
     settings = InferenceSettings.from_flags(cfg, checkpoint)
@@ -113,9 +174,18 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     palette = _palette(checkpoint, num_classes)
     out = Path(cfg.out)
     written: list[Path] = []
+    skipped = 0
     with torch.inference_mode():
         for file, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
-            image = read_rgb_image(file)
+            try:
+                image = read_rgb_image(file)
+            except SegnestError as err:
+                if not cfg.skip_bad_samples:
+                    raise SegnestError(f"{err}, or pass --skip-bad-samples to skip unreadable "
+                                       "images") from err
+                warnings.warn(f"skipping {file}: {err}", stacklevel=2)
+                skipped += 1
+                continue
             probs = infer(model, _normalize(image, device), num_classes, settings)
             mask = probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
             color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
@@ -126,4 +196,6 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
                 save_jpeg(overlay_path, overlay(image, color))
             written.append(color_path)
     print(f"wrote {len(written)} mask(s) to {out}")
+    if skipped:
+        print(f"warning: {skipped} unreadable image(s) skipped")
     return written
