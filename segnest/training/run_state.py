@@ -341,30 +341,37 @@ class StopRequest:
 
 
 def find_resume_checkpoint(work_dir: str | os.PathLike) -> Path | None:
-    """The newest loadable checkpoint in ``work_dir`` for ``--resume auto``, or None.
+    """The newest intact checkpoint in ``work_dir`` for ``--resume auto``, or None.
 
     Candidates are ``last.pt`` and ``iter_<N>.pt``, ordered by the iteration stored inside
-    (else the number in the name) and then by modification time. Corrupt candidates are
-    skipped with a warning.
+    (else the number in the name) and then by modification time; they are read lazily
+    (memory-mapped, unverified) to order them, and the newest is then verified in full
+    (its checksum included). Unreadable or corrupt files of any kind are skipped with a
+    warning, and the next newest is taken.
     """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         return None
-    best_path: Path | None = None
-    best_key: tuple[float, float] | None = None
+    candidates: list[tuple[tuple[float, float], Path]] = []
     for candidate in work_dir.iterdir():
         if not (candidate.is_file() and (candidate.name == LAST_CHECKPOINT_NAME
                                          or _PERIODIC_NAME.match(candidate.name))):
             continue
         try:
-            state = load_checkpoint(candidate, mmap=True)
+            state = load_checkpoint(candidate, mmap=True, verify=False)
+            key = (_stored_iteration(candidate, state), candidate.stat().st_mtime)
+        except (SegnestError, OSError) as error:
+            warnings.warn(f"skipping checkpoint for resume: {error}", stacklevel=2)
+            continue
+        candidates.append((key, candidate))
+    for _, candidate in sorted(candidates, key=lambda item: item[0], reverse=True):
+        try:
+            load_checkpoint(candidate, mmap=True)
         except SegnestError as error:
             warnings.warn(f"skipping checkpoint for resume: {error}", stacklevel=2)
             continue
-        key = (_stored_iteration(candidate, state), candidate.stat().st_mtime)
-        if best_key is None or key > best_key:
-            best_path, best_key = candidate, key
-    return best_path
+        return candidate
+    return None
 
 
 def _stored_iteration(path: Path, state: Mapping[str, Any]) -> float:

@@ -27,7 +27,7 @@ from segnest.data.sampling import EpochSampler, init_train_worker
 from segnest.data.transforms import IGNORE_INDEX
 from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate
-from segnest.inference.metrics import format_table, percent
+from segnest.inference.metrics import format_table, metric_warnings, percent
 from segnest.inference.settings import InferenceSettings
 from segnest.models import RESNEST_VARIANTS, DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
@@ -271,6 +271,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             return None
         return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device)
 
+    warned: list[str] = []
+
     def validate(progress: Progress) -> float:
         progress.bar.clear()
         results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
@@ -281,6 +283,10 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         progress.write(f"iter {run.iteration}: val mIoU {percent(results['mIoU'])} "
                        f"pixAcc {percent(results['pixAcc'])} "
                        f"(best {percent(max(run.best, results['mIoU']))})")
+        if not warned:  # the validation ground truth is the same each time: say it once
+            warned.extend(metric_warnings(results, val_set.classes))
+            for warning in warned:
+                progress.write(f"warning: validation: {warning}")
         if writer is not None:
             _log_validation(writer, results, train_set.classes, panels, run.iteration)
         return results["mIoU"]
