@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import segnest
-from segnest.errors import EXIT_ERROR, RunStopped, SegnestError
+from segnest.errors import EXIT_ERROR, STOP_EXIT_CODES, RunStopped, SegnestError
 
 # What an interrupted (Ctrl-C) command leaves behind and how to go on, per command.
-RESUME_ADVICE = ("finished checkpoints in the work folder are intact: run the same command "
-                 "with --resume auto to continue")
+RESUME_ADVICE = ("the checkpoints in the work folder are intact: run the same command with "
+                 "--resume to continue")
 INTERRUPT_ADVICE = {
     "train": RESUME_ADVICE,
     "pretrain": RESUME_ADVICE,
@@ -166,16 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segnest: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except RunStopped as stop:
-        print(f"segnest: stopped by {stop.signal_name} (exit code {stop.exit_code}); the "
-              "checkpoint is saved: run the same command with --resume to continue"
-              + (" (segnest demo resumes by itself)" if args.command == "demo" else ""),
+        print(f"segnest: stopped by {stop.signal_name}; {_interrupt_advice(args.command)}",
               file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        advice = INTERRUPT_ADVICE.get(args.command, "nothing was written; run the same "
-                                                    "command again")
-        print(f"\nsegnest: interrupted; {advice}", file=sys.stderr)
-        return 130
+        print(f"\nsegnest: interrupted; {_interrupt_advice(args.command)}", file=sys.stderr)
+        return STOP_EXIT_CODES["SIGINT"]
+
+
+def _interrupt_advice(command: str) -> str:
+    return INTERRUPT_ADVICE.get(command, "nothing was written; run the same command again")
 
 
 if __name__ == "__main__":

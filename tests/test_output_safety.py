@@ -252,7 +252,7 @@ def test_interrupted_training_still_says_resume_auto(monkeypatch, capsys):
 
     monkeypatch.setattr("segnest.training.segmentation.run_train", interrupted)
     assert cli.main(["train", "--dataset", "folder", "--data-root", "x"]) == 130
-    assert "--resume auto" in capsys.readouterr().err
+    assert "--resume to continue" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 5. checked before the work
