@@ -7,10 +7,10 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import segnest
 from segnest.errors import EXIT_ERROR, STOP_EXIT_CODES, RunStopped, SegnestError
@@ -38,79 +38,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configured(cls: type, presets: str | None = None) -> Callable[[argparse.Namespace], Any]:
-    """Turn parsed flags into the command's config dataclass, merged with the recipe and
-    the per-dataset presets named by ``presets`` (an attribute of segnest.config)."""
+def _command(config_name: str, runner: str,
+             presets: str | None = None) -> Callable[[argparse.Namespace], int]:
+    """A command: its flags merged with the recipe and the presets named by ``presets`` (an
+    attribute of segnest.config) into the validated config ``config_name``, then passed to
+    ``runner`` ("module:function"). The runner's module (and torch) is imported only once
+    the config is valid, so that a bad flag is reported at once."""
 
-    def resolve(args: argparse.Namespace) -> Any:
+    def handler(args: argparse.Namespace) -> int:
         from segnest import config
 
         given = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
         table = getattr(config, presets) if presets else None
-        return config.resolve_config(cls, given, table)
+        cfg = config.resolve_config(getattr(config, config_name), given, table)
+        module, function = runner.split(":")
+        result = getattr(importlib.import_module(module), function)(cfg)
+        if isinstance(result, dict) and result.get("interrupted"):
+            raise RunStopped(result.get("signal"))  # exits with the signal's code
+        return 0
 
-    return resolve
-
-
-def _run_status(result: dict[str, Any]) -> int:
-    """0 for a finished run; a stopped one raises, so the CLI exits with its signal's code."""
-    if result.get("interrupted"):
-        raise RunStopped(result.get("signal"))
-    return 0
+    return handler
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from segnest.config import TrainConfig
-    from segnest.training.segmentation import run_train
-
-    return _run_status(run_train(_configured(TrainConfig, "DATASET_PRESETS")(args)))
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from segnest.config import EvalConfig
-    from segnest.inference.evaluate import run_eval
-
-    run_eval(_configured(EvalConfig)(args))
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from segnest.config import PredictConfig
-    from segnest.inference.predict import run_predict
-
-    run_predict(_configured(PredictConfig)(args))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from segnest.config import ExportConfig
-    from segnest.inference.export import run_export
-
-    run_export(_configured(ExportConfig)(args))
-    return 0
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from segnest.config import PretrainConfig
-    from segnest.training.classification import run_pretrain
-
-    return _run_status(run_pretrain(_configured(PretrainConfig, "PRETRAIN_PRESETS")(args)))
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from segnest.config import BenchConfig
-    from segnest.tools.bench import run_bench
-
-    run_bench(_configured(BenchConfig)(args))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from segnest.config import DemoConfig
-    from segnest.tools.demo import run_demo
-
-    run_demo(_configured(DemoConfig)(args))
-    return 0
+COMMANDS = {
+    "train": _command("TrainConfig", "segnest.training.segmentation:run_train",
+                      "DATASET_PRESETS"),
+    "eval": _command("EvalConfig", "segnest.inference.evaluate:run_eval"),
+    "predict": _command("PredictConfig", "segnest.inference.predict:run_predict"),
+    "export": _command("ExportConfig", "segnest.inference.export:run_export"),
+    "pretrain": _command("PretrainConfig", "segnest.training.classification:run_pretrain",
+                         "PRETRAIN_PRESETS"),
+    "bench": _command("BenchConfig", "segnest.tools.bench:run_bench"),
+    "demo": _command("DemoConfig", "segnest.tools.demo:run_demo"),
+}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
@@ -131,15 +91,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     from segnest import config
 
     commands = [
-        ("train", config.TrainConfig, cmd_train),
-        ("eval", config.EvalConfig, cmd_eval),
-        ("predict", config.PredictConfig, cmd_predict),
-        ("export", config.ExportConfig, cmd_export),
-        ("pretrain", config.PretrainConfig, cmd_pretrain),
-        ("bench", config.BenchConfig, cmd_bench),
-        ("demo", config.DemoConfig, cmd_demo),
+        ("train", config.TrainConfig),
+        ("eval", config.EvalConfig),
+        ("predict", config.PredictConfig),
+        ("export", config.ExportConfig),
+        ("pretrain", config.PretrainConfig),
+        ("bench", config.BenchConfig),
+        ("demo", config.DemoConfig),
     ]
-    for name, cls, handler in commands:
+    for name, cls in commands:
         summary = (cls.__doc__ or "").split(":", 1)[-1].strip()
         command = sub.add_parser(name, help=summary, description=summary)
         if name == "predict":
@@ -148,7 +108,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         config.add_dataclass_arguments(command, cls, skip=("inputs",))
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show full tracebacks for errors")
-        handlers[name] = handler
+        handlers[name] = COMMANDS[name]
     return parser, handlers
 
 

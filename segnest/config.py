@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
+import math
+import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,35 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The allowed values of the choice flags (the commands' modules use these).
+DATASETS = ("ade20k", "cityscapes", "folder", "mini")
+PRETRAIN_DATASETS = ("imagenet", "mini")
+INFERENCE_MODES = ("whole", "slide")
+EVAL_SPLITS = ("train", "val", "test")
+EXPORT_FORMATS = ("torchscript", "onnx")
+AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
+BENCH_MODES = ("infer", "train")
+OUTPUT_STRIDES = (8, 16, 32)
+DEVICE = (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")
+# The smallest training crop and example input: ResNeSt's total stride is 32, so a smaller
+# image leaves the last stage (and a classifier's pooling) a single pixel or less. Such a
+# run "works" and learns nothing; it is refused instead.
+MIN_INPUT_SIZE = 32
+# NumPy's seed range; it also keeps the samplers' seed arithmetic within 64 bits.
+MAX_SEED = 2**32 - 1
+
+# Field metadata keys that constrain a value (see ``help_``); they are not argparse's.
+CONSTRAINTS = ("min", "above", "max", "below", "choices", "pattern")
+
+
 def help_(text: str, **extra: Any) -> dict[str, Any]:
+    """A field's metadata: its ``--help`` text and what the value may be, declared next to
+    its default and checked by :func:`validate_config` for every command:
+
+    ``min`` / ``max``: inclusive bounds; ``above`` / ``below``: exclusive bounds;
+    ``choices``: the allowed values; ``pattern``: (regular expression, how to write it).
+    Other keys (``required``, ``renamed_from``, ``const``) shape the flag.
+    """
     return {"help": text, **extra}
 
 
@@ -72,7 +105,7 @@ OVERWRITE_HELP = ("start a new run in a work folder that holds an earlier run's 
 class TrainConfig:
     """``segnest train``: DeepLabV3 on a ResNeSt backbone with the paper's recipe."""
 
-    dataset: str = field(default="ade20k", metadata=help_("ade20k | cityscapes | folder | mini"))
+    dataset: str = field(default="ade20k", metadata=help_("dataset", choices=DATASETS))
     backbone: str = field(default="resnest50", metadata=help_("backbone name (segnest models)"))
     data_root: str | None = field(
         default=None,
@@ -85,49 +118,57 @@ class TrainConfig:
         default=None, metadata=help_("local ImageNet/pretrain checkpoint for the backbone")
     )
     iters: int | None = field(
-        default=None, metadata=help_("training iterations (overrides --epochs)")
+        default=None, metadata=help_("training iterations (overrides --epochs)", min=1)
     )
-    epochs: int | None = field(default=None, metadata=help_("training epochs"))
-    batch_size: int = field(default=2, metadata=help_("images per device per step"))
+    epochs: int | None = field(default=None, metadata=help_("training epochs", min=1))
+    batch_size: int = field(default=2, metadata=help_("images per device per step", min=1))
     lr: float | None = field(
-        default=None, metadata=help_("base learning rate (default 0.01 x total batch / 16)")
+        default=None,
+        metadata=help_("base learning rate (default 0.01 x total batch / 16)", above=0),
     )
-    momentum: float = field(default=0.9, metadata=help_("SGD momentum"))
-    weight_decay: float = field(default=1e-4, metadata=help_("SGD weight decay"))
+    momentum: float = field(default=0.9, metadata=help_("SGD momentum", min=0, below=1))
+    weight_decay: float = field(default=1e-4, metadata=help_("SGD weight decay", min=0))
     no_decay_norm: bool = field(
         default=False, metadata=help_("no weight decay on norm layers and biases")
     )
-    head_lr_mult: float = field(default=10.0, metadata=help_("lr multiplier of head and aux head"))
-    poly_power: float = field(default=0.9, metadata=help_("poly schedule power"))
-    min_lr: float = field(default=0.0, metadata=help_("poly schedule floor"))
-    warmup_iters: int = field(default=0, metadata=help_("linear warmup iterations"))
-    crop_size: int | None = field(default=None, metadata=help_("training crop (square)"))
-    base_size: int | None = field(
-        default=None, metadata=help_("long side before random scaling; eval long side")
+    head_lr_mult: float = field(
+        default=10.0, metadata=help_("lr multiplier of head and aux head", above=0)
     )
-    scale_min: float = field(default=0.5, metadata=help_("random scale lower bound"))
-    scale_max: float = field(default=2.0, metadata=help_("random scale upper bound"))
+    poly_power: float = field(default=0.9, metadata=help_("poly schedule power", min=0))
+    min_lr: float = field(default=0.0, metadata=help_("poly schedule floor", min=0))
+    warmup_iters: int = field(default=0, metadata=help_("linear warmup iterations", min=0))
+    crop_size: int | None = field(
+        default=None, metadata=help_("training crop (square)", min=MIN_INPUT_SIZE)
+    )
+    base_size: int | None = field(
+        default=None, metadata=help_("long side before random scaling; eval long side", min=1)
+    )
+    scale_min: float = field(default=0.5, metadata=help_("random scale lower bound", above=0))
+    scale_max: float = field(default=2.0, metadata=help_("random scale upper bound", above=0))
     cat_max_ratio: float = field(
-        default=1.0, metadata=help_("re-draw crops where one class covers more than this (1 = off)")
+        default=1.0,
+        metadata=help_("re-draw crops where one class covers more than this (1 = off)",
+                       above=0, max=1),
     )
     photometric: bool = field(default=False, metadata=help_("photometric distortion"))
     output_stride: int | None = field(
-        default=None, metadata=help_("backbone output stride: 8, 16 or 32 (default 8, the model's)")
+        default=None,
+        metadata=help_("backbone output stride (default 8, the model's)", choices=OUTPUT_STRIDES),
     )
     aux: bool = field(default=True, metadata=help_("auxiliary FCN head on layer3"))
-    aux_weight: float = field(default=0.2, metadata=help_("weight of the auxiliary loss"))
+    aux_weight: float = field(default=0.2, metadata=help_("weight of the auxiliary loss", min=0))
     head_channels: int | None = field(
-        default=None, metadata=help_("ASPP channels (default: the model's, 256)")
+        default=None, metadata=help_("ASPP channels (default: the model's, 256)", min=1)
     )
     stage_width: int = field(
         default=64,
         metadata=help_("planes of the backbone's first stage, doubled per stage (64 = published)",
-                       renamed_from="base_width"),
+                       renamed_from="base_width", min=1),
     )
     stem_width: int | None = field(
-        default=None, metadata=help_("backbone stem width (default: the variant's)")
+        default=None, metadata=help_("backbone stem width (default: the variant's)", min=1)
     )
-    workers: int = field(default=4, metadata=help_("data loader workers per process"))
+    workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
     amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     checkpoint_activations: bool = field(
@@ -136,21 +177,26 @@ class TrainConfig:
     work_dir: str | None = field(
         default=None, metadata=help_("output folder (default runs/<dataset>_<backbone>)")
     )
-    resume: str | None = field(default=None, metadata=help_(RESUME_HELP))
+    resume: str | None = field(default=None, metadata=help_(RESUME_HELP, const="auto"))
     overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
-    seed: int = field(default=0, metadata=help_("random seed"))
+    seed: int = field(default=0, metadata=help_("random seed", min=0, max=MAX_SEED))
     val_interval: int | None = field(
-        default=None, metadata=help_("validate every N iterations (default: 10 times per run)")
+        default=None,
+        metadata=help_("validate every N iterations (default: 10 times per run)", min=1),
     )
     val_samples: int | None = field(
-        default=None, metadata=help_("validate on the first N images only (default all)")
+        default=None, metadata=help_("validate on the first N images only (default all)", min=1)
     )
     checkpoint_interval: int = field(
-        default=CHECKPOINT_INTERVAL, metadata=help_(CHECKPOINT_INTERVAL_HELP)
+        default=CHECKPOINT_INTERVAL, metadata=help_(CHECKPOINT_INTERVAL_HELP, min=0)
     )
-    keep_checkpoints: int = field(default=0, metadata=help_(KEEP_CHECKPOINTS_HELP))
-    log_interval: int = field(default=10, metadata=help_("scalar logging every N iterations"))
-    panels: int = field(default=4, metadata=help_("validation images shown in TensorBoard"))
+    keep_checkpoints: int = field(default=0, metadata=help_(KEEP_CHECKPOINTS_HELP, min=0))
+    log_interval: int = field(
+        default=10, metadata=help_("scalar logging every N iterations", min=1)
+    )
+    panels: int = field(
+        default=4, metadata=help_("validation images shown in TensorBoard", min=0)
+    )
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
     skip_bad_samples: bool = field(
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
@@ -161,7 +207,7 @@ class TrainConfig:
                        "unchanged; a recipe may give a mapping {255: 1})"),
     )
     device: str | None = field(
-        default=None, metadata=help_("cpu | cuda | cuda:N (default: cuda if present)")
+        default=None, metadata=help_("device (default: cuda if present)", pattern=DEVICE)
     )
 
 
@@ -175,23 +221,23 @@ class InferenceFlags:
     scales: str | None = field(
         default=None, metadata=help_("comma-separated scales, e.g. 0.5,1.0 (implies multi-scale)")
     )
-    mode: str = field(default="whole", metadata=help_("whole | slide"))
+    mode: str = field(default="whole", metadata=help_("inference mode", choices=INFERENCE_MODES))
     base_size: int | None = field(
-        default=None, metadata=help_("long side at scale 1.0 (default: the checkpoint's)")
+        default=None, metadata=help_("long side at scale 1.0 (default: the checkpoint's)", min=1)
     )
     window_size: int | None = field(
         default=None,
         metadata=help_("sliding-window size (default: the checkpoint's training crop)",
-                       renamed_from="crop_size"),
+                       renamed_from="crop_size", min=1),
     )
     stride: int | None = field(
-        default=None, metadata=help_("sliding-window stride (default 2/3 of the window)")
+        default=None, metadata=help_("sliding-window stride (default 2/3 of the window)", min=1)
     )
     fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs (same outputs, faster)"))
     compile: bool = field(
         default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
     )
-    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
+    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
 
 
 @dataclass
@@ -199,18 +245,20 @@ class EvalConfig(InferenceFlags):
     """``segnest eval``: metrics of a checkpoint on a dataset split."""
 
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
-    dataset: str | None = field(default=None, metadata=help_("default: the checkpoint's"))
+    dataset: str | None = field(
+        default=None, metadata=help_("dataset (default: the checkpoint's)", choices=DATASETS)
+    )
     data_root: str | None = field(default=None, metadata=help_("dataset root"))
-    split: str = field(default="val", metadata=help_("train | val"))
+    split: str = field(default="val", metadata=help_("dataset split", choices=EVAL_SPLITS))
     save_pred: str | None = field(default=None, metadata=help_("write predictions here"))
     out: str | None = field(
         default=None, metadata=help_("metrics folder (default next to checkpoint)")
     )
-    samples: int | None = field(default=None, metadata=help_("first N images only"))
+    samples: int | None = field(default=None, metadata=help_("first N images only", min=1))
     skip_bad_samples: bool = field(
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )
-    workers: int = field(default=2, metadata=help_("data loader workers"))
+    workers: int = field(default=2, metadata=help_("data loader workers", min=0))
 
 
 @dataclass
@@ -231,11 +279,14 @@ class ExportConfig:
     """``segnest export``: a TorchScript or ONNX inference model from a checkpoint."""
 
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
-    format: str = field(default="torchscript", metadata=help_("torchscript | onnx"))
+    format: str = field(default="torchscript", metadata=help_("format", choices=EXPORT_FORMATS))
     out: str | None = field(
         default=None, metadata=help_("output file (default next to checkpoint)")
     )
-    size: int = field(default=512, metadata=help_("example input side used for tracing/checks"))
+    size: int = field(
+        default=512,
+        metadata=help_("example input side used for tracing/checks", min=MIN_INPUT_SIZE),
+    )
 
 
 @dataclass
@@ -243,58 +294,74 @@ class PretrainConfig:
     """``segnest pretrain``: ImageNet-style classification pretraining of a backbone."""
 
     dataset: str = field(
-        default="imagenet", metadata=help_("imagenet (a folder via --data) | mini")
+        default="imagenet",
+        metadata=help_("imagenet (a folder via --data) or the bundled mini set",
+                       choices=PRETRAIN_DATASETS),
     )
     data: str | None = field(
         default=None, metadata=help_("folder with train/<class>/ and val/<class>/")
     )
     backbone: str = field(default="resnest50", metadata=help_("backbone name"))
     config: str | None = field(default=None, metadata=help_("recipe YAML"))
-    epochs: int = field(default=270, metadata=help_("training epochs"))
-    batch_size: int = field(default=64, metadata=help_("images per device per step"))
+    epochs: int = field(default=270, metadata=help_("training epochs", min=1))
+    batch_size: int = field(default=64, metadata=help_("images per device per step", min=1))
     lr: float | None = field(
-        default=None, metadata=help_("base lr (default 0.1 x total batch / 256)")
+        default=None, metadata=help_("base lr (default 0.1 x total batch / 256)", above=0)
     )
-    momentum: float = field(default=0.9, metadata=help_("SGD momentum"))
-    weight_decay: float = field(default=1e-4, metadata=help_("weight decay (not on norm/bias)"))
-    warmup_epochs: float = field(default=5.0, metadata=help_("linear warmup epochs"))
-    label_smoothing: float = field(default=0.1, metadata=help_("label smoothing"))
-    mixup: float = field(default=0.2, metadata=help_("mixup alpha (0 = off)"))
-    cutmix: float = field(default=0.0, metadata=help_("cutmix alpha (0 = off)"))
+    momentum: float = field(default=0.9, metadata=help_("SGD momentum", min=0, below=1))
+    weight_decay: float = field(
+        default=1e-4, metadata=help_("weight decay (not on norm/bias)", min=0)
+    )
+    warmup_epochs: float = field(default=5.0, metadata=help_("linear warmup epochs", min=0))
+    label_smoothing: float = field(
+        default=0.1, metadata=help_("label smoothing", min=0, below=1)
+    )
+    mixup: float = field(default=0.2, metadata=help_("mixup alpha (0 = off)", min=0))
+    cutmix: float = field(default=0.0, metadata=help_("cutmix alpha (0 = off)", min=0))
     auto_augment: str = field(
-        default="autoaugment", metadata=help_("autoaugment | randaugment | none")
+        default="autoaugment",
+        metadata=help_("augmentation policy", choices=AUTO_AUGMENT_CHOICES),
     )
-    crop_size: int = field(default=224, metadata=help_("train crop / eval crop"))
+    crop_size: int = field(
+        default=224, metadata=help_("train crop / eval crop", min=MIN_INPUT_SIZE)
+    )
     crop_pct: float = field(
-        default=0.875, metadata=help_("eval: resize to crop/crop_pct, centre crop")
+        default=0.875,
+        metadata=help_("eval: resize to crop/crop_pct, centre crop", above=0, max=1),
     )
-    dropblock_prob: float = field(default=0.0, metadata=help_("DropBlock on the last two stages"))
-    final_drop: float = field(default=0.0, metadata=help_("dropout before fc"))
+    dropblock_prob: float = field(
+        default=0.0, metadata=help_("DropBlock on the last two stages", min=0, below=1)
+    )
+    final_drop: float = field(
+        default=0.0, metadata=help_("dropout before fc", min=0, below=1)
+    )
     last_gamma: bool = field(default=True, metadata=help_("zero-init the last BN gamma per block"))
     stage_width: int = field(
         default=64,
         metadata=help_("planes of the backbone's first stage, doubled per stage (64 = published)",
-                       renamed_from="base_width"),
+                       renamed_from="base_width", min=1),
     )
-    stem_width: int | None = field(default=None, metadata=help_("backbone stem width"))
-    workers: int = field(default=4, metadata=help_("data loader workers per process"))
+    stem_width: int | None = field(default=None, metadata=help_("backbone stem width", min=1))
+    workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
     amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     work_dir: str | None = field(default=None, metadata=help_("output folder"))
-    resume: str | None = field(default=None, metadata=help_(RESUME_HELP))
+    resume: str | None = field(default=None, metadata=help_(RESUME_HELP, const="auto"))
     overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
     export: str | None = field(
         default=None,
         metadata=help_("also write the bare backbone state dict (official key layout) here"),
     )
-    seed: int = field(default=0, metadata=help_("random seed"))
+    seed: int = field(default=0, metadata=help_("random seed", min=0, max=MAX_SEED))
     checkpoint_interval: int = field(
-        default=CHECKPOINT_INTERVAL, metadata=help_(CHECKPOINT_INTERVAL_HELP)
+        default=CHECKPOINT_INTERVAL, metadata=help_(CHECKPOINT_INTERVAL_HELP, min=0)
     )
-    keep_checkpoints: int = field(default=0, metadata=help_(KEEP_CHECKPOINTS_HELP))
-    log_interval: int = field(default=10, metadata=help_("scalar logging every N iterations"))
+    keep_checkpoints: int = field(default=0, metadata=help_(KEEP_CHECKPOINTS_HELP, min=0))
+    log_interval: int = field(
+        default=10, metadata=help_("scalar logging every N iterations", min=1)
+    )
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
-    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
+    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
 
 
 @dataclass
@@ -302,17 +369,17 @@ class BenchConfig:
     """``segnest bench``: speed, memory and achieved FLOP/s of a model."""
 
     model: str = field(default="deeplabv3_resnest50", metadata=help_("model name"))
-    size: int = field(default=512, metadata=help_("input side"))
-    batch: int = field(default=2, metadata=help_("batch size"))
-    mode: str = field(default="infer", metadata=help_("infer | train"))
+    size: int = field(default=512, metadata=help_("input side", min=MIN_INPUT_SIZE))
+    batch: int = field(default=2, metadata=help_("batch size", min=1))
+    mode: str = field(default="infer", metadata=help_("what to time", choices=BENCH_MODES))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs for inference"))
     checkpoint_activations: bool = field(default=False, metadata=help_("activation checkpointing"))
-    warmup: int = field(default=2, metadata=help_("untimed runs"))
-    runs: int = field(default=5, metadata=help_("timed runs (median reported)"))
-    num_classes: int = field(default=150, metadata=help_("classes of the head"))
+    warmup: int = field(default=2, metadata=help_("untimed runs", min=0))
+    runs: int = field(default=5, metadata=help_("timed runs (median reported)", min=1))
+    num_classes: int = field(default=150, metadata=help_("classes of the head", min=1))
     json: bool = field(default=False, metadata=help_("print one JSON object"))
-    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
+    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
 
 
 @dataclass
@@ -320,22 +387,34 @@ class DemoConfig:
     """``segnest demo``: the whole pipeline on bundled data, in minutes, on a CPU."""
 
     work_dir: str = field(default="runs/demo", metadata=help_("output folder"))
-    pretrain_epochs: int = field(default=15, metadata=help_("classification pretraining epochs"))
-    iters: int = field(default=900, metadata=help_("segmentation training iterations"))
+    pretrain_epochs: int = field(
+        default=15, metadata=help_("classification pretraining epochs", min=1)
+    )
+    iters: int = field(default=900, metadata=help_("segmentation training iterations", min=1))
     compare_scratch: bool = field(
         default=False,
         metadata=help_("also train from scratch with the same budget and report both"),
     )
-    workers: int = field(default=2, metadata=help_("data loader workers"))
-    device: str | None = field(default=None, metadata=help_("cpu | cuda | cuda:N"))
+    workers: int = field(default=2, metadata=help_("data loader workers", min=0))
+    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
+
+
+@functools.cache
+def _field_types(owner: type) -> dict[str, tuple[Any, bool]]:
+    """Field name -> (type without ``None``, whether ``None`` is allowed)."""
+    out = {}
+    for name, tp in typing.get_type_hints(owner).items():
+        optional = False
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            args = typing.get_args(tp)
+            optional = type(None) in args
+            tp = next(a for a in args if a is not type(None))
+        out[name] = (tp, optional)
+    return out
 
 
 def _field_type(f: dataclasses.Field, owner: type) -> Any:
-    hints = typing.get_type_hints(owner)
-    tp = hints[f.name]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
+    return _field_types(owner)[f.name][0]
 
 
 def renamed_keys(cls: type) -> dict[str, str]:
@@ -356,32 +435,66 @@ class _RenamedFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bounds_text(meta: typing.Mapping[str, Any]) -> str | None:
+    """``">= 0 and < 1"`` from a field's bounds; None when it has none."""
+    parts = [f"{op} {meta[key]}" for key, op in
+             (("min", ">="), ("above", ">"), ("max", "<="), ("below", "<")) if key in meta]
+    return " and ".join(parts) or None
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
 ) -> None:
     """One ``--flag-name`` per field. Defaults are suppressed so that only what the user
-    typed overrides the recipe and the presets; a renamed field also takes its old flag."""
+    typed overrides the recipe and the presets; a renamed field also takes its old flag.
+    The help shows a field's allowed values; they are checked by :func:`validate_config`
+    (not by argparse), so that a flag and a recipe key fail alike, in one line."""
     for f in fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         tp = _field_type(f, cls)
-        meta = dict(f.metadata)
+        meta = {k: v for k, v in f.metadata.items() if k not in CONSTRAINTS}
         required = meta.pop("required", False)
         old_name = meta.pop("renamed_from", None)
+        const = meta.pop("const", None)
+        bounds = _bounds_text(f.metadata)
+        if bounds:
+            meta["help"] += f" [{bounds}]"
+        if "pattern" in f.metadata:
+            meta["help"] += f" [{f.metadata['pattern'][1]}]"
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, **meta)
         if required:
             kwargs["required"] = True
+        if const is not None:
+            kwargs.update(nargs="?", const=const)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
-        parser.add_argument(flag, **kwargs)
+            if "choices" in f.metadata:
+                kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+        parser.add_argument(_flag(f.name), **kwargs)
         if old_name is not None and tp is not bool:
-            parser.add_argument("--" + old_name.replace("_", "-"), dest=f.name, type=tp,
+            parser.add_argument(_flag(old_name), dest=f.name, type=tp,
                                 default=argparse.SUPPRESS, action=_RenamedFlag,
                                 help=argparse.SUPPRESS)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, except that ``1e-3`` is a number (as in YAML 1.2) rather
+    than the string YAML 1.1 makes of an exponent without a dot. Quoted values stay text."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
@@ -389,12 +502,14 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     if not path.is_file():
         raise SegnestError(f"recipe {path} not found; recipes live in experiments/*.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as err:
-        raise SegnestError(f"recipe {path} is not valid YAML: {err}") from err
+        problem = " ".join(str(err).split())
+        raise SegnestError(f"recipe {path} is not valid YAML: {problem}") from err
     if not isinstance(data, dict):
         raise SegnestError(f"recipe {path} must be a mapping of flag names to values")
-    data = {k.replace("-", "_"): v for k, v in data.items() if k not in ("reference", "notes")}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()
+            if k not in ("reference", "notes")}
     for old, new in renamed_keys(cls).items():
         if old in data:
             warn_renamed(old, new, f"recipe {path}: key")
@@ -406,39 +521,277 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
             f"recipe {path}: unknown key(s) {', '.join(unknown)}; valid keys are the flags of "
             f"this command ({', '.join(sorted(known))})"
         )
+    if "config" in data:
+        raise SegnestError(f"recipe {path}: a recipe cannot name another recipe (key config); "
+                           "copy the keys you need into this one")
     return data
 
 
-def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        value, tp = values[f.name], _field_type(f, cls)
-        if isinstance(value, dict) and tp is str:
+# --------------------------------------------------------------------------- validation
+
+
+class _Names:
+    """How to name a value in an error: the flag as typed (``--lr -1.0``) unless it came
+    from a recipe or a preset, which are named with the key (``lr: -1.0 in recipe r.yaml``)."""
+
+    def __init__(self, sources: typing.Mapping[str, str] | None = None) -> None:
+        self.sources = dict(sources or {})
+
+    def show(self, name: str, value: Any) -> str:
+        if isinstance(value, str):
+            shown = repr(value)
+        elif value is None or isinstance(value, bool):
+            shown = {None: "null", True: "true", False: "false"}[value]
+        else:
+            shown = str(value)
+        source = self.sources.get(name)
+        return f"{name}: {shown} in {source}" if source else f"{_flag(name)} {shown}"
+
+
+def _typed(name: str, value: Any, tp: Any, optional: bool, names: _Names) -> Any:
+    """``value`` as the field's type, or a SegnestError: nothing is truncated, nothing
+    truthy-converted. An int field takes an integral float (``1e4`` -> 10000); a float field
+    takes an int; text is never read as a number or a boolean."""
+    what = names.show(name, value)
+    if value is None:
+        if optional:
+            return None
+        raise SegnestError(f"{what} needs a value; remove the key to use the default")
+    if isinstance(value, str) and tp is bool:
+        raise SegnestError(f"{what} is text, not true or false; write true or false without "
+                           "quotes")
+    if isinstance(value, str) and tp in (int, float):
+        raise SegnestError(f"{what} is text, not a number; write it without quotes")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SegnestError(f"{what} is not a boolean; write true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SegnestError(f"{what} is not a whole number; write one such as 2")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SegnestError(f"{what} is not a finite number; write a whole number")
+        if isinstance(value, float) and not value.is_integer():
+            raise SegnestError(f"{what} is not a whole number; write {math.floor(value)} or "
+                               f"{math.ceil(value)}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SegnestError(f"{what} is not a number; write one such as 0.01")
+        if not math.isfinite(value):
+            raise SegnestError(f"{what} is not a finite number; write one such as 0.01")
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and all(isinstance(k, int) and isinstance(v, int)
+                                           for k, v in value.items()):
             # A recipe's mapping for a "k:v,k:v" flag (label_map: {255: 1}).
-            value = ",".join(f"{key}:{item}" for key, item in value.items())
-        if value is not None and tp in (int, float, str) and not isinstance(value, tp):
-            try:
-                value = tp(value)
-            except (TypeError, ValueError) as err:
-                raise SegnestError(f"{f.name}: expected {tp.__name__}, got {value!r}") from err
-        out[f.name] = value
-    return out
+            return ",".join(f"{key}:{item}" for key, item in value.items())
+        raise SegnestError(f"{what} is not text; put it in quotes")
+    if typing.get_origin(tp) is list:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise SegnestError(f"{what} is not a list of text")
+    return value
+
+
+def _in_range(name: str, value: Any, meta: typing.Mapping[str, Any], names: _Names) -> None:
+    if value is None:
+        return
+    what = names.show(name, value)
+    if "choices" in meta and value not in meta["choices"]:
+        raise SegnestError(f"{what} is not one of {', '.join(map(str, meta['choices']))}; "
+                           "pick one of those")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"][0], value):
+        raise SegnestError(f"{what} is not a device; use {meta['pattern'][1]}")
+    bounds = _bounds_text(meta)
+    if bounds and not (value >= meta.get("min", -math.inf) and value > meta.get("above", -math.inf)
+                       and value <= meta.get("max", math.inf)
+                       and value < meta.get("below", math.inf)):
+        kind = "a whole number" if isinstance(value, int) else "a number"
+        raise SegnestError(f"{what} is out of range; use {kind} {bounds}")
+
+
+# Cross-field rules: one function per rule, listed per config class (subclasses inherit
+# their bases' rules). Each raises a one-line SegnestError naming the values involved.
+Check = Callable[[Any, _Names], None]
+
+
+def _training_length(cfg: TrainConfig, names: _Names) -> None:
+    if cfg.iters is None and cfg.epochs is None:
+        raise SegnestError("give the training length with --iters or --epochs")
+
+
+def _warmup_within_iters(cfg: TrainConfig, names: _Names) -> None:
+    # The schedule accepts warmup == iters (the whole run warms up); longer cannot run.
+    if cfg.iters is not None and cfg.warmup_iters > cfg.iters:
+        raise SegnestError(f"{names.show('warmup_iters', cfg.warmup_iters)} is longer than "
+                           f"the run ({names.show('iters', cfg.iters)}); lower the warmup")
+
+
+def _scale_range(cfg: TrainConfig, names: _Names) -> None:
+    if cfg.scale_min > cfg.scale_max:
+        raise SegnestError(f"{names.show('scale_min', cfg.scale_min)} is above "
+                           f"{names.show('scale_max', cfg.scale_max)}; swap them")
+
+
+def _crop_fits(cfg: TrainConfig, names: _Names) -> None:
+    if cfg.crop_size is None or cfg.base_size is None:
+        raise SegnestError(f"--crop-size and --base-size are needed for --dataset "
+                           f"{cfg.dataset}; give both")
+    if cfg.base_size * cfg.scale_max < cfg.crop_size:
+        raise SegnestError(
+            f"{names.show('crop_size', cfg.crop_size)} is larger than any scaled image (long "
+            f"side at most {names.show('base_size', cfg.base_size)} x "
+            f"{names.show('scale_max', cfg.scale_max)}); every crop would be mostly padding: "
+            "lower the crop size or raise the base size")
+
+
+def _floor_below_lr(cfg: TrainConfig, names: _Names) -> None:
+    if cfg.lr is not None and cfg.min_lr > cfg.lr:
+        raise SegnestError(f"{names.show('min_lr', cfg.min_lr)} is above "
+                           f"{names.show('lr', cfg.lr)}: the poly schedule would raise the "
+                           "learning rate; lower the floor")
+
+
+def _warmup_within_epochs(cfg: PretrainConfig, names: _Names) -> None:
+    if cfg.warmup_epochs > cfg.epochs:
+        raise SegnestError(f"{names.show('warmup_epochs', cfg.warmup_epochs)} is longer than "
+                           f"the run ({names.show('epochs', cfg.epochs)}); lower the warmup")
+
+
+def _imagenet_needs_data(cfg: PretrainConfig, names: _Names) -> None:
+    if cfg.dataset == "imagenet" and not cfg.data:
+        raise SegnestError("--dataset imagenet needs --data: a folder with train/<class>/ and "
+                           "val/<class>/ image folders (ImageNet layout)")
+
+
+def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
+    """``"0.5,0.75,1"`` -> ``(0.5, 0.75, 1.0)``; anything else is a SegnestError naming the flag."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    try:
+        scales = tuple(float(part) for part in parts)
+    except ValueError:
+        scales = ()
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise SegnestError(
+            f"{flag} {text!r} is not a list of positive numbers; write e.g. {flag} 0.5,0.75,1.0"
+        )
+    return scales
+
+
+def _scales_parse(cfg: InferenceFlags, names: _Names) -> None:
+    if cfg.scales is not None:
+        parse_scales(cfg.scales)
+
+
+def _stride_within_window(cfg: InferenceFlags, names: _Names) -> None:
+    if cfg.stride is not None and cfg.window_size is not None and cfg.stride > cfg.window_size:
+        raise SegnestError(f"{names.show('stride', cfg.stride)} is larger than "
+                           f"{names.show('window_size', cfg.window_size)} and would skip "
+                           "pixels; use a stride of at most the window size")
+
+
+def _backbone_fits(cfg: TrainConfig | PretrainConfig, names: _Names) -> None:
+    """The backbone exists and ``stage_width`` splits into its radix x cardinality groups
+    (the Split-Attention convolutions need whole channels per group)."""
+    from segnest.models.resnest import RESNEST_VARIANTS  # torch: only once the flags are fine
+
+    if cfg.backbone not in RESNEST_VARIANTS:
+        raise SegnestError(f"unknown {names.show('backbone', cfg.backbone)}; choose one of: "
+                           f"{', '.join(RESNEST_VARIANTS)}")
+    variant = RESNEST_VARIANTS[cfg.backbone]
+    if stage_width_fits(variant, cfg.stage_width):
+        return
+    lower = next((w for w in range(cfg.stage_width - 1, 0, -1) if stage_width_fits(variant, w)),
+                 None)
+    upper = next(w for w in range(cfg.stage_width + 1, 64 * cfg.stage_width + 64)
+                 if stage_width_fits(variant, w))
+    nearest = f"{lower} or {upper}" if lower else str(upper)
+    raise SegnestError(f"{names.show('stage_width', cfg.stage_width)} does not fit "
+                       f"{cfg.backbone}: its blocks split the channels into radix "
+                       f"{variant.get('radix', 0)} x {variant.get('groups', 1)} groups; "
+                       f"use {nearest}")
+
+
+def stage_width_fits(variant: dict[str, Any], stage_width: int) -> bool:
+    """Whether ResNeSt ``variant`` (a row of RESNEST_VARIANTS) builds with ``stage_width``:
+    every stage's bottleneck width is a whole number of channels per radix split and group,
+    and the attention's hidden width divides into the groups."""
+    radix, groups = variant.get("radix", 0), variant.get("groups", 1)
+    width = variant.get("bottleneck_width", 64)
+    for stage in range(4):
+        group_width = int(stage_width * 2**stage * width / 64.0) * groups
+        if group_width < 1 or group_width % (groups * max(radix, 1)):
+            return False
+        if radix >= 1 and max(group_width * radix // 4, 32) % groups:
+            return False
+    return True
+
+
+def _known_model(cfg: BenchConfig, names: _Names) -> None:
+    from segnest.models import list_models
+
+    if cfg.model not in list_models():
+        close = difflib.get_close_matches(cfg.model, list_models(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SegnestError(f"unknown {names.show('model', cfg.model)}; {hint}'segnest models' "
+                           "lists the valid names")
+
+
+# Rules in order: cheap ones first; those that import the models (and torch) last.
+CHECKS: dict[type, tuple[Check, ...]] = {
+    TrainConfig: (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
+                  _floor_below_lr, _backbone_fits),
+    InferenceFlags: (_scales_parse, _stride_within_window),
+    PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _backbone_fits),
+    BenchConfig: (_known_model,),
+}
+
+
+def validate_config(cfg: Any, sources: typing.Mapping[str, str] | None = None) -> Any:
+    """``cfg`` with every value type-checked, range-checked (the field's ``help_``
+    constraints) and cross-checked (``CHECKS``), or the first problem as a one-line
+    SegnestError. ``sources`` names where a value came from (field -> "recipe r.yaml");
+    values without one are named by their flag. Returns a copy whose values have the
+    field types (a recipe's ``1e4`` for an int field becomes 10000)."""
+    cls, names = type(cfg), _Names(sources)
+    typed = {}
+    for f in fields(cls):
+        tp, optional = _field_types(cls)[f.name]
+        value = _typed(f.name, getattr(cfg, f.name), tp, optional, names)
+        _in_range(f.name, value, f.metadata, names)
+        typed[f.name] = value
+    cfg = dataclasses.replace(cfg, **typed)
+    for owner in reversed(cls.__mro__):
+        for check in CHECKS.get(owner, ()):
+            check(cfg, names)
+    return cfg
 
 
 def resolve_config(
     cls: type, cli: dict[str, Any], presets: dict[str, dict[str, Any]] | None = None
 ):
-    """Merge defaults < dataset preset < recipe < command line into one ``cls`` instance."""
-    recipe = load_recipe(cli["config"], cls) if cli.get("config") else {}
+    """Merge defaults < dataset preset < recipe < command line into one ``cls`` instance,
+    validated before any work (:func:`validate_config`)."""
+    recipe_path = cli.get("config")
+    recipe = load_recipe(recipe_path, cls) if recipe_path else {}
+    known = {f.name for f in fields(cls)}
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     dataset = cli.get("dataset") or recipe.get("dataset")
     if presets is not None:
         dataset = dataset or next(f.default for f in fields(cls) if f.name == "dataset")
-        known = {f.name for f in fields(cls)}
-        merged.update({k: v for k, v in presets.get(dataset, {}).items() if k in known})
+        preset = presets.get(dataset, {}) if isinstance(dataset, str) else {}
+        merged.update({k: v for k, v in preset.items() if k in known})
+        sources.update({k: f"the {dataset} preset" for k in merged})
     merged.update(recipe)
+    sources.update({k: f"recipe {recipe_path}" for k in recipe})
     merged.update(cli)
-    return cls(**_coerce(cls, merged))
-
+    for k in cli:
+        sources.pop(k, None)
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise SegnestError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}")
+    return validate_config(cls(**merged), sources)

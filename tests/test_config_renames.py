@@ -28,7 +28,7 @@ def test_old_base_width_flag_sets_stage_width_with_one_warning_line(capsys):
     assert cfg.stage_width == 24
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'--base-width' is renamed '--stage-width'" in err[0]
-    assert parse(PretrainConfig, "--base-width", "16").stage_width == 16
+    assert parse(PretrainConfig, "--dataset", "mini", "--base-width", "16").stage_width == 16
 
 
 def test_old_base_width_recipe_key_sets_stage_width(tmp_path, capsys):

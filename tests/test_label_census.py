@@ -152,7 +152,8 @@ def test_label_map_is_validated_and_only_for_folder_datasets(tmp_path):
 
 def test_recipe_may_give_the_label_map_as_a_mapping(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("dataset: folder\nlabel_map: {255: 1, 128: 0}\n")
+    recipe.write_text("dataset: folder\niters: 10\ncrop_size: 32\nbase_size: 48\n"
+                      "label_map: {255: 1, 128: 0}\n")
     assert resolve_config(TrainConfig, {"config": str(recipe)}).label_map == "255:1,128:0"
 
 

@@ -246,12 +246,12 @@ def test_interrupted_inference_says_to_rerun_not_to_resume(command, monkeypatch,
     assert "same command" in message and "complete" in message
 
 
-def test_interrupted_training_still_says_resume_auto(monkeypatch, capsys):
+def test_interrupted_training_says_resume(monkeypatch, capsys):
     def interrupted(cfg):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("segnest.training.segmentation.run_train", interrupted)
-    assert cli.main(["train", "--dataset", "folder", "--data-root", "x"]) == 130
+    assert cli.main(["train", "--dataset", "folder", "--data-root", "x", "--iters", "2"]) == 130
     assert "--resume to continue" in capsys.readouterr().err
 
 
