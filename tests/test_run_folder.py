@@ -169,3 +169,11 @@ def test_the_log_keeps_what_the_terminal_shows_of_each_line():
     tee.write("\r\x1b[1mtrain: 100%|####| 10/10\x1b[0m\nval mIoU 50.00\n\n")
     assert log.getvalue() == "train: 100%|####| 10/10\nval mIoU 50.00\n"
     assert terminal.getvalue().startswith("train:  10%")
+
+
+def test_a_warmup_longer_than_an_epoch_based_run_is_one_line(folder_dataset, tmp_path,
+                                                             tiny_train_config):
+    with pytest.raises(SegnestError, match="--warmup-iters 50 is longer than the run"):
+        train_seg.run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=None,
+                                              epochs=2, warmup_iters=50))
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -70,7 +70,7 @@ def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path, tiny_tr
         (dict(amp=True), "--amp needs a CUDA"),
         (dict(output_stride=4), "--output-stride"),
         (dict(backbone="resnest51"), "unknown --backbone"),
-        (dict(dataset="coco"), "unknown dataset"),
+        (dict(dataset="coco"), "--dataset .coco. is not one of"),
     ],
 )
 def test_bad_configuration_fails_before_work_starts(folder_dataset, tmp_path, overrides,

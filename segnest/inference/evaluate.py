@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from segnest.config import EvalConfig
+from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
@@ -66,7 +66,6 @@ from segnest.runtime.distributed import (
     init_distributed,
 )
 
-EVAL_SPLITS = ("train", "val", "test")
 EVAL_PANELS = 4
 
 
@@ -321,14 +320,7 @@ def _prepare_outputs(cfg: EvalConfig, out_dir: Path, dataset: Any) -> None:
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
-    if cfg.split not in EVAL_SPLITS:
-        raise SegnestError(
-            f"--split {cfg.split!r} is not a split; use one of {', '.join(EVAL_SPLITS)}"
-        )
-    if cfg.samples is not None and cfg.samples < 1:
-        raise SegnestError(f"--samples must be at least 1, got {cfg.samples}")
-    if cfg.workers < 0:
-        raise SegnestError(f"--workers must be 0 or more, got {cfg.workers}")
+    cfg = validate_config(cfg)  # as the command line does, for callers from Python
     checkpoint = load_checkpoint(cfg.checkpoint)
     model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
     trained_dataset = checkpoint.get("dataset")

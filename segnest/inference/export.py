@@ -23,18 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from segnest.config import ExportConfig
+from segnest.config import MIN_INPUT_SIZE, ExportConfig, validate_config
 from segnest.errors import SegnestError
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
 
-EXPORT_FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
 ONNX_OPSET = 17
 TOLERANCE = 1e-4
-MIN_SIZE = 32
 
 
 class LogitsOnly(nn.Module):
@@ -104,18 +102,14 @@ def _run_exported(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor | None:
 
 def _check_sizes(size: int) -> list[tuple[int, int]]:
     """The example size and a second, non-square one, to prove H and W are not baked in."""
-    other = max(MIN_SIZE, (size * 3 // 4) // 8 * 8)
+    other = max(MIN_INPUT_SIZE, (size * 3 // 4) // 8 * 8)
     return [(size, size), (other, size + 8)]
 
 
 def run_export(cfg: ExportConfig) -> Path:
     """Export the checkpoint's model; raises SegnestError when the check fails."""
-    fmt = cfg.format.lower()
-    if fmt not in EXPORT_FORMATS:
-        raise SegnestError(f"--format {cfg.format!r} is not supported; use one of "
-                           f"{', '.join(EXPORT_FORMATS)}")
-    if cfg.size < MIN_SIZE:
-        raise SegnestError(f"--size {cfg.size} is too small; use at least {MIN_SIZE}")
+    cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    fmt = cfg.format
     source = Path(cfg.checkpoint)
     target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIXES[fmt])
     _check_target(target, source, fmt)

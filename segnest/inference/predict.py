@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from segnest.config import PredictConfig
+from segnest.config import PredictConfig, validate_config
 from segnest.data.base import IMAGE_SUFFIXES, read_rgb_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import MEAN, STD
@@ -156,6 +156,7 @@ def _palette(checkpoint: dict[str, Any], num_classes: int) -> np.ndarray:
 
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
+    cfg = validate_config(cfg)  # as the command line does, for callers from Python
     images = collect_images(cfg.inputs, skip=cfg.out)
     prepare_folder(_check_outputs(cfg, images), "--out")
     checkpoint = load_checkpoint(cfg.checkpoint)

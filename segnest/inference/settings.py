@@ -20,24 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from segnest.config import DATASET_PRESETS, InferenceFlags
+from segnest.config import DATASET_PRESETS, INFERENCE_MODES, InferenceFlags, parse_scales
 from segnest.errors import SegnestError
-
-INFERENCE_MODES = ("whole", "slide")
-
-
-def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
-    """``"0.5,0.75,1"`` -> ``(0.5, 0.75, 1.0)``; anything else is a SegnestError naming the flag."""
-    parts = [part.strip() for part in str(text).split(",") if part.strip()]
-    try:
-        scales = tuple(float(part) for part in parts)
-    except ValueError:
-        scales = ()
-    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise SegnestError(
-            f"{flag} {text!r} is not a list of positive numbers; write e.g. {flag} 0.5,0.75,1.0"
-        )
-    return scales
 
 
 @dataclass(frozen=True)

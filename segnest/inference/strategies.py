@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segnest.config import INFERENCE_MODES
 from segnest.errors import SegnestError
-from segnest.inference.settings import INFERENCE_MODES, InferenceSettings
+from segnest.inference.settings import InferenceSettings
 from segnest.models.fuse import fuse_bn
 from segnest.models.pixelwise import channel_softmax
 from segnest.runtime.compiling import compile_model

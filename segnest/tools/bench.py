@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from segnest.config import BenchConfig, TrainConfig
+from segnest.config import BenchConfig, TrainConfig, validate_config
 from segnest.errors import SegnestError
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
@@ -43,7 +43,6 @@ from segnest.runtime.compiling import compile_model
 from segnest.runtime.distributed import resolve_device
 from segnest.training.losses import segmentation_loss
 
-BENCH_MODES = ("infer", "train")
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
 PROBE_SHAPE = (2, 256, 128, 128)
 
@@ -171,10 +170,7 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
     ``channels_last`` converts model and input to that memory format; both mainly help
     on GPUs.
     """
-    if cfg.mode not in BENCH_MODES:
-        raise SegnestError(f"unknown bench mode {cfg.mode!r}; use --mode infer or --mode train")
-    if cfg.runs < 1 or cfg.warmup < 0 or cfg.batch < 1 or cfg.size < 1:
-        raise SegnestError("--runs, --batch and --size must be positive and --warmup >= 0")
+    cfg = validate_config(cfg)  # as the command line does, for callers from Python
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = create_model(cfg.model, num_classes=cfg.num_classes).to(device)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from segnest.config import PretrainConfig
+from segnest.config import PretrainConfig, validate_config
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
@@ -210,11 +210,12 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if not k.startswith("fc.")}
 
 
-def check_config(cfg: PretrainConfig, dist: DistInfo) -> None:
-    """Catch settings that cannot work before any data is read or weight is built."""
+def check_config(cfg: PretrainConfig, dist: DistInfo) -> PretrainConfig:
+    """Catch settings that cannot work before any data is read or weight is built (every
+    flag's own rules, :func:`segnest.config.validate_config`, for callers from Python too)."""
+    cfg = validate_config(cfg)
     check_run_flags(cfg, dist.device)
-    if cfg.epochs <= 0:
-        raise SegnestError(f"--epochs {cfg.epochs}: give a positive number of epochs")
+    return cfg
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -225,7 +226,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     ``best`` and ``export`` (None without ``--export``).
     """
     with training_process(cfg.device, cfg.workers) as dist:
-        check_config(cfg, dist)
+        cfg = check_config(cfg, dist)
         with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
                         overwrite=cfg.overwrite, log_name=LOG_NAME):
             return _pretrain(cfg, dist)

@@ -97,15 +97,11 @@ def training_process(device: str | None, workers: int) -> Iterator[DistInfo]:
 
 
 def check_run_flags(cfg: Any, device: torch.device) -> None:
-    """The flags both training commands share: ``--amp``, ``--checkpoint-interval``,
-    ``--keep-checkpoints``, ``--resume`` and ``--overwrite``."""
+    """What the training commands' shared flags need beyond their own ranges: ``--amp`` a
+    GPU, ``--resume`` and ``--overwrite`` not both."""
     if cfg.amp and device.type != "cuda":
         raise SegnestError(f"--amp needs a CUDA GPU but this run is on {device}; drop --amp "
                            "or use --device cuda on a machine with a GPU")
-    for flag, value in (("--checkpoint-interval", cfg.checkpoint_interval),
-                        ("--keep-checkpoints", cfg.keep_checkpoints)):
-        if value < 0:
-            raise SegnestError(f"{flag} must be 0 or more, got {value}")
     if cfg.overwrite and cfg.resume is not None:
         raise SegnestError("--overwrite starts a new run and --resume continues one; give "
                            "one of them")

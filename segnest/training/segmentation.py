@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from segnest.config import TrainConfig
+from segnest.config import TrainConfig, validate_config
 from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
 from segnest.data.census import check_train_labels
 from segnest.data.sampling import EpochSampler, init_train_worker
@@ -29,7 +29,7 @@ from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate
 from segnest.inference.metrics import format_table, metric_warnings, percent
 from segnest.inference.settings import InferenceSettings
-from segnest.models import RESNEST_VARIANTS, DeepLabV3, create_model, load_pretrained
+from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
 from segnest.runtime.files import write_text_atomic
@@ -79,37 +79,19 @@ def collate_guarded(items: list[dict]) -> tuple[dict | None, list[str]]:
     return (default_collate(good) if good else None), errors
 
 
-def check_config(cfg: TrainConfig, dist: DistInfo) -> None:
-    """Catch settings that cannot work before any data is read or weight is built."""
-    if cfg.backbone not in RESNEST_VARIANTS:
-        raise SegnestError(f"unknown --backbone '{cfg.backbone}'; choose one of: "
-                           f"{', '.join(RESNEST_VARIANTS)}")
-    if cfg.batch_size < 1:
-        raise SegnestError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
+    """Catch settings that cannot work before any data is read or weight is built: every
+    flag's own rules (:func:`segnest.config.validate_config`, as the command line applies
+    them, for callers from Python) and those that depend on the processes."""
+    cfg = validate_config(cfg)
     if cfg.batch_size == 1 and not dist.distributed:
         raise SegnestError(
             "--batch-size 1 on a single device cannot train: the BatchNorm after the global "
             "pooling in Split-Attention (and in the ASPP image branch) needs at least 2 "
             "samples; use --batch-size 2 or more, or several devices with torchrun (SyncBN "
             "pools the statistics across them)")
-    if cfg.output_stride not in (None, 8, 16, 32):
-        raise SegnestError(f"--output-stride must be 8, 16 or 32, got {cfg.output_stride}")
-    if cfg.iters is None and cfg.epochs is None:
-        raise SegnestError("give the training length with --iters or --epochs")
-    for flag, value in (("--iters", cfg.iters), ("--epochs", cfg.epochs)):
-        if value is not None and value < 1:
-            raise SegnestError(f"{flag} must be positive, got {value}")
-    if not 0 < cfg.scale_min <= cfg.scale_max:
-        raise SegnestError(f"--scale-min/--scale-max must satisfy 0 < min <= max, got "
-                           f"{cfg.scale_min}, {cfg.scale_max}")
-    if cfg.crop_size is None or cfg.base_size is None:
-        raise SegnestError("--crop-size and --base-size are needed for this dataset")
-    if cfg.base_size * cfg.scale_max < cfg.crop_size:
-        raise SegnestError(
-            f"--crop-size {cfg.crop_size} is larger than any scaled image (long side at most "
-            f"--base-size {cfg.base_size} x --scale-max {cfg.scale_max}); every crop would be "
-            "mostly padding: lower --crop-size or raise --base-size")
     check_run_flags(cfg, dist.device)
+    return cfg
 
 
 def default_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -177,7 +159,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the iteration reached, whether the run was interrupted (and by which
     signal), the best and last validation metrics and the work folder."""
     with training_process(cfg.device, cfg.workers) as dist:
-        check_config(cfg, dist)
+        cfg = check_config(cfg, dist)
         with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
                         overwrite=cfg.overwrite, log_name=LOG_NAME):
             return _train(cfg, dist)
@@ -214,6 +196,10 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             f"the {cfg.dataset} train split has {len(train_set)} images, fewer than one batch "
             f"({cfg.batch_size} x {dist.world_size} devices); lower --batch-size")
     total_iters = cfg.iters or cfg.epochs * iters_per_epoch
+    if cfg.warmup_iters > total_iters:
+        raise SegnestError(f"--warmup-iters {cfg.warmup_iters} is longer than the run "
+                           f"({total_iters} iterations: --epochs {cfg.epochs} of "
+                           f"{iters_per_epoch}); lower --warmup-iters")
 
     model_name = f"deeplabv3_{cfg.backbone}"
     model = create_model(model_name, **model_kwargs_for(cfg, train_set.num_classes))
