@@ -177,3 +177,13 @@ def test_a_warmup_longer_than_an_epoch_based_run_is_one_line(folder_dataset, tmp
         train_seg.run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=None,
                                               epochs=2, warmup_iters=50))
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_without_a_terminal_progress_is_a_line_per_tenth(capsys):
+    from segnest.runtime.console import progress_bar
+
+    for _ in progress_bar(range(50), desc="eval"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "eval: 5/50 (10%)" and lines[-1] == "eval: 50/50 (100%)"
+    assert len(lines) == 10

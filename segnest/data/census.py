@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from segnest.data.base import SegmentationDataset
 from segnest.data.folder import FolderDataset, colour_codes
 from segnest.data.mini import default_cache_dir
 from segnest.data.transforms import IGNORE_INDEX
 from segnest.errors import SegnestError
+from segnest.runtime.console import progress_bar
 from segnest.runtime.files import write_text_atomic
 
 # Part of the cache key: a change to what a census holds makes old cache files unused.
@@ -113,10 +113,10 @@ def count_labels(dataset: SegmentationDataset, progress: bool = False) -> LabelC
     train_id_counts: Counter = Counter()
     unknown_colours: Counter = Counter()
     threads = max(1, min(MAX_THREADS, os.cpu_count() or 1))
-    with ThreadPoolExecutor(threads) as pool, tqdm(
+    with ThreadPoolExecutor(threads) as pool, progress_bar(
             total=len(mask_paths), desc=f"labels: counting {dataset.split} masks",
             unit="mask", leave=False,
-            disable=not progress or len(mask_paths) < PROGRESS_MIN_MASKS) as bar:
+            enabled=progress and len(mask_paths) >= PROGRESS_MIN_MASKS) as bar:
         for mask_path, counts in zip(
                 mask_paths, pool.map(lambda path: _count_mask(dataset, path), mask_paths),
                 strict=True):

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
@@ -59,6 +58,7 @@ from segnest.inference.strategies import infer, inference_model
 from segnest.inference.visualize import colorize, denormalize, log_panels, make_panel, save_png
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.console import progress_bar
 from segnest.runtime.distributed import (
     all_reduce_sum,
     get_rank,
@@ -211,8 +211,8 @@ def evaluate(
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            bar = tqdm(loader, desc="eval", unit="img", disable=not progress or rank != 0,
-                       dynamic_ncols=True)
+            bar = progress_bar(loader, desc="eval", unit="img",
+                               enabled=progress and rank == 0)
             for index, image, tensor, target, error in bar:
                 if error is not None:
                     if not skip_bad_samples:

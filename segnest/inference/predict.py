@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from segnest.config import PredictConfig, validate_config
 from segnest.data.base import IMAGE_SUFFIXES, read_rgb_image
@@ -41,6 +40,7 @@ from segnest.inference.strategies import infer, inference_model
 from segnest.inference.visualize import colorize, overlay, save_jpeg, save_png
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.console import progress_bar
 from segnest.runtime.distributed import resolve_device
 
 
@@ -177,7 +177,7 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     written: list[Path] = []
     skipped = 0
     with torch.inference_mode():
-        for file, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
+        for file, stem in progress_bar(images, desc="predict", unit="img"):
             try:
                 image = read_rgb_image(file)
             except SegnestError as err:

@@ -91,3 +91,55 @@ class ConsoleLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _PlainProgress:
+    """What a progress bar says, for a log: one line at every tenth of the work."""
+
+    def __init__(self, iterable: Any, desc: str, total: int | None, enabled: bool) -> None:
+        self.iterable, self.desc, self.enabled = iterable, desc, enabled
+        self.total = total if total is not None else _length(iterable)
+        self.count, self._shown = 0, 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, count: int = 1) -> None:
+        self.count += count
+        if not (self.enabled and self.total):
+            return
+        tenth = self.count * 10 // self.total
+        if tenth > self._shown:
+            self._shown = tenth
+            print(f"{self.desc}: {self.count}/{self.total} ({100 * self.count // self.total}%)",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _length(iterable: Any) -> int | None:
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
+
+
+def progress_bar(iterable: Any = None, *, desc: str, total: int | None = None,
+                 unit: str = "it", enabled: bool = True, leave: bool = True) -> Any:
+    """A tqdm bar on a terminal; elsewhere (a log file, a batch job) one plain line at every
+    tenth of the work instead of a bar redrawn hundreds of times."""
+    if is_terminal():
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not enabled,
+                    leave=leave, dynamic_ncols=True)
+    return _PlainProgress(iterable, desc, total, enabled)

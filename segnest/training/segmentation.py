@@ -261,6 +261,10 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
 
     def validate(progress: Progress) -> float:
         progress.bar.clear()
+        if not progress.terminal:  # a log has no bar: say what the pause is
+            count = len(val_set) if cfg.val_samples is None else min(cfg.val_samples,
+                                                                      len(val_set))
+            progress.write(f"iter {run.iteration}: validating on {count} images")
         results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
                                    panels=cfg.panels if writer else 0,
                                    progress=dist.is_main and progress.terminal,
