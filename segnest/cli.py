@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -126,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segnest: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except RunStopped as stop:
-        print(f"segnest: stopped by {stop.signal_name}; {_interrupt_advice(args.command)}",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once for all processes
+            print(f"segnest: stopped by {stop.signal_name}; {_interrupt_advice(args.command)}",
+                  file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print(f"\nsegnest: interrupted; {_interrupt_advice(args.command)}", file=sys.stderr)

@@ -118,12 +118,13 @@ def _empty_image(folder_dataset, name="img3.png"):
 
 
 def test_skip_bad_samples_always_terminates_and_resumes_exactly(folder_dataset, tmp_path,
-                                                               tiny_train_config):
+                                                               tiny_train_config, capsys):
     _empty_image(folder_dataset)
     common = dict(skip_bad_samples=True, val_interval=100, checkpoint_interval=3)
     whole = train_seg.run_train(tiny_train_config(folder_dataset, tmp_path / "whole",
                                                   iters=12, **common))
-    assert whole["iteration"] == 12 and whole["skipped_samples"] >= 1
+    assert whole["iteration"] == 12 and whole["skipped_samples"] >= 2  # seen each epoch
+    assert capsys.readouterr().err.count("skipping a bad sample") == 1  # named once
     last = load_checkpoint(tmp_path / "whole" / "last.pt")
     assert last["position"] > last["iteration"]  # dropped batches advanced the position
 

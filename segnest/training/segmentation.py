@@ -243,6 +243,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
               f"; logs and checkpoints in {work_dir}")
 
     skipped: list[str] = []
+    warned_samples: set[str] = set()
 
     def step(item: tuple[dict | None, list[str]]) -> dict[str, float] | None:
         batch, errors = item
@@ -252,7 +253,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                                    "unreadable samples with a warning)")
             skipped.extend(errors)
             for error in errors if dist.is_main else ():
-                tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
+                if error not in warned_samples:  # once per file, not once per epoch
+                    warned_samples.add(error)
+                    tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
         if cfg.skip_bad_samples and not _usable(batch, dist):
             return None
         return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device)
@@ -295,7 +298,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     if dist.is_main and skipped:
-        print(f"warning: {len(skipped)} bad training sample(s) were skipped")
+        print(f"warning: {len(skipped)} bad training sample(s) were skipped "
+              f"({len(warned_samples)} distinct file(s), named above)")
     if dist.is_main:
         print(stopped_message(run, total_iters) if not finished
               else _summary(run, train_set.classes))
