@@ -311,3 +311,28 @@ def test_a_folder_in_place_of_the_target_or_a_file_in_place_of_its_folder(tmp_pa
     with pytest.raises(SegnestError, match="is a file, not a folder") as excinfo:
         write_text_atomic(tmp_path / "runs" / "metrics.json", "{}")
     one_line_error(excinfo, tmp_path / "runs" / "metrics.json")
+
+
+def test_a_writer_that_reports_a_full_disk_in_its_own_words_is_one_line(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError('... unexpected pos ...'), not OSError;
+    the file system's free space tells what happened."""
+    from collections import namedtuple
+
+    target = tmp_path / "last.pt"
+    save_checkpoint({"weight": torch.ones(2), "iteration": 1}, target)
+    before = target.read_bytes()
+
+    def full_disk_save(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 1 vs 2")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_save)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    with pytest.raises(SegnestError, match=r"cannot write .*last.pt: no space left"):
+        save_checkpoint({"weight": torch.zeros(2), "iteration": 2}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    # With space left, the writer's own error is the better report.
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage(10, 0, 1 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint({"weight": torch.zeros(2), "iteration": 2}, target)

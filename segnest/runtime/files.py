@@ -22,6 +22,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -42,6 +43,9 @@ _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows needs it; elsewhere it does no
 # Temp files this process is writing right now (any thread); never removed as leftovers.
 _ACTIVE_TEMPS: set[Path] = set()
 _ACTIVE_LOCK = threading.Lock()
+
+# Below this much free space a failed write is taken for a full disk.
+FULL_DISK_BYTES = 1 << 20
 
 # errno -> what it means for the user and what to do about it
 _WRITE_FAILURES = {
@@ -82,6 +86,14 @@ def write_error(target: Path, error: OSError) -> SegnestError | None:
                         "Nothing was written and any previous file there is unchanged")
 
 
+def _disk_full(folder: Path) -> bool:
+    """Whether ``folder``'s file system has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def _host_label() -> str:
     # Host names may contain dots, which separate the parts of a temp name; '_' never
     # occurs in a valid host name, so the label stays unambiguous.
@@ -112,6 +124,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         if user_error is None:
             raise
         raise user_error from error
+    except Exception as error:
+        # Some writers report a full disk in their own words (torch.save: "unexpected
+        # pos"); the file system says what happened, while the partial file still fills it.
+        if not _disk_full(target.parent):
+            raise
+        raise write_error(target, OSError(errno.ENOSPC, str(error))) from error
     finally:
         with suppress(OSError):
             temp.unlink(missing_ok=True)
