@@ -180,10 +180,14 @@ def test_a_warmup_longer_than_an_epoch_based_run_is_one_line(folder_dataset, tmp
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_without_a_terminal_progress_is_a_line_per_tenth(capsys):
-    from segnest.runtime.console import progress_bar
+def test_without_a_terminal_long_work_prints_a_line_per_tenth(capsys, monkeypatch):
+    from segnest.runtime import console
 
-    for _ in progress_bar(range(50), desc="eval"):
+    for _ in console.progress_bar(range(50), desc="eval"):  # quick: nothing to report
+        pass
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(console, "PLAIN_PROGRESS_INTERVAL_S", 0.0)
+    for _ in console.progress_bar(range(50), desc="eval"):
         pass
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "eval: 5/50 (10%)" and lines[-1] == "eval: 50/50 (100%)"

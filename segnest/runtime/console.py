@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -93,13 +94,20 @@ class ConsoleLog:
             self._file = None
 
 
+# Without a terminal, progress lines come at most this often (and only for work that lasts).
+PLAIN_PROGRESS_INTERVAL_S = 10.0
+
+
 class _PlainProgress:
-    """What a progress bar says, for a log: one line at every tenth of the work."""
+    """What a progress bar says, for a log: a line at a tenth of the work when
+    ``PLAIN_PROGRESS_INTERVAL_S`` passed since the last one (work that takes seconds
+    prints nothing), and the end when anything was printed."""
 
     def __init__(self, iterable: Any, desc: str, total: int | None, enabled: bool) -> None:
         self.iterable, self.desc, self.enabled = iterable, desc, enabled
         self.total = total if total is not None else _length(iterable)
-        self.count, self._shown = 0, 0
+        self.count, self._shown, self._printed = 0, 0, False
+        self._last = time.monotonic()
 
     def __iter__(self):
         for item in self.iterable:
@@ -111,8 +119,13 @@ class _PlainProgress:
         if not (self.enabled and self.total):
             return
         tenth = self.count * 10 // self.total
-        if tenth > self._shown:
-            self._shown = tenth
+        if tenth <= self._shown:
+            return
+        self._shown = tenth
+        now = time.monotonic()
+        due = now - self._last >= PLAIN_PROGRESS_INTERVAL_S
+        if due or (self._printed and self.count >= self.total):
+            self._last, self._printed = now, True
             print(f"{self.desc}: {self.count}/{self.total} ({100 * self.count // self.total}%)",
                   file=sys.stderr, flush=True)
 
