@@ -19,7 +19,8 @@ also kept as ``iter_<N>.pt``. Weights that are not finite are never written.
 The work folder belongs to one run (:func:`run_folder`): it is locked while the run lives,
 a new run refuses a folder that holds an earlier run's checkpoints (``--resume`` continues
 it, ``--overwrite`` replaces it), and what the console shows is also appended to
-``train.log`` / ``pretrain.log`` there.
+``train.log`` / ``pretrain.log`` there. TensorBoard events go to ``tb/train`` /
+``tb/pretrain`` in it (:mod:`segnest.inference.tensorboard`).
 
 What ``--resume`` takes from the checkpoint: the weights, the optimizer's momentum buffers,
 the grad scaler, the iteration and sample position, the best metric and every rank's random
