@@ -68,6 +68,7 @@ AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
 OUTPUT_STRIDES = (8, 16, 32)
 DEVICE = (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")
+DEVICE_HELP = "device (default: cuda if present)"
 # The smallest training crop and example input: ResNeSt's total stride is 32, so a smaller
 # image leaves the last stage (and a classifier's pooling) a single pixel or less. Such a
 # run "works" and learns nothing; it is refused instead.
@@ -207,7 +208,7 @@ class TrainConfig:
                        "unchanged; a recipe may give a mapping {255: 1})"),
     )
     device: str | None = field(
-        default=None, metadata=help_("device (default: cuda if present)", pattern=DEVICE)
+        default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE)
     )
 
 
@@ -237,7 +238,7 @@ class InferenceFlags:
     compile: bool = field(
         default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
     )
-    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
+    device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
 @dataclass
@@ -248,13 +249,15 @@ class EvalConfig(InferenceFlags):
     dataset: str | None = field(
         default=None, metadata=help_("dataset (default: the checkpoint's)", choices=DATASETS)
     )
-    data_root: str | None = field(default=None, metadata=help_("dataset root"))
+    data_root: str | None = field(default=None, metadata=help_(
+        "dataset root (default: the checkpoint's, else ./data/<dataset>)"))
     split: str = field(default="val", metadata=help_("dataset split", choices=EVAL_SPLITS))
     save_pred: str | None = field(default=None, metadata=help_("write predictions here"))
     out: str | None = field(
         default=None, metadata=help_("metrics folder (default next to checkpoint)")
     )
-    samples: int | None = field(default=None, metadata=help_("first N images only", min=1))
+    samples: int | None = field(
+        default=None, metadata=help_("first N images only (default all)", min=1))
     skip_bad_samples: bool = field(
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )
@@ -345,7 +348,8 @@ class PretrainConfig:
     workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
     amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
-    work_dir: str | None = field(default=None, metadata=help_("output folder"))
+    work_dir: str | None = field(
+        default=None, metadata=help_("output folder (default runs/pretrain_<dataset>_<backbone>)"))
     resume: str | None = field(default=None, metadata=help_(RESUME_HELP, const="auto"))
     overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
     export: str | None = field(
@@ -361,7 +365,7 @@ class PretrainConfig:
         default=10, metadata=help_("scalar logging every N iterations", min=1)
     )
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
-    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
+    device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
 @dataclass
@@ -379,7 +383,7 @@ class BenchConfig:
     runs: int = field(default=5, metadata=help_("timed runs (median reported)", min=1))
     num_classes: int = field(default=150, metadata=help_("classes of the head", min=1))
     json: bool = field(default=False, metadata=help_("print one JSON object"))
-    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
+    device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
 @dataclass
@@ -396,7 +400,7 @@ class DemoConfig:
         metadata=help_("also train from scratch with the same budget and report both"),
     )
     workers: int = field(default=2, metadata=help_("data loader workers", min=0))
-    device: str | None = field(default=None, metadata=help_("device", pattern=DEVICE))
+    device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
 @functools.cache
@@ -466,6 +470,8 @@ def add_dataclass_arguments(
             meta["help"] += f" [{bounds}]"
         if "pattern" in f.metadata:
             meta["help"] += f" [{f.metadata['pattern'][1]}]"
+        if not required:
+            meta["help"] += _default_text(f, cls)
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, **meta)
         if required:
             kwargs["required"] = True
@@ -483,6 +489,37 @@ def add_dataclass_arguments(
             parser.add_argument(_flag(old_name), dest=f.name, type=tp,
                                 default=argparse.SUPPRESS, action=_RenamedFlag,
                                 help=argparse.SUPPRESS)
+
+
+def _default_text(f: dataclasses.Field, cls: type) -> str:
+    """`` (default: X)`` for a flag's help, from the field's default (argparse cannot show
+    it: the parser's defaults are suppressed); nothing where the help already names the
+    default. The ``--dataset`` presets that change a value are named with theirs."""
+    if "default" in f.metadata.get("help", "").lower():
+        return ""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    if value is None:
+        shown = "none"
+    elif isinstance(value, bool):
+        shown = "on" if value else "off"
+    elif isinstance(value, list | tuple):
+        if not value:
+            return ""
+        shown = ",".join(map(str, value))
+    else:
+        shown = str(value)
+    presets = {TrainConfig: DATASET_PRESETS, PretrainConfig: PRETRAIN_PRESETS}.get(cls, {})
+    if value is None and any(f.name in preset for preset in presets.values()):
+        shown = "from the --dataset preset"
+    else:  # the presets that change it, e.g. "2; mini: 8"
+        shown = "; ".join([shown] + [f"{name}: {preset[f.name]}" for name, preset
+                                     in presets.items() if preset.get(f.name, value) != value])
+    return f" (default: {shown})".replace("%", "%%")
 
 
 class _RecipeLoader(yaml.SafeLoader):

@@ -133,7 +133,7 @@ def test_run_eval_writes_metrics_with_class_names(checkpoint: Path):
     assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["IoU"])
     assert metrics["labelled_pixels"] == 3 * (HEIGHT * WIDTH - 16)
     assert "| wall |" in (out / "metrics.md").read_text()
-    assert list(out.glob("events.out.tfevents.*"))
+    assert list((checkpoint.parent / "tb" / "eval_val").glob("events.out.tfevents.*"))
 
 
 def test_run_eval_folds_batch_norms_unless_told_not_to(checkpoint: Path, monkeypatch):

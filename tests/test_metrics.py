@@ -161,3 +161,14 @@ def test_all_reduce_sums_matrices_across_processes(tmp_path):
     expected = torch.tensor([[1, 0], [1, 0]])
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"mat{rank}.pt"), expected)
+
+
+def test_metrics_json_holds_the_confusion_matrix_one_ground_truth_row_per_line(tmp_path):
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 2]))
+    res = cm.compute()
+    assert res["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    json_path, _ = save_results(res, ["a", "b", "c"], tmp_path)
+    text = json_path.read_text()
+    assert json.loads(text)["confusion"] == res["confusion"]
+    assert "    [1, 1, 0],\n    [0, 1, 0],\n    [0, 0, 1]\n" in text

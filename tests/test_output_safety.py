@@ -290,7 +290,8 @@ def test_eval_warns_next_to_miou_when_the_ground_truth_has_one_class(ade_root, c
     assert printed.index("warning: ") < printed.index("metrics written")
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["warnings"] == results["warnings"]
-    assert list(out.glob("events.out.tfevents.*")) and not list(out.glob(".*"))
+    assert list((out / "tb" / "eval_val").glob("events.out.tfevents.*"))
+    assert not list((out / "tb").glob(".*"))
 
 
 def test_all_ignore_ground_truth_is_named_as_undefined():

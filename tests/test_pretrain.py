@@ -168,7 +168,7 @@ def test_pretrained_backbone_loads_into_segmentation_model(tmp_path, image_folde
     assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 3)
     assert checkpoint["model_kwargs"]["num_classes"] == 3
     assert Path(result["best"]).is_file()
-    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "run" / "tb" / "pretrain").glob("events.out.tfevents.*"))
     trained = {k: v for k, v in checkpoint["model"].items() if not k.startswith("fc.")}
 
     exported = load_checkpoint(export)

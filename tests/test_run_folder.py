@@ -47,11 +47,17 @@ def test_overwrite_replaces_the_earlier_run(folder_dataset, tmp_path, tiny_train
     work = tmp_path / "run"
     train_seg.run_train(tiny_train_config(folder_dataset, work, iters=6))
     assert (work / "iter_6.pt").exists()
+    earlier_events = list((work / "tb").rglob("events.out.tfevents.*"))
+    (work / "tb" / "eval_val").mkdir()  # an evaluation of the earlier run's checkpoint
+    (work / "tb" / "eval_val" / "events.out.tfevents.1.host").write_bytes(b"")
     result = train_seg.run_train(tiny_train_config(folder_dataset, work, iters=3,
                                                    overwrite=True))
     assert "--overwrite: removed" in capsys.readouterr().out
     assert result["iteration"] == 3
     assert not (work / "iter_6.pt").exists()
+    assert earlier_events and not any(path.exists() for path in earlier_events)
+    assert not (work / "tb" / "eval_val").exists()
+    assert len(list((work / "tb" / "train").iterdir())) == 1  # the new run's events only
     assert load_checkpoint(work / "last.pt")["iteration"] == 3
     with pytest.raises(SegnestError, match="give one of them"):
         train_seg.run_train(tiny_train_config(folder_dataset, work, overwrite=True,

@@ -41,13 +41,14 @@ def test_tensorboard_holds_scalars_and_mask_panels(folder_dataset, tmp_path, tin
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_train(tiny_train_config(folder_dataset, tmp_path / "tb", iters=3))
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(tmp_path / "tb" / "tb" / "train"),
+                              size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/aux_loss", "train/lr", "train/images_per_s", "val/mIoU",
             "val/pixAcc", "val/mAcc"} <= scalars
-    assert any(tag.startswith("val_IoU/") for tag in scalars)
+    assert any(tag.startswith("val_per_class/IoU/") for tag in scalars)
     images = events.Tags()["images"]
-    assert len([t for t in images if t.startswith("val/image_gt_pred")]) == 2
+    assert len([t for t in images if t.startswith("val_images/image_gt_pred/")]) == 2
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
 

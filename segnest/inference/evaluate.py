@@ -12,18 +12,18 @@ frozen weights (:func:`segnest.inference.strategies.inference_model`).
 
 ``--save-pred`` holds exactly the label files a benchmark reads (see ``prediction_path``);
 their coloured previews go to the sibling folder ``<save-pred>_color`` with the same
-relative names. Before evaluating, ``segnest eval`` refuses a metrics folder (``--out``) or
-``--save-pred`` that is, lies in or contains the dataset's image or ground-truth folders
-(:mod:`segnest.inference.outputs`), or a metrics folder inside ``--save-pred``, and creates
-the folders, so that a location it cannot write fails at once.
+relative names. TensorBoard: each evaluation setting is a run of its own,
+``tb/eval_<split>[_ms][_flip]`` beside the training run or in ``--out``
+(:mod:`segnest.inference.tensorboard`). Before evaluating, ``segnest eval`` refuses a
+metrics folder (``--out``) or ``--save-pred`` that is, lies in or contains the dataset's
+image or ground-truth folders (:mod:`segnest.inference.outputs`), or a metrics folder inside
+``--save-pred``, and creates the folders, so that a location it cannot write fails at once.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -55,7 +55,16 @@ from segnest.inference.outputs import (
 )
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import infer, inference_model
-from segnest.inference.visualize import colorize, denormalize, log_panels, make_panel, save_png
+from segnest.inference.tensorboard import (
+    METRIC_TAGS,
+    eval_run_name,
+    log_config,
+    log_hparams,
+    log_segmentation_results,
+    run_dir,
+    write_run_atomically,
+)
+from segnest.inference.visualize import colorize, denormalize, make_panel, save_png
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
@@ -264,38 +273,20 @@ def evaluate(
 # ---------------------------------------------------------------------------- command
 
 
+def _run_name(cfg: EvalConfig, settings: InferenceSettings) -> str:
+    return eval_run_name(cfg.split, len(settings.scales) > 1, settings.flip)
+
+
 def _default_out_dir(cfg: EvalConfig, settings: InferenceSettings) -> Path:
-    name = f"eval_{cfg.split}"
-    if len(settings.scales) > 1:
-        name += "_ms"
-    if settings.flip:
-        name += "_flip"
-    return Path(cfg.checkpoint).resolve().parent / name
+    return Path(cfg.checkpoint).resolve().parent / _run_name(cfg, settings)
 
 
-def _log_tensorboard(out_dir: Path, results: dict[str, Any], class_names: Sequence[str],
-                     panels: list[np.ndarray], step: int) -> None:
-    """Writes the event file in a hidden folder and moves it into ``out_dir`` when closed,
-    so that an interrupted eval leaves no half-written event file."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tensorboard-", suffix=".partial"))
-    try:
-        writer = SummaryWriter(log_dir=str(staging))
-        try:
-            for key in ("pixAcc", "mIoU", "mAcc"):
-                if not math.isnan(results[key]):
-                    writer.add_scalar(f"eval/{key}", results[key], step)
-            for name, iou in zip(class_names, results["IoU"], strict=True):
-                if not math.isnan(iou):
-                    writer.add_scalar(f"eval_class_IoU/{name}", iou, step)
-            log_panels(writer, "eval/panels", panels, step)
-        finally:
-            writer.close()
-        for event_file in staging.iterdir():
-            os.replace(event_file, out_dir / event_file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _tensorboard_run(cfg: EvalConfig, settings: InferenceSettings) -> Path:
+    """``<out>/tb/<run>`` with ``--out``, else ``<checkpoint folder>/tb/<run>``: beside the
+    training run when the checkpoint is in its work folder (see
+    :mod:`segnest.inference.tensorboard`)."""
+    root = resolved(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parent
+    return run_dir(root, _run_name(cfg, settings))
 
 
 def _prepare_outputs(cfg: EvalConfig, out_dir: Path, dataset: Any) -> None:
@@ -371,11 +362,20 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "world_size": info.world_size,
         }
         json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
-        _log_tensorboard(out_dir, results, dataset.classes, panels,
-                         int(checkpoint.get("iteration") or 0))
+        step = int(checkpoint.get("iteration") or 0)
+
+        def fill(writer: Any) -> None:
+            log_config(writer, {**asdict(cfg), **extra}, step)
+            log_segmentation_results(writer, results, dataset.classes, dataset.palette,
+                                     panels, step)
+            log_hparams(writer, {k: v for k, v in extra.items() if k != "data_root"},
+                        [tag for tag in METRIC_TAGS if not math.isnan(results[tag[4:]])])
+
+        tensorboard_run = _tensorboard_run(cfg, settings)
+        write_run_atomically(tensorboard_run, fill)
         if results["skipped_samples"]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
-        print(f"metrics written to {json_path}")
+        print(f"metrics written to {json_path}; TensorBoard run {tensorboard_run}")
         if cfg.save_pred:
             print(f"predictions written to {cfg.save_pred}, coloured previews to "
                   f"{preview_folder(cfg.save_pred)}")

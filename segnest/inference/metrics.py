@@ -94,8 +94,10 @@ class ConfusionMatrix:
             dist.all_reduce(self._mat, op=dist.ReduceOp.SUM)
 
     def compute(self) -> dict[str, Any]:
-        """Returns pixAcc, mIoU, mAcc (percent), per-class IoU/Acc (percent) and counts."""
-        mat = self._mat.detach().cpu().to(torch.float64).numpy()
+        """Returns pixAcc, mIoU, mAcc (percent), per-class IoU/Acc (percent), pixel counts
+        and the matrix itself (``confusion``, rows ground truth, as lists of ints)."""
+        counts = self._mat.detach().cpu()
+        mat = counts.to(torch.float64).numpy()
         tp = np.diag(mat)
         gt_pixels = mat.sum(axis=1)
         pred_pixels = mat.sum(axis=0)
@@ -115,6 +117,7 @@ class ConfusionMatrix:
             "correct_pixels": int(correct),
             "gt_pixels": [int(v) for v in gt_pixels],
             "pred_pixels": [int(v) for v in pred_pixels],
+            "confusion": counts.tolist(),
         }
 
 
@@ -188,6 +191,9 @@ def save_results(
 ) -> tuple[Path, Path]:
     """Writes ``metrics.json`` (NaN as null) and ``metrics.md`` into ``out_dir``.
 
+    The confusion matrix (``confusion``) is written one ground-truth row per line, so that a
+    150-class matrix stays 150 lines of the file.
+
     ``extra`` (timings, inference settings, checkpoint path...) is merged into the JSON
     top level; it may not overwrite a metric. Returns the two paths.
     """
@@ -200,7 +206,12 @@ def save_results(
     out.mkdir(parents=True, exist_ok=True)
     payload = {"class_names": list(class_names), **results, **extra}
     # allow_nan=False guarantees the file is strict JSON; default=str covers paths.
-    text = json.dumps(_nan_to_none(payload), indent=2, allow_nan=False, default=str) + "\n"
+    confusion = payload.pop("confusion", None)
+    text = json.dumps(_nan_to_none(payload), indent=2, allow_nan=False, default=str)
+    if confusion is not None:
+        rows = ",\n".join("    " + json.dumps(row) for row in confusion)
+        text = text[:-2] + f',\n  "confusion": [\n{rows}\n  ]\n}}'
+    text += "\n"
     json_path = out / "metrics.json"
     md_path = out / "metrics.md"
     write_text_atomic(json_path, text)

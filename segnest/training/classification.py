@@ -29,6 +29,7 @@ from segnest.data.classification import build_classification_dataset, build_tran
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
 from segnest.errors import SegnestError
+from segnest.inference.tensorboard import PRETRAIN_RUN, TB_FOLDER
 from segnest.inference.visualize import denormalize
 from segnest.models import create_model
 from segnest.runtime.checkpoint import save_checkpoint
@@ -46,6 +47,7 @@ from segnest.training.run_state import (
     Progress,
     RunState,
     check_run_flags,
+    close_writer,
     open_writer,
     optimizer_step,
     run_folder,
@@ -142,7 +144,7 @@ def log_val_samples(writer: Any, model: nn.Module, dataset: Dataset, classes: li
     predictions = model(images.to(device)).argmax(dim=1).tolist()
     pictures = torch.stack([torch.from_numpy(denormalize(image)).permute(2, 0, 1)
                             for image in images])
-    writer.add_images("val/samples", pictures, epoch)
+    writer.add_images("val_images/samples", pictures, epoch)
     lines = [f"{i}: predicted **{classes[p]}**, true {classes[t]}"
              + ("" if p == t else " (wrong)")
              for i, (p, (_, t)) in enumerate(zip(predictions, samples, strict=True))]
@@ -276,7 +278,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         record={"classes": classes, "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
-    writer = open_writer(work_dir, dist, cfg.tensorboard)
+    writer = open_writer(work_dir, dist, cfg.tensorboard, PRETRAIN_RUN, dataclasses.asdict(cfg),
+                         ("val/top1", "val/top5"), run.iteration)
     if dist.is_main:
         print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(train_set)} train / "
               f"{len(val_set)} val images, {num_classes} classes), {cfg.epochs} epochs x "
@@ -316,8 +319,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         images_per_step=total_batch, checkpoint_interval=cfg.checkpoint_interval,
         keep_checkpoints=cfg.keep_checkpoints, writer=writer, log_interval=cfg.log_interval,
         lr_hint=f"Lower --lr (now {lr:g}) or check the data")
-    if writer is not None:
-        writer.close()
+    close_writer(writer, finished)
     paths = {"work_dir": str(work_dir), "last": str(work_dir / LAST_CHECKPOINT_NAME),
              "best": str(work_dir / BEST_CHECKPOINT_NAME), "export": cfg.export}
     if not finished:
@@ -333,7 +335,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         backbone = cfg.export or paths["best"]
         print(f"finished: val top-1 {metrics['top1']:.2f}% (best {run.best:.2f}% at iteration "
               f"{run.best_iteration}, {paths['best']})\nnext:\n  segnest train --backbone "
-              f"{cfg.backbone} --pretrained {backbone} ...\n  tensorboard --logdir {work_dir}")
+              f"{cfg.backbone} --pretrained {backbone} ...\n  tensorboard --logdir "
+              f"{work_dir / TB_FOLDER}")
     barrier()
     return {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": run.best,
             "epochs": cfg.epochs, "iterations": run.iteration, "interrupted": False,

@@ -19,7 +19,8 @@ also kept as ``iter_<N>.pt``. Weights that are not finite are never written.
 The work folder belongs to one run (:func:`run_folder`): it is locked while the run lives,
 a new run refuses a folder that holds an earlier run's checkpoints (``--resume`` continues
 it, ``--overwrite`` replaces it), and what the console shows is also appended to
-``train.log`` / ``pretrain.log`` there.
+``train.log`` / ``pretrain.log`` there. TensorBoard events go to ``tb/train`` /
+``tb/pretrain`` in it (:mod:`segnest.inference.tensorboard`).
 
 What ``--resume`` takes from the checkpoint: the weights, the optimizer's momentum buffers,
 the grad scaler, the iteration and sample position, the best metric and every rank's random
@@ -43,7 +44,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from tqdm import tqdm
 
 import segnest
 from segnest.errors import SegnestError
+from segnest.inference.tensorboard import TB_FOLDER, log_config, log_hparams, run_dir
 from segnest.models.factory import canonical_model_kwargs
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 from segnest.runtime.compiling import compile_model
@@ -65,6 +67,7 @@ from segnest.runtime.lock import FolderLock
 LAST_CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
 _PERIODIC_NAME = re.compile(r"^iter_(\d+)\.pt$")
+_EVENTS_PREFIX = "events.out.tfevents."
 
 
 def periodic_checkpoint_name(iteration: int) -> str:
@@ -119,10 +122,22 @@ def _checkpoints_in(work_dir: Path) -> list[Path]:
 
 
 def _run_files(work_dir: Path, log_name: str) -> list[Path]:
-    """The files of an earlier run in ``work_dir``: checkpoints, log, TensorBoard events."""
+    """The files of an earlier run in ``work_dir``: checkpoints, log, TensorBoard events
+    (every run under ``tb/``, the evaluations of its checkpoints included, and those that
+    segnest 0.1 wrote into the folder itself)."""
     others = [entry for entry in work_dir.iterdir() if entry.is_file() and (
-        entry.name == log_name or entry.name.startswith("events.out.tfevents."))]
-    return _checkpoints_in(work_dir) + sorted(others)
+        entry.name == log_name or entry.name.startswith(_EVENTS_PREFIX))]
+    events = [entry for entry in (work_dir / TB_FOLDER).rglob(f"{_EVENTS_PREFIX}*")
+              if entry.is_file()]
+    return _checkpoints_in(work_dir) + sorted(others) + sorted(events)
+
+
+def _remove_empty_folders(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def check_work_dir(work_dir: Path, *, resume: str | None, overwrite: bool, log_name: str) -> None:
@@ -143,6 +158,7 @@ def check_work_dir(work_dir: Path, *, resume: str | None, overwrite: bool, log_n
     removed = _run_files(work_dir, log_name)
     for path in removed:
         path.unlink(missing_ok=True)
+    _remove_empty_folders(work_dir / TB_FOLDER)
     print(f"--overwrite: removed the earlier run's {len(removed)} file(s) from {work_dir}")
 
 
@@ -202,13 +218,41 @@ def wrap_for_training(model: nn.Module, dist: DistInfo, compile: bool) -> nn.Mod
     return compile_model(model) if compile else model
 
 
-def open_writer(work_dir: Path, dist: DistInfo, enabled: bool) -> Any | None:
-    """A TensorBoard writer on rank 0 (None elsewhere or when switched off)."""
+def open_writer(work_dir: Path, dist: DistInfo, enabled: bool, run: str,
+                config: Mapping[str, Any], metric_tags: Sequence[str],
+                iteration: int) -> Any | None:
+    """A TensorBoard writer of run ``run`` (``<work_dir>/tb/<run>``) on rank 0, None
+    elsewhere or when switched off. It starts with the run's settings as text and its
+    HParams session (``config`` as hyperparameters, ``metric_tags`` as metrics); see
+    :mod:`segnest.inference.tensorboard`."""
     if not (enabled and dist.is_main):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(work_dir))
+    writer = SummaryWriter(str(run_dir(work_dir, run)))
+    log_config(writer, config, iteration)
+    log_hparams(writer, hparams_of(config), metric_tags, end=False)
+    return writer
+
+
+def close_writer(writer: Any | None, finished: bool) -> None:
+    """Close the run's writer; a run that got to its end is marked finished in HParams."""
+    if writer is None:
+        return
+    if finished:
+        log_hparams(writer, {}, (), start=False)
+    writer.close()
+
+
+_NOT_HYPERPARAMETERS = frozenset({
+    "config", "work_dir", "resume", "overwrite", "tensorboard", "workers", "log_interval",
+    "checkpoint_interval", "keep_checkpoints", "panels", "export"})
+
+
+def hparams_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``config`` that shape the result (HParams columns): all but where
+    files go and how the run is logged and kept."""
+    return {key: value for key, value in config.items() if key not in _NOT_HYPERPARAMETERS}
 
 
 def parameters_finite(model: nn.Module) -> bool:

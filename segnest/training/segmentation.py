@@ -29,6 +29,12 @@ from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate
 from segnest.inference.metrics import format_table, metric_warnings, percent
 from segnest.inference.settings import InferenceSettings
+from segnest.inference.tensorboard import (
+    METRIC_TAGS,
+    TB_FOLDER,
+    TRAIN_RUN,
+    log_segmentation_results,
+)
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
@@ -40,6 +46,7 @@ from segnest.training.run_state import (
     Progress,
     RunState,
     check_run_flags,
+    close_writer,
     open_writer,
     optimizer_step,
     run_folder,
@@ -234,7 +241,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                 "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
-    writer = open_writer(work_dir, dist, cfg.tensorboard)
+    writer = open_writer(work_dir, dist, cfg.tensorboard, TRAIN_RUN, dataclasses.asdict(cfg),
+                         METRIC_TAGS, run.iteration)
     if dist.is_main:
         write_text_atomic(work_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg)))
         print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
@@ -281,7 +289,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             for warning in warned:
                 progress.write(f"warning: validation: {warning}")
         if writer is not None:
-            _log_validation(writer, results, train_set.classes, panels, run.iteration)
+            log_segmentation_results(writer, results, train_set.classes, train_set.palette,
+                                     panels, run.iteration)
         return results["mIoU"]
 
     val_interval = cfg.val_interval or max(1, total_iters // 10)
@@ -295,8 +304,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints,
         writer=writer, log_interval=cfg.log_interval,
         lr_hint=f"Lower --lr (now {lr:g}), check the labels, or drop --amp")
-    if writer is not None:
-        writer.close()
+    close_writer(writer, finished)
     if dist.is_main and skipped:
         print(f"warning: {len(skipped)} bad training sample(s) were skipped "
               f"({len(warned_samples)} distinct file(s), named above)")
@@ -321,17 +329,6 @@ def _summary(run: RunState, classes: list[str]) -> str:
              "next:",
              f"  segnest eval --checkpoint {chosen} --multi-scale --flip",
              f"  segnest predict IMAGES_OR_FOLDER --checkpoint {chosen} --out predictions",
-             f"  tensorboard --logdir {run.work_dir}"]
+             f"  tensorboard --logdir {run.work_dir / TB_FOLDER}"]
     return "\n".join(lines)
 
-
-def _log_validation(writer: Any, results: dict, classes: list[str], panels: list,
-                    iteration: int) -> None:
-    from segnest.inference.visualize import log_panels
-
-    for key in ("pixAcc", "mIoU", "mAcc"):
-        writer.add_scalar(f"val/{key}", results[key], iteration)
-    for name, iou in zip(classes, results["IoU"], strict=True):
-        if iou == iou:  # NaN: class absent from ground truth and prediction
-            writer.add_scalar(f"val_IoU/{name}", iou, iteration)
-    log_panels(writer, "val/image_gt_pred", panels, iteration)

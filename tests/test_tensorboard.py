@@ -1,0 +1,129 @@
+"""Specs for what TensorBoard shows: named runs, one tag scheme for training validation and
+eval, the settings as text and HParams, a confusion matrix, and flags' defaults in --help."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from segnest.config import EvalConfig
+from segnest.inference.confusion import confusion_image, row_normalised
+from segnest.inference.evaluate import run_eval
+from segnest.inference.tensorboard import log_segmentation_results
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.training.segmentation import run_train
+
+HEADLINE = {"val/mIoU", "val/pixAcc", "val/mAcc"}
+
+
+def _events(folder: Path) -> EventAccumulator:
+    return EventAccumulator(str(folder), size_guidance={
+        "images": 0, "scalars": 0, "tensors": 0}).Reload()
+
+
+def _hparams(events: EventAccumulator) -> tuple[dict, list[str]]:
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    values = {key: value.string_value or value.number_value
+              for key, value in start.hparams.items()}
+    return values, [info.name.tag for info in experiment.metric_infos]
+
+
+def test_training_run_is_named_and_logs_the_shared_tag_scheme(folder_dataset, tmp_path,
+                                                              tiny_train_config):
+    work = tmp_path / "run"
+    run_train(tiny_train_config(folder_dataset, work, iters=3))
+    assert not list(work.glob("events.out.tfevents.*"))
+    events = _events(work / "tb" / "train")
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr"} | HEADLINE <= scalars
+    assert {f"val_per_class/IoU/{name}" for name in ("left", "right", "square")} <= scalars
+    # per-class charts sort after the headline groups in TensorBoard's grouping
+    assert max(tag.split("/")[0] for tag in scalars) == "val_per_class"
+
+    (matrix_image,) = events.Images("val_images/confusion_matrix")
+    confusion = load_checkpoint(work / "last.pt")["metrics"]["confusion"]
+    expected = confusion_image(confusion, ["left", "right", "square"])
+    assert (matrix_image.step, matrix_image.height, matrix_image.width) == (
+        3, *expected.shape[:2])
+    assert len([t for t in events.Tags()["images"] if "image_gt_pred" in t]) == 2
+
+    (config,) = events.Tensors("config/text_summary")
+    assert b"backbone: resnest14" in config.tensor_proto.string_val[0]
+    hparams, metrics = _hparams(events)
+    assert hparams["backbone"] == "resnest14" and hparams["iters"] == 3
+    assert set(metrics) == HEADLINE
+    assert "_hparams_/session_end_info" in events.PluginTagToContent("hparams")
+
+
+def test_each_eval_is_its_own_named_run_beside_training_and_replaced_on_rerun(
+        folder_dataset, tmp_path, tiny_train_config):
+    work = tmp_path / "run"
+    run_train(tiny_train_config(folder_dataset, work, iters=3))
+    train_events = sorted((work / "tb" / "train").iterdir())
+    for _ in range(2):
+        run_eval(EvalConfig(checkpoint=str(work / "best.pt"), device="cpu", workers=0))
+    run_eval(EvalConfig(checkpoint=str(work / "best.pt"), device="cpu", workers=0, flip=True))
+    assert sorted(p.name for p in (work / "tb").iterdir()) == ["eval_val", "eval_val_flip",
+                                                               "train"]
+    assert sorted((work / "tb" / "train").iterdir()) == train_events
+    assert len(list((work / "tb" / "eval_val").iterdir())) == 1
+    events = _events(work / "tb" / "eval_val")
+    scalars = set(events.Tags()["scalars"])
+    assert HEADLINE <= scalars and "val_per_class/IoU/left" in scalars
+    assert not any(tag.startswith("train/") for tag in scalars)
+    assert [e.step for e in events.Scalars("val/mIoU")] == [3]  # the checkpoint's iteration
+    assert "val_images/confusion_matrix" in events.Tags()["images"]
+    assert events.Tensors("config/text_summary")
+    hparams, metrics = _hparams(events)
+    assert hparams["split"] == "val" and set(metrics) == HEADLINE
+
+
+def test_eval_with_out_keeps_its_run_in_the_out_folder(folder_dataset, tmp_path,
+                                                       tiny_train_config):
+    work = tmp_path / "run"
+    run_train(tiny_train_config(folder_dataset, work, iters=3))
+    out = tmp_path / "elsewhere"
+    run_eval(EvalConfig(checkpoint=str(work / "last.pt"), device="cpu", workers=0,
+                        out=str(out)))
+    assert list((out / "tb" / "eval_val").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (work / "tb").iterdir()) == ["train"]
+
+
+def test_many_classes_log_the_most_confused_pairs_as_text(tmp_path):
+    names = [f"c{i}" for i in range(41)]
+    confusion = np.eye(41, dtype=np.int64) * 10
+    confusion[3, 7] = 30  # 75% of c3's pixels predicted as c7
+    results = {"mIoU": 50.0, "pixAcc": 60.0, "mAcc": 55.0, "IoU": [50.0] * 41,
+               "gt_pixels": [1] * 41, "pred_pixels": [1] * 41, "confusion": confusion.tolist()}
+    with SummaryWriter(str(tmp_path)) as writer:
+        log_segmentation_results(writer, results, names, np.zeros((41, 3), np.uint8), [], 5)
+    events = _events(tmp_path)
+    assert "val_images/confusion_matrix" not in events.Tags()["images"]
+    (text,) = events.Tensors("val/most_confused/text_summary")
+    first_row = text.tensor_proto.string_val[0].decode().splitlines()[2]
+    assert first_row == "| c3 | c7 | 75.0% | 30 |"
+
+
+def test_confusion_rows_are_shares_of_the_ground_truth():
+    shares = row_normalised([[3, 1], [0, 0]])
+    assert shares[0].tolist() == [0.75, 0.25] and np.isnan(shares[1]).all()
+    image = confusion_image([[3, 1], [0, 0]], ["a", "b"])
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+def test_help_shows_each_flags_default():
+    text = subprocess.run([sys.executable, "-m", "segnest", "train", "--help"],
+                          capture_output=True, text=True, check=True).stdout
+    flat = " ".join(text.split())
+    assert "SGD momentum [>= 0 and < 1] (default: 0.9)" in flat
+    assert "--aux, --no-aux auxiliary FCN head on layer3 (default: on)" in flat
+    assert "(default: 2; mini: 8)" in flat  # --batch-size, and the preset that changes it
+    assert "(default: from the --dataset preset)" in flat  # --crop-size
