@@ -174,9 +174,11 @@ def test_perfect_predictions_give_miou_one(ade_root: Path):
     results, panels = evaluate(ColourModel(150), dataset, cfg, "cpu", panels=2, progress=False)
     assert results["mIoU"] == 100.0 and results["pixAcc"] == 100.0
     assert results["labelled_pixels"] == 3 * (HEIGHT * WIDTH - 16)
-    assert len(panels) == 2 and panels[0].shape == (HEIGHT, 3 * WIDTH + 8, 3)
-    # the prediction third of the panel is drawn in the dataset palette
-    assert tuple(panels[0][-1, -1]) == tuple(ADE20K_PALETTE[scene(0)[-1, -1]])
+    # image | ground truth | prediction | errors, each enlarged 7 times to reach 256 px
+    view = 7 * WIDTH
+    assert len(panels) == 2 and panels[0].shape[1] == 4 * view + 3 * 4
+    # the prediction view is drawn in the dataset palette
+    assert tuple(panels[0][-1, 3 * view + 7]) == tuple(ADE20K_PALETTE[scene(0)[-1, -1]])
 
 
 def test_wrong_half_is_counted(ade_root: Path):
