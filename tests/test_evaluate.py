@@ -136,6 +136,18 @@ def test_run_eval_writes_metrics_with_class_names(checkpoint: Path):
     assert list(out.glob("events.out.tfevents.*"))
 
 
+def test_run_eval_save_pred_puts_legend_png_beside_the_previews_only(checkpoint: Path,
+                                                                     tmp_path: Path):
+    save_pred = tmp_path / "pred"
+    run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0,
+                        save_pred=str(save_pred), out=str(tmp_path / "metrics")))
+    legend = np.asarray(Image.open(tmp_path / "pred_color" / "legend.png").convert("RGB"))
+    assert (legend == ADE20K_PALETTE[0]).all(axis=-1).sum() >= 10 * 10
+    assert (legend == ADE20K_PALETTE[149]).all(axis=-1).sum() >= 10 * 10
+    assert sorted(p.name for p in save_pred.iterdir()) == [
+        f"ADE_val_{i:08d}.png" for i in range(3)]
+
+
 def test_run_eval_folds_batch_norms_unless_told_not_to(checkpoint: Path, monkeypatch):
     import segnest.inference.evaluate as evaluate_module
 

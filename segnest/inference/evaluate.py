@@ -55,7 +55,15 @@ from segnest.inference.outputs import (
 )
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import infer, inference_model
-from segnest.inference.visualize import colorize, denormalize, log_panels, make_panel, save_png
+from segnest.inference.visualize import (
+    LEGEND_NAME,
+    colorize,
+    denormalize,
+    log_panels,
+    make_panel,
+    save_legend,
+    save_png,
+)
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
@@ -377,6 +385,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
         print(f"metrics written to {json_path}")
         if cfg.save_pred:
+            previews = preview_folder(cfg.save_pred)
+            if any(prediction_path(dataset, i) == Path(LEGEND_NAME) for i in range(len(dataset))):
+                print(f"warning: no {LEGEND_NAME} in {previews}: a sample's preview has that name")
+            else:
+                save_legend(previews, dataset.classes, dataset.palette)
             print(f"predictions written to {cfg.save_pred}, coloured previews to "
                   f"{preview_folder(cfg.save_pred)}")
     return results
