@@ -130,12 +130,20 @@ def _make_folder(root, classes_text, masks):
 
 def test_folder_dataset_reads_classes_palette_and_train_ids(tmp_path):
     mask = np.array([[0, 1], [2, 255]]).repeat(8, 0).repeat(8, 1)
-    _make_folder(tmp_path, "background 0 0 0\ntraffic light 250 170 30\n\ncar 0 0 142\n", [mask])
+    _make_folder(tmp_path, "background 90 90 90\ntraffic light 250 170 30\n\ncar 0 0 142\n",
+                 [mask])
     dataset = build_dataset("folder", tmp_path, "train")
     assert isinstance(dataset, FolderDataset)
     assert dataset.classes == ["background", "traffic light", "car"]
-    np.testing.assert_array_equal(dataset.palette, [[0, 0, 0], [250, 170, 30], [0, 0, 142]])
+    np.testing.assert_array_equal(dataset.palette, [[90, 90, 90], [250, 170, 30], [0, 0, 142]])
     np.testing.assert_array_equal(dataset.load(0)[1], mask)
+
+
+def test_folder_dataset_honours_a_black_class_but_warns_that_ignore_is_drawn_black(tmp_path):
+    _make_folder(tmp_path, "background 0 0 0\nroad 128 64 128\n", [np.zeros((8, 8))])
+    with pytest.warns(UserWarning, match="'background'.*0 0 0.*ignored pixels"):
+        dataset = FolderDataset(tmp_path)
+    np.testing.assert_array_equal(dataset.palette[0], [0, 0, 0])
 
 
 def test_folder_dataset_generates_a_palette_when_none_given(tmp_path):

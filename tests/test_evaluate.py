@@ -136,6 +136,18 @@ def test_run_eval_writes_metrics_with_class_names(checkpoint: Path):
     assert list((checkpoint.parent / "tb" / "eval_val").glob("events.out.tfevents.*"))
 
 
+def test_run_eval_save_pred_puts_legend_png_beside_the_previews_only(checkpoint: Path,
+                                                                     tmp_path: Path):
+    save_pred = tmp_path / "pred"
+    run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0,
+                        save_pred=str(save_pred), out=str(tmp_path / "metrics")))
+    legend = np.asarray(Image.open(tmp_path / "pred_color" / "legend.png").convert("RGB"))
+    assert (legend == ADE20K_PALETTE[0]).all(axis=-1).sum() >= 10 * 10
+    assert (legend == ADE20K_PALETTE[149]).all(axis=-1).sum() >= 10 * 10
+    assert sorted(p.name for p in save_pred.iterdir()) == [
+        f"ADE_val_{i:08d}.png" for i in range(3)]
+
+
 def test_run_eval_folds_batch_norms_unless_told_not_to(checkpoint: Path, monkeypatch):
     import segnest.inference.evaluate as evaluate_module
 
@@ -174,9 +186,13 @@ def test_perfect_predictions_give_miou_one(ade_root: Path):
     results, panels = evaluate(ColourModel(150), dataset, cfg, "cpu", panels=2, progress=False)
     assert results["mIoU"] == 100.0 and results["pixAcc"] == 100.0
     assert results["labelled_pixels"] == 3 * (HEIGHT * WIDTH - 16)
-    assert len(panels) == 2 and panels[0].shape == (HEIGHT, 3 * WIDTH + 8, 3)
-    # the prediction third of the panel is drawn in the dataset palette
-    assert tuple(panels[0][-1, -1]) == tuple(ADE20K_PALETTE[scene(0)[-1, -1]])
+    # image | ground truth | prediction | errors, each enlarged 7 times to reach 256 px
+    view = 7 * WIDTH
+    assert len(panels) == 2 and panels[0].shape[1] == 4 * view + 3 * 4
+    # the prediction view is drawn in the dataset palette
+    # The prediction view's last column (a legend strip now follows the views below).
+    column = panels[0][:, 3 * view + 7]
+    assert (column == ADE20K_PALETTE[scene(0)[-1, -1]]).all(axis=-1).any()
 
 
 def test_wrong_half_is_counted(ade_root: Path):

@@ -98,7 +98,7 @@ def test_predict_into_a_subfolder_of_its_input_skips_that_subfolder_when_reading
     second = predict([photos], out, checkpoint)
     assert len(first) == len(second) == 2
     assert sorted(p.name for p in out.rglob("*.png")) == ["a.png", "a_mask.png", "b.png",
-                                                          "b_mask.png"]
+                                                          "b_mask.png", "legend.png"]
     assert [stem for _, stem in collect_images([photos], skip=out)] == [Path("a"), Path("b")]
 
 

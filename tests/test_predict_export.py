@@ -75,6 +75,21 @@ def test_predict_writes_masks_of_input_size_for_any_mode(checkpoint: Path, tmp_p
         np.testing.assert_array_equal(np.asarray(colour), PALETTE[ids])
 
 
+def test_predict_writes_a_legend_of_every_class_beside_the_masks(checkpoint: Path,
+                                                                 tmp_path: Path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+        tmp_path / "in" / "legend.jpg")
+    out = tmp_path / "out"
+    written = run_predict(PredictConfig(inputs=[str(tmp_path / "in")],
+                                        checkpoint=str(checkpoint), out=str(out), device="cpu"))
+    assert written == [out / "legend_jpg.png"]  # the input named legend steps aside
+    legend = np.asarray(Image.open(out / "legend.png").convert("RGB"))
+    for colour in PALETTE:
+        assert (legend == colour).all(axis=-1).sum() >= 10 * 10
+
+
 def test_predict_matches_the_model(checkpoint: Path, tmp_path: Path):
     image = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "photo.png")

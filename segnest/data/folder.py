@@ -15,6 +15,7 @@ colour that no class has becomes ignore (the label census counts those pixels).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,6 +126,19 @@ def parse_label_map(spec: str | Mapping | None, num_classes: int) -> dict[int, i
     return mapping
 
 
+def _warn_black_classes(path: Path, classes: list[str], colours: np.ndarray) -> None:
+    """Black is honoured but named: masks are drawn with ignore black, so a black class
+    looks unlabelled in previews and overlays. Python shows a given warning once."""
+    black = [name for name, colour in zip(classes, colours, strict=True) if not colour.any()]
+    if black:
+        warnings.warn(
+            f"{path} gives {', '.join(repr(name) for name in black)} the colour 0 0 0, which "
+            "is how ignored pixels are drawn; it will look unlabelled in coloured masks and "
+            "overlays; choose another colour unless your colour masks use black for it",
+            stacklevel=2,
+        )
+
+
 def colour_codes(rgb: np.ndarray) -> np.ndarray:
     """HxWx3 (or Nx3) uint8 colours -> one int64 code per colour, 0xRRGGBB."""
     rgb = np.asarray(rgb, dtype=np.int64)
@@ -152,6 +166,8 @@ class FolderDataset(SegmentationDataset):
         # Colour masks are looked up in the colours classes.txt gives, never in a
         # generated palette: that one only draws predictions.
         self.mask_colours = colours
+        if colours is not None:
+            _warn_black_classes(classes_path, classes, colours)
         palette = colours if colours is not None else generate_palette(len(classes))
         image_dir = base / "images" / split
         mask_dir = base / "masks" / split

@@ -50,6 +50,8 @@ def generate_palette(num_colors: int) -> np.ndarray:
     Hues step by the golden ratio so neighbouring ids get far-apart hues; saturation and
     value cycle through a few levels so that large palettes stay distinguishable. The
     colour of id i does not depend on ``num_colors``, so palettes of any length agree.
+    Value is at least 0.5, so no colour is black or near it: black is how ignored pixels
+    are drawn (unlike the PASCAL VOC bit palette, which gives class 0 black).
     """
     if num_colors < 0:
         raise ValueError(f"num_colors must be >= 0, got {num_colors}")

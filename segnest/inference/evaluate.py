@@ -64,7 +64,14 @@ from segnest.inference.tensorboard import (
     run_dir,
     write_run_atomically,
 )
-from segnest.inference.visualize import colorize, denormalize, make_panel, save_png
+from segnest.inference.visualize import (
+    LEGEND_NAME,
+    colorize,
+    denormalize,
+    make_panel,
+    save_legend,
+    save_png,
+)
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
@@ -239,7 +246,8 @@ def evaluate(
                     pred_np = pred_np.cpu().numpy()
                     if len(built_panels) < panels:
                         built_panels.append(make_panel(image, target.numpy(), pred_np,
-                                                       dataset.palette, ignore_index))
+                                                       dataset.palette, ignore_index,
+                                                       class_names=dataset.classes))
                     if out_root is not None:
                         _save_prediction(dataset, index, pred_np, out_root, previews)
             bar.close()
@@ -377,6 +385,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
         print(f"metrics written to {json_path}; TensorBoard run {tensorboard_run}")
         if cfg.save_pred:
+            previews = preview_folder(cfg.save_pred)
+            if any(prediction_path(dataset, i) == Path(LEGEND_NAME) for i in range(len(dataset))):
+                print(f"warning: no {LEGEND_NAME} in {previews}: a sample's preview has that name")
+            else:
+                save_legend(previews, dataset.classes, dataset.palette)
             print(f"predictions written to {cfg.save_pred}, coloured previews to "
                   f"{preview_folder(cfg.save_pred)}")
     return results

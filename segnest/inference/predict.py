@@ -3,7 +3,8 @@
 Inputs are image files or folders (searched recursively). Any image mode (RGB, grey,
 RGBA, palette, 16-bit) is read as RGB. For an input ``<stem>`` the outputs are
 ``<out>/<stem>.png`` (colour mask in the checkpoint's palette), ``<out>/<stem>_mask.png``
-(uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``. Images found in a
+(uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``; ``<out>/legend.png``
+names the colours (an input named ``legend`` gets a suffix instead). Images found in a
 folder keep their sub-folder below ``<out>``; names that would collide get a suffix. The
 inference settings are those of ``segnest eval`` (see :mod:`segnest.inference.settings`).
 
@@ -37,7 +38,14 @@ from segnest.inference.outputs import (
 )
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import infer, inference_model
-from segnest.inference.visualize import colorize, overlay, save_jpeg, save_png
+from segnest.inference.visualize import (
+    LEGEND_NAME,
+    colorize,
+    overlay,
+    save_jpeg,
+    save_legend,
+    save_png,
+)
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
@@ -83,7 +91,7 @@ def collect_images(inputs: Sequence[str | Path],
         else:
             raise SegnestError(f"input {path} does not exist; pass existing image files or "
                                "folders")
-    used: set[Path] = set()
+    used: set[Path] = {Path(LEGEND_NAME)}  # save_legend's file, beside the masks
     named: list[tuple[Path, Path]] = []
     for file, stem in found:
         candidate = stem
@@ -126,6 +134,7 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
             )
     inputs = identities({file: f"the input image {file}" for file, _ in images})
     inputs.update(identities({cfg.checkpoint: f"the checkpoint {cfg.checkpoint}"}))
+    refuse_input_file(out / LEGEND_NAME, inputs, "--out")
     for _, stem in images:
         for name in _output_names(stem)[: 3 if cfg.overlay else 2]:
             target = out / name
@@ -196,6 +205,8 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
             if cfg.overlay:
                 save_jpeg(overlay_path, overlay(image, color))
             written.append(color_path)
+    class_names = checkpoint.get("classes") or [f"class {i}" for i in range(num_classes)]
+    save_legend(out, class_names, palette)
     print(f"wrote {len(written)} mask(s) to {out}")
     if skipped:
         print(f"warning: {skipped} unreadable image(s) skipped")

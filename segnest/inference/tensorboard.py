@@ -96,11 +96,11 @@ def log_segmentation_results(writer: Any, results: Mapping[str, Any],
         else:
             writer.add_text(MOST_CONFUSED, most_confused(confusion, class_names), step)
     visualize.log_panels(writer, PANELS, panels, step)
-    legend_image = getattr(visualize, "legend_image", None)  # from the panel-images work
-    if panels and legend_image is not None:
+    if panels:
         present = [index for index, (gt, pred) in enumerate(
             zip(results["gt_pixels"], results["pred_pixels"], strict=True)) if gt or pred]
-        writer.add_image(LEGEND, legend_image(list(class_names), palette, present=present),
+        writer.add_image(LEGEND, visualize.legend_image(list(class_names), palette,
+                                                        present=present),
                          step, dataformats="HWC")
 
 

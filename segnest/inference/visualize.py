@@ -1,19 +1,30 @@
-"""Coloured masks, overlays and image | ground truth | prediction panels for TensorBoard.
+"""Coloured masks, overlays, captioned image | ground truth | prediction | errors panels
+for TensorBoard, and class legends.
 
 Ignored pixels are drawn black (0, 0, 0) in coloured masks; overlays treat black as
-"no label" and keep the image there. The official Cityscapes and ADE20K palettes contain
-no pure black, so no class is hidden by this.
+"no label" and keep the image there. No class is drawn black by default: the official
+Cityscapes and ADE20K palettes contain no pure black, and generated palettes never do
+(:func:`segnest.data.palettes.generate_palette`); a ``classes.txt`` that asks for black is
+warned about when the dataset loads.
+
+Panels read at a glance: each view has a caption above it, views smaller than
+``min_height`` are enlarged by an integer factor with nearest neighbour (masks keep exactly
+their palette colours), the errors view paints wrong pixels red over a dimmed grey copy of
+the image, and a legend under the panel names the classes it shows. Text uses Pillow's
+built-in font, so no font file is needed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from segnest.data.transforms import IGNORE_INDEX, MEAN, STD
 from segnest.runtime.files import atomic_open
@@ -57,28 +68,215 @@ def overlay(image_uint8: np.ndarray, color_mask: np.ndarray, alpha: float = 0.5)
     return blended
 
 
+# Colours of what is not a class. Ignore is black everywhere, as in `colorize`; the errors
+# view never uses black otherwise (its dimmed image stays within DIMMED_RANGE).
+IGNORE_COLOR = (0, 0, 0)
+ERROR_COLOR = (255, 0, 0)
+# Ignore pixels in the errors view: black crossed by grey diagonal lines every
+# HATCH_SPACING pixels, so that "not scored" cannot be mistaken for "correct".
+HATCH_COLOR = (150, 150, 150)
+HATCH_SPACING = 6
+DIMMED_RANGE = (40, 150)
+TEXT_COLOR = (20, 20, 20)
+BACKGROUND_COLOR = (255, 255, 255)
+SWATCH_OUTLINE = (160, 160, 160)
+CAPTIONS = ("image", "ground truth", "prediction", "errors")
+LEGEND_NAME = "legend.png"
+IGNORE_LABEL = "ignore (not scored)"
+# A legend column holds at most this many entries when no width is imposed.
+LEGEND_ROWS = 20
+MAX_NAME_CHARS = 28
+MIN_FONT_SIZE = 8
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` px; Pillow < 10.1 has only a fixed ~11 px one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_width(font: Any, text: str) -> int:
+    return int(math.ceil(font.getbbox(_drawable(font, text))[2]))
+
+
+def _drawable(font: Any, text: str) -> str:
+    """``text`` as the font can draw it: Pillow's old bitmap font knows Latin-1 only."""
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 3] + "..."
+
+
+def _upscale(array: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by an integer factor: every value is kept as is."""
+    if factor == 1:
+        return array
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def _error_view(image: np.ndarray, target: np.ndarray, pred: np.ndarray,
+                ignore_index: int) -> np.ndarray:
+    """Wrong pixels ERROR_COLOR, correct ones a dimmed grey copy of the image, ignore
+    pixels hatched black (see HATCH_COLOR)."""
+    low, high = DIMMED_RANGE
+    grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.rint(low + grey * ((high - low) / 255.0)).astype(np.uint8)
+    view = np.repeat(grey[..., None], 3, axis=2)
+    ignored = target == ignore_index
+    view[(pred != target) & ~ignored] = ERROR_COLOR
+    rows, cols = np.indices(target.shape)
+    hatch = (rows + cols) % HATCH_SPACING == 0
+    view[ignored] = IGNORE_COLOR
+    view[ignored & hatch] = HATCH_COLOR
+    return view
+
+
+def _caption_font(size: int, view_width: int) -> Any:
+    """The font at ``size`` px or smaller, so that every caption fits in the view."""
+    while True:
+        font = _font(size)
+        widest = max(_text_width(font, caption) for caption in CAPTIONS)
+        if widest + 4 <= view_width or size <= MIN_FONT_SIZE:
+            return font
+        size -= 1
+
+
 def make_panel(
-    image_uint8: np.ndarray,
-    gt: np.ndarray | torch.Tensor,
+    image: np.ndarray,
+    target: np.ndarray | torch.Tensor,
     pred: np.ndarray | torch.Tensor,
     palette: np.ndarray,
     ignore_index: int = IGNORE_INDEX,
+    class_names: Sequence[str] | None = None,
+    min_height: int = 256,
+    *,
+    legend: bool = True,
     gap: int = 4,
 ) -> np.ndarray:
-    """Side by side ``image | ground truth | prediction`` separated by white gaps.
+    """``image | ground truth | prediction | errors``, captioned, as one uint8 ``H x W x 3``.
 
-    Returns uint8 ``H x (3W + 2 gap) x 3``.
+    Each view is ``factor * h x factor * w`` for an ``h x w`` input, where ``factor`` is the
+    smallest integer making ``factor * h >= min_height`` (1 when ``h`` already is), applied
+    with nearest neighbour. The views stand on a white background, ``gap`` pixels apart,
+    under a caption strip naming them; text is about a sixteenth of the view's height
+    (at least 12 px; captions shrink to fit narrow views). Ground truth and prediction use
+    ``palette`` with ignore black; the errors view shows pixels where prediction != ground
+    truth in red over a dimmed grey copy of the image, and ignore pixels hatched (black
+    with grey diagonal lines). With ``class_names`` and ``legend``, a legend of the classes
+    present in the ground truth or the prediction (and of ignore, when the ground truth has
+    some) runs under the views, as wide as the panel.
     """
-    gt_color = colorize(gt, palette, ignore_index)
+    image = np.asarray(image, dtype=np.uint8)
+    target = _to_numpy(target).astype(np.int64, copy=False)
+    pred = _to_numpy(pred).astype(np.int64, copy=False)
+    gt_color = colorize(target, palette, ignore_index)
     pred_color = colorize(pred, palette, ignore_index)
-    if not (image_uint8.shape == gt_color.shape == pred_color.shape):
+    if not (image.shape == gt_color.shape == pred_color.shape):
         raise ValueError(
-            f"image {image_uint8.shape}, gt {gt_color.shape[:2]} and pred "
+            f"image {image.shape}, gt {gt_color.shape[:2]} and pred "
             f"{pred_color.shape[:2]} must have the same height and width"
         )
-    height = image_uint8.shape[0]
-    white = np.full((height, gap, 3), 255, dtype=np.uint8)
-    return np.concatenate([image_uint8, white, gt_color, white, pred_color], axis=1)
+    height, width = target.shape
+    factor = max(1, math.ceil(min_height / height)) if height else 1
+    views = [_upscale(view, factor) for view in
+             (image, gt_color, pred_color, _error_view(image, target, pred, ignore_index))]
+    view_h, view_w = height * factor, width * factor
+    text_size = max(12, round(view_h / 16))
+    font = _caption_font(text_size, view_w)
+    font_size = int(getattr(font, "size", 11))
+    caption_h = round(font_size * 1.5)
+    panel_w = len(views) * view_w + (len(views) - 1) * gap
+    canvas = Image.new("RGB", (panel_w, caption_h + view_h), BACKGROUND_COLOR)
+    draw = ImageDraw.Draw(canvas)
+    for position, (caption, view) in enumerate(zip(CAPTIONS, views, strict=True)):
+        left = position * (view_w + gap)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(view)), (left, caption_h))
+        text_w = _text_width(font, caption)
+        draw.text((left + max(0, (view_w - text_w) // 2), round(font_size * 0.2)),
+                  _drawable(font, caption), fill=TEXT_COLOR, font=font)
+    panel = np.asarray(canvas)
+    if class_names is None or not legend:
+        return panel
+    labelled = np.union1d(np.unique(target), np.unique(pred))
+    present = [int(c) for c in labelled if c != ignore_index]
+    strip = legend_image(class_names, palette, present=present,
+                         ignore_entry=bool((target == ignore_index).any()),
+                         width=panel_w, font_size=text_size)
+    return np.concatenate([panel, strip], axis=0)
+
+
+def legend_image(
+    class_names: Sequence[str],
+    palette: np.ndarray,
+    present: Sequence[int] | np.ndarray | None = None,
+    max_entries: int = 40,
+    *,
+    ignore_entry: bool = True,
+    width: int | None = None,
+    font_size: int = 14,
+) -> np.ndarray:
+    """A swatch and a name per class on white, as uint8 ``H x W x 3``.
+
+    Lists the classes ``present`` (class ids, in id order) or all of them, at most
+    ``max_entries`` followed by a "+N more" line, then, with ``ignore_entry``, a black
+    swatch named "ignore (not scored)". Entries run down columns of at most 20 rows; given a
+    ``width`` the image is that wide and holds as many columns as fit. Each swatch is a
+    ``font_size`` square of the class colour with a grey outline; names longer than 28
+    characters are cut.
+    """
+    palette = np.asarray(palette, dtype=np.uint8)
+    ids = range(len(palette)) if present is None else sorted({int(c) for c in present})
+    ids = list(ids)
+    for class_id in ids:
+        if not 0 <= class_id < len(palette):
+            raise ValueError(f"class id {class_id} has no colour; the palette has "
+                             f"{len(palette)} colours")
+    entries: list[tuple[str, tuple[int, ...] | None]] = []
+    for class_id in ids[:max_entries]:
+        name = class_names[class_id] if class_id < len(class_names) else f"class {class_id}"
+        entries.append((_short(str(name)), tuple(int(v) for v in palette[class_id])))
+    if len(ids) > max_entries:
+        entries.append((f"+{len(ids) - max_entries} more", None))
+    if ignore_entry:
+        entries.append((IGNORE_LABEL, IGNORE_COLOR))
+    font = _font(font_size)
+    size = int(getattr(font, "size", font_size))
+    pad = max(2, size // 3)
+    row_h = size + pad
+    name_w = max((_text_width(font, name) for name, _ in entries), default=0)
+    column_w = size + pad + name_w + 3 * pad
+    if width is None:
+        columns = max(1, math.ceil(len(entries) / LEGEND_ROWS))
+        width = columns * column_w + pad
+    else:
+        columns = max(1, (width - pad) // column_w)
+    rows = max(1, math.ceil(len(entries) / columns))
+    canvas = Image.new("RGB", (width, rows * row_h + pad), BACKGROUND_COLOR)
+    draw = ImageDraw.Draw(canvas)
+    for index, (name, color) in enumerate(entries):
+        left = pad + (index // rows) * column_w
+        top = pad + (index % rows) * row_h
+        if color is not None:
+            draw.rectangle((left, top, left + size - 1, top + size - 1), fill=color,
+                           outline=SWATCH_OUTLINE)
+        draw.text((left + size + pad, top), _drawable(font, name), fill=TEXT_COLOR,
+                  font=font)
+    return np.asarray(canvas)
+
+
+def save_legend(folder: str | os.PathLike[str], class_names: Sequence[str],
+                palette: np.ndarray) -> Path:
+    """Writes ``folder/legend.png``, atomically: every class's colour and name, for the
+    coloured masks beside it (predictions, which hold no ignore). Returns its path."""
+    path = Path(folder) / LEGEND_NAME
+    save_png(path, legend_image(class_names, palette, max_entries=len(palette),
+                                ignore_entry=False))
+    return path
 
 
 def denormalize(
