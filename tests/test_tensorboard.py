@@ -84,6 +84,12 @@ def test_each_eval_is_its_own_named_run_beside_training_and_replaced_on_rerun(
     assert events.Tensors("config/text_summary")
     hparams, metrics = _hparams(events)
     assert hparams["split"] == "val" and set(metrics) == HEADLINE
+    # TensorBoard takes the HParams columns from one run: every run declares the same ones,
+    # the evals with the training settings of their checkpoint.
+    train_hparams, _ = _hparams(_events(work / "tb" / "train"))
+    assert set(train_hparams) == set(hparams)
+    assert hparams["backbone"] == train_hparams["backbone"] == "resnest14"
+    assert train_hparams["inference.flip"] == "False"  # training validates single-scale
 
 
 def test_eval_with_out_keeps_its_run_in_the_out_folder(folder_dataset, tmp_path,

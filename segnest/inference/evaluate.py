@@ -62,6 +62,7 @@ from segnest.inference.tensorboard import (
     log_hparams,
     log_segmentation_results,
     run_dir,
+    segmentation_hparams,
     write_run_atomically,
 )
 from segnest.inference.visualize import (
@@ -376,7 +377,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             log_config(writer, {**asdict(cfg), **extra}, step)
             log_segmentation_results(writer, results, dataset.classes, dataset.palette,
                                      panels, step)
-            log_hparams(writer, {k: v for k, v in extra.items() if k != "data_root"},
+            evaluation = {k: v for k, v in extra.items() if k != "data_root"}
+            log_hparams(writer, segmentation_hparams(checkpoint.get("config") or {}, evaluation),
                         [tag for tag in METRIC_TAGS if not math.isnan(results[tag[4:]])])
 
         tensorboard_run = _tensorboard_run(cfg, settings)

@@ -110,6 +110,28 @@ def log_config(writer: Any, config: Mapping[str, Any], step: int = 0) -> None:
     writer.add_text(CONFIG, f"```yaml\n{text}```", step)
 
 
+# Settings that say where files go and how a run is logged and kept, not what it learns.
+_NOT_HYPERPARAMETERS = frozenset({
+    "config", "work_dir", "resume", "overwrite", "tensorboard", "workers", "log_interval",
+    "checkpoint_interval", "keep_checkpoints", "panels", "export"})
+
+
+def hparams_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``config`` that shape the result (HParams columns): all but where
+    files go and how the run is logged and kept."""
+    return {key: value for key, value in config.items() if key not in _NOT_HYPERPARAMETERS}
+
+
+def segmentation_hparams(training: Mapping[str, Any],
+                         evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """One set of HParams columns for a training run and each eval of its checkpoints:
+    the training settings, then how the metrics were measured (``evaluation``: checkpoint,
+    iteration, dataset, split, samples, inference settings, device, world size; for a
+    training run, its own single-scale validation). TensorBoard takes the column list from
+    one run, so every run of a work folder declares the same columns."""
+    return {**hparams_of(training), **evaluation}
+
+
 def hparam_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``config`` flattened (``inference.scales``) into the value types HParams takes:
     numbers and strings as they are, booleans, None, lists and the rest as text."""

@@ -56,7 +56,13 @@ from tqdm import tqdm
 
 import segnest
 from segnest.errors import SegnestError
-from segnest.inference.tensorboard import TB_FOLDER, log_config, log_hparams, run_dir
+from segnest.inference.tensorboard import (
+    TB_FOLDER,
+    hparams_of,
+    log_config,
+    log_hparams,
+    run_dir,
+)
 from segnest.models.factory import canonical_model_kwargs
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 from segnest.runtime.compiling import compile_model
@@ -220,10 +226,11 @@ def wrap_for_training(model: nn.Module, dist: DistInfo, compile: bool) -> nn.Mod
 
 def open_writer(work_dir: Path, dist: DistInfo, enabled: bool, run: str,
                 config: Mapping[str, Any], metric_tags: Sequence[str],
-                iteration: int) -> Any | None:
+                iteration: int, hparams: Mapping[str, Any] | None = None) -> Any | None:
     """A TensorBoard writer of run ``run`` (``<work_dir>/tb/<run>``) on rank 0, None
     elsewhere or when switched off. It starts with the run's settings as text and its
-    HParams session (``config`` as hyperparameters, ``metric_tags`` as metrics); see
+    HParams session (``hparams``, default the settings of ``config`` that shape the result,
+    as hyperparameters; ``metric_tags`` as metrics); see
     :mod:`segnest.inference.tensorboard`."""
     if not (enabled and dist.is_main):
         return None
@@ -231,7 +238,8 @@ def open_writer(work_dir: Path, dist: DistInfo, enabled: bool, run: str,
 
     writer = SummaryWriter(str(run_dir(work_dir, run)))
     log_config(writer, config, iteration)
-    log_hparams(writer, hparams_of(config), metric_tags, end=False)
+    log_hparams(writer, hparams_of(config) if hparams is None else hparams, metric_tags,
+                end=False)
     return writer
 
 
@@ -242,17 +250,6 @@ def close_writer(writer: Any | None, finished: bool) -> None:
     if finished:
         log_hparams(writer, {}, (), start=False)
     writer.close()
-
-
-_NOT_HYPERPARAMETERS = frozenset({
-    "config", "work_dir", "resume", "overwrite", "tensorboard", "workers", "log_interval",
-    "checkpoint_interval", "keep_checkpoints", "panels", "export"})
-
-
-def hparams_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of ``config`` that shape the result (HParams columns): all but where
-    files go and how the run is logged and kept."""
-    return {key: value for key, value in config.items() if key not in _NOT_HYPERPARAMETERS}
 
 
 def parameters_finite(model: nn.Module) -> bool:

@@ -34,6 +34,7 @@ from segnest.inference.tensorboard import (
     TB_FOLDER,
     TRAIN_RUN,
     log_segmentation_results,
+    segmentation_hparams,
 )
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
@@ -241,8 +242,13 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                 "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
+    validation = {"checkpoint": str((work_dir / BEST_CHECKPOINT_NAME).resolve()),
+                  "iteration": total_iters, "dataset": cfg.dataset, "split": "val",
+                  "samples": cfg.val_samples, "inference": dataclasses.asdict(settings),
+                  "device": str(device), "world_size": dist.world_size}
     writer = open_writer(work_dir, dist, cfg.tensorboard, TRAIN_RUN, dataclasses.asdict(cfg),
-                         METRIC_TAGS, run.iteration)
+                         METRIC_TAGS, run.iteration,
+                         hparams=segmentation_hparams(dataclasses.asdict(cfg), validation))
     if dist.is_main:
         write_text_atomic(work_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg)))
         print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
