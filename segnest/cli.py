@@ -39,6 +39,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """Without a name: each packaged recipe with what it trains, the published number it
+    targets and the hardware it assumes. With a name: that recipe's YAML, as shipped."""
+    from segnest import config
+
+    if args.name:
+        print(config.find_recipe(args.name)[1], end="")
+        return 0
+    for name in config.packaged_recipes():
+        _, recipe = config.read_recipe(name)
+        print(f"{name}  ({recipe.get('dataset')}, {recipe.get('backbone')})")
+        print(f"    target:   {recipe.get('target', 'not stated')}")
+        print(f"    hardware: {recipe.get('hardware', 'not stated')}")
+    print("run one with 'segnest train --config NAME'; 'segnest recipes NAME' prints its keys")
+    return 0
+
+
 def _command(config_name: str, runner: str,
              presets: str | None = None) -> Callable[[argparse.Namespace], int]:
     """A command: its flags merged with the recipe and the presets named by ``presets`` (an
@@ -88,6 +105,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     sub.add_parser("models", help="list the model names create_model accepts")
     handlers["models"] = cmd_models
+    recipes = sub.add_parser("recipes", help="list the packaged recipes, or print one")
+    recipes.add_argument("name", nargs="?", metavar="NAME", help="print this recipe's YAML")
+    handlers["recipes"] = cmd_recipes
 
     from segnest import config
 

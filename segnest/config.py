@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import importlib.resources
 import math
 import re
 import sys
@@ -24,6 +25,9 @@ from typing import Any
 import yaml
 
 from segnest.errors import SegnestError
+
+if typing.TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
+    from importlib.resources.abc import Traversable
 
 # Per-dataset settings from the paper's recipe (REFERENCE.md). Eval scales: long side =
 # base_size x scale; crop_size is also the sliding-window size.
@@ -534,19 +538,55 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
-def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise SegnestError(f"recipe {path} not found; recipes live in experiments/*.yaml")
+# --------------------------------------------------------------------------- recipes
+# The published recipes ship inside the package (segnest/recipes/<name>.yaml, package data
+# in setup.cfg), so that ``--config <name>`` works after a plain ``pip install``.
+RECIPE_FOLDER = "recipes"
+# Keys that describe a recipe for people and ``segnest recipes``; they are not flags.
+RECIPE_INFO_KEYS = ("target", "hardware", "reference", "notes")
+
+
+def packaged_recipes() -> dict[str, Traversable]:
+    """Name -> file of every recipe shipped in the package, sorted by name."""
+    folder = importlib.resources.files("segnest") / RECIPE_FOLDER
+    files = [f for f in folder.iterdir() if f.name.endswith(".yaml")] if folder.is_dir() else []
+    return {f.name[: -len(".yaml")]: f for f in sorted(files, key=lambda f: f.name)}
+
+
+def find_recipe(name: str | Path) -> tuple[str, str]:
+    """``(how messages name it, its YAML text)`` for ``--config name``: a path that exists is
+    that file; otherwise a packaged recipe's name (``.yaml`` optional); otherwise a
+    one-line error listing the packaged names."""
+    path = Path(name)
+    if path.is_file():
+        return str(path), path.read_text()
+    packaged = packaged_recipes()
+    stem = str(name)[: -len(".yaml")] if str(name).endswith(".yaml") else str(name)
+    if stem in packaged:
+        return stem, packaged[stem].read_text()
+    raise SegnestError(f"recipe {name} not found: no such file and no packaged recipe of that "
+                       f"name; packaged recipes: {', '.join(packaged)} ('segnest recipes' "
+                       "describes them)")
+
+
+def read_recipe(name: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(how messages name it, its keys and values as written)``, info keys included."""
+    label, text = find_recipe(name)
     try:
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+        data = yaml.load(text, Loader=_RecipeLoader) or {}
     except yaml.YAMLError as err:
         problem = " ".join(str(err).split())
-        raise SegnestError(f"recipe {path} is not valid YAML: {problem}") from err
+        raise SegnestError(f"recipe {label} is not valid YAML: {problem}") from err
     if not isinstance(data, dict):
-        raise SegnestError(f"recipe {path} must be a mapping of flag names to values")
+        raise SegnestError(f"recipe {label} must be a mapping of flag names to values")
+    return label, data
+
+
+def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
+    """The flags a recipe (a file or a packaged name, :func:`find_recipe`) sets for ``cls``."""
+    path, data = read_recipe(path)
     data = {str(k).replace("-", "_"): v for k, v in data.items()
-            if k not in ("reference", "notes")}
+            if k not in RECIPE_INFO_KEYS}
     for old, new in renamed_keys(cls).items():
         if old in data:
             warn_renamed(old, new, f"recipe {path}: key")
@@ -824,7 +864,8 @@ def resolve_config(
         merged.update({k: v for k, v in preset.items() if k in known})
         sources.update({k: f"the {dataset} preset" for k in merged})
     merged.update(recipe)
-    sources.update({k: f"recipe {recipe_path}" for k in recipe})
+    recipe_label = find_recipe(recipe_path)[0] if recipe_path else None
+    sources.update({k: f"recipe {recipe_label}" for k in recipe})
     merged.update(cli)
     for k in cli:
         sources.pop(k, None)

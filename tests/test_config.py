@@ -3,16 +3,22 @@
 
 import argparse
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 
-from segnest.cli import build_parser
-from segnest.config import DATASET_PRESETS, TrainConfig, add_dataclass_arguments, resolve_config
+from segnest.cli import build_parser, main
+from segnest.config import (
+    DATASET_PRESETS,
+    TrainConfig,
+    add_dataclass_arguments,
+    packaged_recipes,
+    read_recipe,
+    resolve_config,
+)
 from segnest.errors import SegnestError
 from segnest.models import create_model
 
-RECIPES = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+RECIPES = list(packaged_recipes())
 
 
 def parse_train(*argv: str) -> TrainConfig:
@@ -21,11 +27,65 @@ def parse_train(*argv: str) -> TrainConfig:
     return resolve_config(TrainConfig, vars(parser.parse_args(argv)), DATASET_PRESETS)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_recipe_resolves_and_names_its_target(recipe):
-    cfg = resolve_config(TrainConfig, {"config": str(recipe)}, DATASET_PRESETS)
-    assert cfg.backbone in recipe.name and cfg.dataset in recipe.name
-    assert "reference:" in recipe.read_text()
+def test_the_published_recipes_ship_inside_the_package():
+    assert len(RECIPES) == 7 and "deeplabv3_resnest101_ade20k" in RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_packaged_recipe_resolves_by_name_and_names_its_target(recipe):
+    cfg = resolve_config(TrainConfig, {"config": recipe}, DATASET_PRESETS)
+    assert cfg.backbone in recipe and cfg.dataset in recipe
+    _, keys = read_recipe(recipe)
+    assert keys["target"] and keys["hardware"]
+
+
+def test_a_recipe_name_may_end_in_yaml():
+    cfg = resolve_config(TrainConfig, {"config": "deeplabv3_resnest14_mini.yaml"},
+                         DATASET_PRESETS)
+    assert (cfg.dataset, cfg.iters, cfg.crop_size) == ("mini", 900, 96)
+
+
+def test_a_file_that_exists_wins_over_the_packaged_recipe_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deeplabv3_resnest14_mini.yaml").write_text("dataset: mini\niters: 5\n")
+    cfg = resolve_config(TrainConfig, {"config": "deeplabv3_resnest14_mini.yaml"},
+                         DATASET_PRESETS)
+    assert cfg.iters == 5
+    packaged = resolve_config(TrainConfig, {"config": "deeplabv3_resnest14_mini"},
+                              DATASET_PRESETS)
+    assert packaged.iters == 900  # no file of that exact name: the packaged recipe
+
+
+def test_an_unknown_recipe_is_one_line_listing_the_packaged_names():
+    with pytest.raises(SegnestError) as err:
+        resolve_config(TrainConfig, {"config": "deeplabv3_resnest999"}, DATASET_PRESETS)
+    message = str(err.value)
+    assert "\n" not in message and "deeplabv3_resnest999 not found" in message
+    assert all(name in message for name in RECIPES)
+
+
+def test_a_packaged_recipe_is_named_in_errors_by_its_name():
+    with pytest.raises(SegnestError, match="crop_size: 96 in recipe deeplabv3_resnest14_mini"):
+        resolve_config(TrainConfig, {"config": "deeplabv3_resnest14_mini", "base_size": 40},
+                       DATASET_PRESETS)
+
+
+def test_segnest_recipes_lists_each_with_dataset_backbone_target_and_hardware(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        _, keys = read_recipe(name)
+        block = out.split(name, 1)[1]
+        assert f"({keys['dataset']}, {keys['backbone']})" in block.splitlines()[0]
+        assert keys["target"] in block and keys["hardware"] in block
+    assert "ADE20K val mIoU 46.91" in out
+
+
+def test_segnest_recipes_name_prints_the_recipe_yaml(capsys):
+    assert main(["recipes", "deeplabv3_resnest101_ade20k"]) == 0
+    out = capsys.readouterr().out
+    assert out == packaged_recipes()["deeplabv3_resnest101_ade20k"].read_text()
+    assert "backbone: resnest101" in out
 
 
 def test_command_line_beats_recipe_beats_preset_beats_default(tmp_path):
