@@ -1,5 +1,8 @@
 """load_pretrained: official, timm, DDP and segnest checkpoints land where they belong."""
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,9 +61,10 @@ def test_segmentation_checkpoint_feeds_a_bare_backbone(tmp_path):
 def test_official_resnest50_file_loads_strictly_through_load_pretrained(tmp_path):
     reference = pytest.importorskip("resnest.torch")
     official = reference.resnest50(pretrained=False)
-    torch.save(official.state_dict(), tmp_path / "resnest50-528c19ca.pth")
+    # Random weights in the official layout: they cannot carry the official file's hash.
+    torch.save(official.state_dict(), tmp_path / "resnest50.pth")
     model = create_model("deeplabv3_resnest50", num_classes=150)
-    report = segnest.load_pretrained(model, tmp_path / "resnest50-528c19ca.pth")
+    report = segnest.load_pretrained(model, tmp_path / "resnest50.pth")
     assert report.loaded == 474  # 476 keys less fc.weight and fc.bias
     assert_backbone_equal(model.backbone.state_dict(), official.state_dict())
 
@@ -80,3 +84,38 @@ def test_shape_mismatch_is_reported(tmp_path):
     wider = create_model("resnest14", num_classes=1000, stage_width=16, stem_width=8)
     with pytest.raises(SegnestError, match="shape mismatches"):
         segnest.load_pretrained(wider, tmp_path / "r14.pth")
+
+
+def _save_with_hash_name(tmp_path, state: dict, prefix_of) -> Path:
+    plain = tmp_path / "weights.pth"
+    torch.save(state, plain)
+    digest = hashlib.sha256(plain.read_bytes()).hexdigest()
+    named = tmp_path / f"resnest14-{prefix_of(digest)}.pth"
+    plain.rename(named)
+    return named
+
+
+def test_a_file_whose_name_carries_its_sha256_prefix_loads(tmp_path):
+    state = classifier_state()
+    path = _save_with_hash_name(tmp_path, state, lambda digest: digest[:8])
+    model = create_model("resnest14", num_classes=1000, **TINY)
+    segnest.load_pretrained(model, path)
+    assert_backbone_equal(model.state_dict(), state)
+
+
+def test_a_file_whose_sha256_does_not_match_its_name_is_one_line_error(tmp_path):
+    path = _save_with_hash_name(tmp_path, classifier_state(),
+                                lambda digest: format(int(digest[:8], 16) ^ 1, "08x"))
+    model = create_model("resnest14", num_classes=1000, **TINY)
+    with pytest.raises(SegnestError) as err:
+        segnest.load_pretrained(model, path)
+    message = str(err.value)
+    assert "\n" not in message and path.name in message
+    assert "sha256" in message and "corrupted" in message
+
+
+def test_a_truncated_official_download_is_caught_by_its_name(tmp_path):
+    path = _save_with_hash_name(tmp_path, classifier_state(), lambda digest: digest[:8])
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(SegnestError, match="sha256 starts with"):
+        segnest.load_pretrained(create_model("resnest14", num_classes=1000, **TINY), path)

@@ -8,12 +8,20 @@ a backbone state dict loads into ``model.backbone`` of a segmentation model, and
 backbone part of a segmentation checkpoint loads into a bare backbone. Classifier keys
 (``fc.*``) are skipped when the target has no classifier. Everything else must match
 exactly; mismatches are reported in one message.
+
+A file named like the official downloads, ``<name>-<hex>.pth``, carries the start of its
+own sha256 (the torch.hub convention); ``load_pretrained`` checks it, so that a truncated
+or corrupted download, or another file renamed to an official name, is one clear error
+instead of a confusing one (or a silently wrong backbone). Other names are not checked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from os import PathLike
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +30,18 @@ from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint
 
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+
+# The authors' ImageNet weights for the paper's backbones (REFERENCE.md): pass one with
+# --pretrained. The hex digits are the start of the file's sha256.
+OFFICIAL_WEIGHTS = {
+    "resnest50": "resnest50-528c19ca.pth",
+    "resnest101": "resnest101-22405ba7.pth",
+    "resnest200": "resnest200-75117900.pth",
+    "resnest269": "resnest269-0cc87c48.pth",
+}
+# ``<name>-<hex>.<ext>``: torch.hub's names for checked downloads.
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -89,8 +109,29 @@ def match_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
     return state, LoadReport(loaded=len(state), skipped=skipped, prefix=prefix)
 
 
+def check_hash_in_name(path: str | PathLike) -> None:
+    """If ``path`` is named ``<name>-<hex>.<ext>``, check that its sha256 starts with those
+    hex digits (one read of the file, in chunks); a mismatch is a SegnestError."""
+    path = Path(path)
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None or not path.is_file():
+        return  # a missing file is reported by the loader
+    expected = match.group(1)
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    actual = digest.hexdigest()[: len(expected)]
+    if actual != expected:
+        raise SegnestError(
+            f"{path}: its sha256 starts with {actual}, not {expected} as its name says; the "
+            "download is corrupted or incomplete, or another file was given this name: "
+            "download it again (if the suffix is not a hash, rename the file)")
+
+
 def load_pretrained(model: nn.Module, path: str | PathLike) -> LoadReport:
     """Load a local checkpoint into ``model`` (see the module docstring for what fits)."""
+    check_hash_in_name(path)
     state = extract_state_dict(load_checkpoint(path))
     if not state:
         raise SegnestError(f"{path} holds no tensors: it is not a model checkpoint")
