@@ -38,6 +38,7 @@ from segnest.inference.tensorboard import (
 )
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
+from segnest.models.weights import OFFICIAL_WEIGHTS
 from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
 from segnest.runtime.files import write_text_atomic
 from segnest.training.losses import segmentation_loss
@@ -163,6 +164,19 @@ def default_work_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.work_dir or f"runs/{cfg.dataset}_{cfg.backbone}")
 
 
+def from_scratch_warning(cfg: TrainConfig) -> str | None:
+    """The line that warns a new run on real data that its backbone starts from random
+    weights: the paper's numbers assume ImageNet-pretrained backbones. Not for the mini set,
+    whose demo pretrains its own backbone, nor for a resumed run."""
+    if cfg.pretrained or cfg.resume or cfg.dataset == "mini":
+        return None
+    official = OFFICIAL_WEIGHTS.get(cfg.backbone)
+    how = (f"pass --pretrained {official} (the authors' ImageNet weights, see README)"
+           if official else "pass --pretrained with a backbone from 'segnest pretrain --export'")
+    return (f"warning: training {cfg.backbone} from scratch (no --pretrained): the paper's "
+            "numbers assume an ImageNet-pretrained backbone; expect a far lower mIoU; " + how)
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the iteration reached, whether the run was interrupted (and by which
     signal), the best and last validation metrics and the work folder."""
@@ -216,6 +230,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         report = load_pretrained(model, cfg.pretrained)
         if dist.is_main:
             print(f"loaded {report.loaded} backbone tensors from {cfg.pretrained}")
+    elif dist.is_main and (warning := from_scratch_warning(cfg)):
+        print(warning)
     if cfg.checkpoint_activations:
         model.set_grad_checkpointing(True)
     model.to(device)
