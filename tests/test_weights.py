@@ -9,6 +9,7 @@ import torch
 import segnest
 from segnest.errors import SegnestError
 from segnest.models import create_model
+from segnest.models.weights import OFFICIAL_WEIGHTS
 
 TINY = dict(stage_width=8, stem_width=8)
 
@@ -119,3 +120,10 @@ def test_a_truncated_official_download_is_caught_by_its_name(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(SegnestError, match="sha256 starts with"):
         segnest.load_pretrained(create_model("resnest14", num_classes=1000, **TINY), path)
+
+
+def test_the_official_file_names_are_those_the_authors_package_downloads():
+    resnest = pytest.importorskip("resnest.torch.resnest")
+    ablation = pytest.importorskip("resnest.torch.ablation")
+    urls = {**resnest.resnest_model_urls, **ablation.resnest_model_urls}
+    assert {name: url.rsplit("/", 1)[1] for name, url in urls.items()} == OFFICIAL_WEIGHTS

@@ -31,13 +31,21 @@ from segnest.runtime.checkpoint import load_checkpoint
 
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
-# The authors' ImageNet weights for the paper's backbones (REFERENCE.md): pass one with
-# --pretrained. The hex digits are the start of the file's sha256.
+# The authors' ImageNet weights (REFERENCE.md; the official ``resnest`` package's
+# ``resnest_model_urls``): pass one with --pretrained. The hex digits are the start of the
+# file's sha256.
 OFFICIAL_WEIGHTS = {
     "resnest50": "resnest50-528c19ca.pth",
     "resnest101": "resnest101-22405ba7.pth",
     "resnest200": "resnest200-75117900.pth",
     "resnest269": "resnest269-0cc87c48.pth",
+    "resnest50_fast_1s1x64d": "resnest50_fast_1s1x64d-d8fbf808.pth",
+    "resnest50_fast_2s1x64d": "resnest50_fast_2s1x64d-44938639.pth",
+    "resnest50_fast_4s1x64d": "resnest50_fast_4s1x64d-f74f3fc3.pth",
+    "resnest50_fast_1s2x40d": "resnest50_fast_1s2x40d-32830b84.pth",
+    "resnest50_fast_2s2x40d": "resnest50_fast_2s2x40d-9d126481.pth",
+    "resnest50_fast_4s2x40d": "resnest50_fast_4s2x40d-41d14ed0.pth",
+    "resnest50_fast_1s4x24d": "resnest50_fast_1s4x24d-d4a4f76f.pth",
 }
 # ``<name>-<hex>.<ext>``: torch.hub's names for checked downloads.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
