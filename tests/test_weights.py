@@ -127,3 +127,15 @@ def test_the_official_file_names_are_those_the_authors_package_downloads():
     ablation = pytest.importorskip("resnest.torch.ablation")
     urls = {**resnest.resnest_model_urls, **ablation.resnest_model_urls}
     assert {name: url.rsplit("/", 1)[1] for name, url in urls.items()} == OFFICIAL_WEIGHTS
+
+
+def test_a_digits_only_suffix_is_a_hash_only_in_an_official_name(tmp_path):
+    from segnest.models.weights import check_hash_in_name
+
+    dated = tmp_path / "model-20231124.pth"  # a date, not a hash: not checked
+    torch.save({"w": torch.ones(1)}, dated)
+    check_hash_in_name(dated)
+    official = tmp_path / "resnest200-75117900.pth"  # the official name is digits only
+    torch.save({"w": torch.ones(1)}, official)
+    with pytest.raises(SegnestError, match="sha256 starts with"):
+        check_hash_in_name(official)

@@ -47,6 +47,7 @@ OFFICIAL_WEIGHTS = {
     "resnest50_fast_4s2x40d": "resnest50_fast_4s2x40d-41d14ed0.pth",
     "resnest50_fast_1s4x24d": "resnest50_fast_1s4x24d-d4a4f76f.pth",
 }
+OFFICIAL_FILE_NAMES = frozenset(OFFICIAL_WEIGHTS.values())
 # ``<name>-<hex>.<ext>``: torch.hub's names for checked downloads.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _HASH_CHUNK = 1 << 20
@@ -125,6 +126,8 @@ def check_hash_in_name(path: str | PathLike) -> None:
     if match is None or not path.is_file():
         return  # a missing file is reported by the loader
     expected = match.group(1)
+    if expected.isdigit() and path.name not in OFFICIAL_FILE_NAMES:
+        return  # digits only: more likely a date or a step (model-20231124.pth) than a hash
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(_HASH_CHUNK):
