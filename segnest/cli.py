@@ -56,21 +56,27 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command(config_name: str, runner: str,
-             presets: str | None = None) -> Callable[[argparse.Namespace], int]:
+def _load(target: str) -> Callable:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _command(config_name: str, runner: str, presets: str | None = None,
+             resolver: str = "segnest.config:resolve_config"
+             ) -> Callable[[argparse.Namespace], int]:
     """A command: its flags merged with the recipe and the presets named by ``presets`` (an
-    attribute of segnest.config) into the validated config ``config_name``, then passed to
-    ``runner`` ("module:function"). The runner's module (and torch) is imported only once
-    the config is valid, so that a bad flag is reported at once."""
+    attribute of segnest.config) into the validated config ``config_name`` by ``resolver``
+    ("module:function", resolve_config's signature), then passed to ``runner``. The
+    runner's module (and torch) is imported only once the config is valid, so that a bad
+    flag is reported at once."""
 
     def handler(args: argparse.Namespace) -> int:
         from segnest import config
 
         given = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
         table = getattr(config, presets) if presets else None
-        cfg = config.resolve_config(getattr(config, config_name), given, table)
-        module, function = runner.split(":")
-        result = getattr(importlib.import_module(module), function)(cfg)
+        cfg = _load(resolver)(getattr(config, config_name), given, table)
+        result = _load(runner)(cfg)
         if isinstance(result, dict) and result.get("interrupted"):
             raise RunStopped(result.get("signal"))  # exits with the signal's code
         return 0
@@ -80,7 +86,7 @@ def _command(config_name: str, runner: str,
 
 COMMANDS = {
     "train": _command("TrainConfig", "segnest.training.segmentation:run_train",
-                      "DATASET_PRESETS"),
+                      "DATASET_PRESETS", resolver="segnest.training.presets:resolve_train_config"),
     "eval": _command("EvalConfig", "segnest.inference.evaluate:run_eval"),
     "predict": _command("PredictConfig", "segnest.inference.predict:run_predict"),
     "export": _command("ExportConfig", "segnest.inference.export:run_export"),

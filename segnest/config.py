@@ -46,6 +46,8 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         iters=None,
         scales=(0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25),
     ),
+    # Your own images: `segnest train` replaces base_size and crop_size with values derived
+    # from the train images (segnest.training.presets); these stand where none can be read.
     "folder": dict(base_size=520, crop_size=480, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)),
     # The CPU recipe: a small ResNeSt-14 that trains in minutes on two cores.
     "mini": dict(backbone="resnest14", stage_width=16, stem_width=16, head_channels=64,
@@ -210,6 +212,21 @@ class TrainConfig:
         default=None,
         metadata=help_("folder masks: raw value -> train id, e.g. 255:1,128:2 (other values "
                        "unchanged; a recipe may give a mapping {255: 1})"),
+    )
+    in_channels: int = field(
+        default=3,
+        metadata=help_("channels of the input images: 3 for RGB (8- or 16-bit files), other "
+                       "counts from HxWxN .npy arrays (folder datasets)", min=1),
+    )
+    mean: str | None = field(
+        default=None,
+        metadata=help_("per-channel mean on a 0-1 scale, comma-separated (default: ImageNet's "
+                       "for 3 channels; required otherwise)"),
+    )
+    std: str | None = field(
+        default=None,
+        metadata=help_("per-channel standard deviation on a 0-1 scale, comma-separated "
+                       "(default: ImageNet's for 3 channels; required otherwise)"),
     )
     device: str | None = field(
         default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE)

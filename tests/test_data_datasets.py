@@ -220,7 +220,7 @@ def test_empty_split_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
-def test_images_of_any_mode_load_as_rgb_uint8(tmp_path, mode):
+def test_images_of_any_mode_load_as_rgb_and_16_bit_ones_keep_their_precision(tmp_path, mode):
     rgb = _rgb(16, 16)
     if mode == "I;16":
         grey = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)
@@ -230,8 +230,9 @@ def test_images_of_any_mode_load_as_rgb_uint8(tmp_path, mode):
     _make_folder(tmp_path, "a\n", [np.zeros((16, 16))])
     source.save(tmp_path / "images" / "train" / "img0.png")
     image, _ = FolderDataset(tmp_path).load(0)
-    assert image.dtype == np.uint8 and image.shape == (16, 16, 3)
+    assert image.shape == (16, 16, 3)
+    assert image.dtype == (np.uint16 if mode == "I;16" else np.uint8)
     if mode == "I;16":
-        np.testing.assert_array_equal(image[..., 1].ravel(), np.arange(256))
+        np.testing.assert_array_equal(image[..., 1].ravel(), np.arange(256) * 257)
     if mode == "RGBA":
         np.testing.assert_array_equal(image, rgb)

@@ -41,10 +41,15 @@ def build_dataset(
     split: str = "train",
     transform: SampleTransform | None = None,
     label_map: str | Mapping | None = None,
+    in_channels: int = 3,
 ) -> SegmentationDataset:
     """The dataset ``name`` over ``root`` (None: the default root; for ``mini`` the root is
     the cache folder it is generated into). ``label_map`` (raw mask value -> train id)
-    applies to folder datasets only: the others map their published label ids themselves."""
+    applies to folder datasets only: the others map their published label ids themselves;
+    so does ``in_channels`` other than 3 (the published sets are RGB)."""
+    if in_channels != 3 and name != "folder":
+        raise SegnestError(f"--in-channels {in_channels} applies to folder datasets only; "
+                           f"{name} images are RGB")
     if label_map and name in DATASET_NAMES and name != "folder":
         raise SegnestError(
             f"--label-map applies to folder datasets only; {name} maps its own label ids, "
@@ -60,7 +65,7 @@ def build_dataset(
                 "the folder dataset needs a root; pass --data-root pointing at a folder with "
                 "classes.txt, images/<split>/ and masks/<split>/ (see datasets/README.md)"
             )
-        return FolderDataset(root, split, transform, label_map)
+        return FolderDataset(root, split, transform, label_map, in_channels)
     if name == "mini":
         return build_mini_dataset(root, split, transform)
     raise SegnestError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")

@@ -2,8 +2,8 @@
 
 A dataset adapter only has to list its ``(image, mask)`` pairs, say how a raw mask maps to
 train ids (``_to_train_ids``, and ``label_mapping_id`` naming that mapping for caches) and
-how a sample is named. Reading, converting any image mode
-to RGB uint8, and checking every sample happens here, lazily in ``load``, so that a bad file
+how a sample is named. Reading any image mode at full precision (8-bit, 16-bit, N-channel
+arrays), and checking every sample happens here, lazily in ``load``, so that a bad file
 is reported by name when it is first used instead of giving a silently wrong result.
 """
 
@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -22,6 +23,8 @@ from segnest.data.transforms import IGNORE_INDEX, to_normalized_tensors
 from segnest.errors import SegnestError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# HxWxN NumPy arrays: inputs with channels other than RGB (multispectral, RGB-D).
+ARRAY_SUFFIX = ".npy"
 
 # Pillow's modes that hold more than 8 bits per channel in a single band.
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -88,6 +91,66 @@ def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(open_rgb_image(path), dtype=np.uint8).copy()
 
 
+def _is_16bit_colour(path: Path) -> bool:
+    """Whether ``path`` stores 16-bit RGB(A): Pillow decodes those to 8 bits, OpenCV does not."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("RGB", "RGBA") and any(
+                ";16" in str(tile.args) for tile in image.tile)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False  # open_image names the problem
+
+
+def _read_array(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SegnestError(f"cannot read array {path} ({err}); save it with numpy.save as "
+                           "an HxWxN array") from err
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.dtype.kind not in "uif":
+        raise SegnestError(f"array {path} has shape {array.shape} and dtype {array.dtype}; "
+                           "image arrays are HxWxN numbers (uint8, uint16 or float)")
+    if array.dtype not in (np.uint8, np.uint16):
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def read_image(path: str | os.PathLike, in_channels: int = 3) -> np.ndarray:
+    """Read an input image at full precision as HxWx``in_channels``: uint8 for 8-bit files,
+    uint16 for 16-bit PNG/TIFF (grey ones repeated to RGB), float32 on a 0-1 scale for float
+    images. ``.npy`` files hold HxWxN arrays (uint8, uint16, or floats taken as already
+    scaled); other files give 3 channels. :func:`~segnest.data.transforms.pixel_scale`
+    says how each dtype maps to 0-1."""
+    path = Path(path)
+    if path.suffix.lower() == ARRAY_SUFFIX:
+        image = _read_array(path)
+    elif _is_16bit_colour(path):
+        decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if decoded is None or decoded.ndim != 3:
+            raise SegnestError(f"cannot read 16-bit image {path}; the file is corrupt or "
+                               "truncated, replace or remove it")
+        image = np.ascontiguousarray(decoded[..., 2::-1])  # BGR(A) -> RGB
+    else:
+        opened = open_image(path)
+        if opened.mode in _WIDE_MODES:
+            values = np.asarray(opened)
+            if opened.mode == "F":  # float images are on a 0-255 scale, as Pillow writes them
+                grey = np.clip(values.astype(np.float32) / 255.0, 0.0, 1.0)
+            else:
+                grey = np.clip(values, 0, 65535).astype(np.uint16)
+            image = np.repeat(grey[..., None], 3, axis=2)
+        else:
+            image = np.asarray(open_rgb_image(path), dtype=np.uint8).copy()
+    if image.shape[2] != in_channels:
+        how = ("store inputs with other channel counts as HxWxN .npy arrays"
+               if path.suffix.lower() != ARRAY_SUFFIX else "fix the array or --in-channels")
+        raise SegnestError(f"image {path} has {image.shape[2]} channel(s) but --in-channels is "
+                           f"{in_channels}; {how}")
+    return image
+
+
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
     """Read a single-channel label PNG (8- or 16-bit, grey or palette indices) as int64."""
     return label_values(open_image(Path(path)), path)
@@ -139,6 +202,8 @@ class SegmentationDataset(Dataset):
         self.num_classes = len(self.classes)
         self.palette = palette
         self.transform = transform
+        # Channels every input image must have (read_image); only folder datasets change it.
+        self.in_channels = 3
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -167,12 +232,12 @@ class SegmentationDataset(Dataset):
         return raw, self._to_train_ids(raw, mask_path)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return the RGB uint8 image and its int64 train-id mask at original size.
+        """Return the image (:func:`read_image`) and its int64 train-id mask at original size.
 
         A sample without a mask (e.g. a test split) gets a mask that is all ignore.
         """
         image_path, mask_path = self.samples[index]
-        image = read_rgb_image(image_path)
+        image = read_image(image_path, self.in_channels)
         if mask_path is None:
             return image, np.full(image.shape[:2], self.ignore_index, dtype=np.int64)
         mask = self.read_mask(mask_path)[1].astype(np.int64)

@@ -3,7 +3,7 @@
 Layout::
 
     root/classes.txt                      one class per line: "name" or "name R G B"
-    root/images/<split>/<stem>.{jpg,jpeg,png,bmp,tif,tiff}
+    root/images/<split>/<stem>.{jpg,jpeg,png,bmp,tif,tiff}   8- or 16-bit; or .npy (HxWxN)
     root/masks/<split>/<stem>.png         train ids 0..N-1 per pixel, 255 = ignore
 
 A ``label_map`` (``--label-map 255:1``) rewrites raw mask values to train ids for masks
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from segnest.data.base import (
+    ARRAY_SUFFIX,
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
     SampleTransform,
@@ -155,6 +156,7 @@ class FolderDataset(SegmentationDataset):
         split: str = "train",
         transform: SampleTransform | None = None,
         label_map: str | Mapping | None = None,
+        in_channels: int = 3,
     ) -> None:
         base = Path(root)
         if not base.is_dir():
@@ -177,7 +179,7 @@ class FolderDataset(SegmentationDataset):
         samples = []
         seen: dict[str, Path] = {}
         for image_path in sorted(image_dir.iterdir()):
-            if image_path.suffix.lower() not in IMAGE_SUFFIXES:
+            if image_path.suffix.lower() not in (*IMAGE_SUFFIXES, ARRAY_SUFFIX):
                 continue
             if image_path.stem in seen:
                 raise SegnestError(
@@ -193,6 +195,7 @@ class FolderDataset(SegmentationDataset):
                 )
             samples.append((image_path, mask_path))
         super().__init__(base, split, samples, classes, palette, transform)
+        self.in_channels = in_channels
 
     def label_mapping_id(self) -> str:
         colours = None if self.mask_colours is None else self.mask_colours.tolist()

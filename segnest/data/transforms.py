@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -19,6 +20,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from segnest.errors import SegnestError  # noqa: E402
+
 # The label of pixels that no loss or metric counts, in every pipeline.
 IGNORE_INDEX = 255
 # ImageNet statistics on a 0-1 scale, as the backbones were pretrained with.
@@ -26,10 +29,25 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def to_normalized_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """HxWx3 uint8 image and HxW mask -> float32 CHW normalized tensor and int64 HW tensor."""
-    scaled = image.astype(np.float32) / 255.0
-    normalized = (scaled - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+
+
+def pixel_scale(dtype: np.dtype) -> float:
+    """What a pixel value is divided by to lie in [0, 1]: 255 for 8-bit, 65535 for 16-bit
+    images; float arrays are taken as already scaled."""
+    return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype), 1.0)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """An HxWxC image of any supported dtype as float32 on a 0-1 scale."""
+    return image.astype(np.float32) / pixel_scale(image.dtype)
+
+
+def to_normalized_tensors(image: np.ndarray, mask: np.ndarray,
+                          mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HxWxC image (uint8, uint16 or float32 on a 0-1 scale) and HxW mask -> float32 CHW
+    tensor normalized per channel with ``mean``/``std`` (0-1 scale) and int64 HW tensor."""
+    normalized = (to_unit_range(image) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     image_tensor = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
     return image_tensor, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
@@ -135,6 +153,11 @@ class PhotometricDistortion(A.ImageOnlyTransform):
 
     def apply(self, img: np.ndarray, brightness: float, contrast: float, contrast_first: bool,
               saturation: float, hue: int, **params) -> np.ndarray:
+        if img.dtype != np.uint8 or img.shape[-1] != 3:
+            # Its deltas and the HSV round trip are defined on 8-bit RGB only.
+            raise SegnestError(
+                f"--photometric works on 8-bit RGB images only; this image is "
+                f"{img.dtype} with {img.shape[-1]} channel(s); drop --photometric")
         pixels = img.astype(np.float32) + brightness
         if contrast_first:
             pixels *= contrast
@@ -174,7 +197,10 @@ class SegTrainTransform:
         photometric: bool = True,
         ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
     ) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
         crop_height, crop_width = _crop_hw(crop_size)
         self.crop_size = (crop_height, crop_width)
         self.seed = seed
@@ -200,15 +226,48 @@ class SegTrainTransform:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         self.pipeline.set_random_seed(_sample_seed(self.seed, self.epoch, index))
         out = self.pipeline(image=image, mask=_as_cv_mask(mask))
-        return to_normalized_tensors(out["image"], out["mask"])
+        return to_normalized_tensors(out["image"], out["mask"], self.mean, self.std)
 
 
 class SegEvalTransform:
     """Evaluation transform: normalize only, keep the original size (inference resizes)."""
 
+    def __init__(self, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+
     def __call__(self, image: np.ndarray, mask: np.ndarray, index: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_normalized_tensors(image, mask)
+        return to_normalized_tensors(image, mask, self.mean, self.std)
+
+
+def channel_statistics(in_channels: int, mean: str | Sequence[float] | None,
+                       std: str | Sequence[float] | None
+                       ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) on a 0-1 scale from ``--mean``/``--std`` (comma lists);
+    ImageNet's for 3 channels when not given. Other channel counts must give both: no
+    statistics are guessed for channels a pretrained backbone never saw."""
+    values = {}
+    for flag, text, default in (("--mean", mean, MEAN), ("--std", std, STD)):
+        if text is None:
+            if in_channels != 3:
+                raise SegnestError(
+                    f"--in-channels {in_channels} needs {flag}: {in_channels} comma-separated "
+                    "per-channel values on a 0-1 scale (e.g. computed over the train images)")
+            values[flag] = default
+            continue
+        parts = text.split(",") if isinstance(text, str) else list(text)
+        try:
+            numbers = tuple(float(part) for part in parts)
+        except ValueError:
+            numbers = ()
+        if len(numbers) != in_channels or not all(np.isfinite(numbers)):
+            raise SegnestError(f"{flag} {text!r} must be {in_channels} comma-separated numbers, "
+                               f"one per input channel (--in-channels {in_channels})")
+        if flag == "--std" and min(numbers) <= 0:
+            raise SegnestError(f"--std {text!r} has a value <= 0; standard deviations are "
+                               "positive")
+        values[flag] = numbers
+    return tuple(values["--mean"]), tuple(values["--std"])
 
 
 def seed_worker(worker_id: int) -> None:

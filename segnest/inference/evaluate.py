@@ -69,6 +69,7 @@ from segnest.inference.visualize import (
     LEGEND_NAME,
     colorize,
     denormalize,
+    display_rgb,
     make_panel,
     save_legend,
     save_png,
@@ -121,9 +122,11 @@ class _EvalSamples(Dataset):
     the main process decides whether to skip it.
     """
 
-    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+    def __init__(self, dataset: Any, indices: Sequence[int], mean: Sequence[float],
+                 std: Sequence[float]) -> None:
         self.dataset = dataset
         self.indices = list(indices)
+        self.mean, self.std = mean, std
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -133,11 +136,12 @@ class _EvalSamples(Dataset):
         try:
             if hasattr(self.dataset, "load"):
                 image, mask = self.dataset.load(index)
-                tensor, target = to_normalized_tensors(image, mask)
+                tensor, target = to_normalized_tensors(image, mask, self.mean, self.std)
+                image = display_rgb(image)
             else:
                 item = self.dataset[index]
                 tensor, target = item["image"], item["mask"]
-                image = denormalize(tensor)
+                image = display_rgb(denormalize(tensor, self.mean, self.std))
         except SegnestError as err:
             return index, None, None, None, str(err)
         return index, image, tensor, target, None
@@ -218,8 +222,8 @@ def evaluate(
     timer = ForwardTimer(model, device)
     out_root = Path(save_pred) if save_pred is not None else None
     previews = preview_folder(save_pred) if save_pred is not None else None
-    loader = DataLoader(_EvalSamples(dataset, indices), batch_size=1, shuffle=False,
-                        num_workers=workers, collate_fn=_single)
+    loader = DataLoader(_EvalSamples(dataset, indices, settings.mean, settings.std),
+                        batch_size=1, shuffle=False, num_workers=workers, collate_fn=_single)
     built_panels: list[np.ndarray] = []
     skipped = 0
     was_training = getattr(model, "training", False)
@@ -338,7 +342,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     label_map = None
     if dataset_name == trained_dataset:
         label_map = (checkpoint.get("config") or {}).get("label_map")
-    dataset = build_dataset(dataset_name, data_root, cfg.split, label_map=label_map)
+    in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
+    dataset = build_dataset(dataset_name, data_root, cfg.split, label_map=label_map,
+                            in_channels=in_channels)
     out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
     _prepare_outputs(cfg, out_dir, dataset)
     runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile)

@@ -1,7 +1,8 @@
 """``segnest export``: a checkpoint as a TorchScript or ONNX inference model, verified.
 
-The exported graph takes one normalized image ``(1, 3, H, W)`` (RGB, ImageNet mean/std,
-see ``segnest.data.transforms``) and returns logits ``(1, C, H, W)``; apply argmax over
+The exported graph takes one normalized image ``(1, N, H, W)`` (N = 3, RGB with ImageNet
+mean/std unless the checkpoint was trained with ``--in-channels``/``--mean``/``--std``:
+its ``inference`` entry holds them) and returns logits ``(1, C, H, W)``; apply argmax over
 dimension 1 for the class map. Both formats are exported with dynamic height and width and
 checked against PyTorch (max abs difference <= 1e-4) at the example size ``--size`` and at a
 second, non-square size before the file is written (atomically). Should the second check
@@ -117,7 +118,9 @@ def run_export(cfg: ExportConfig) -> Path:
     model = LogitsOnly(model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))).eval()
 
     generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(1, 3, h, w, generator=generator) for h, w in _check_sizes(cfg.size)]
+    channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
+    inputs = [torch.randn(1, channels, h, w, generator=generator)
+              for h, w in _check_sizes(cfg.size)]
     with atomic_path(target) as temp:
         _export(fmt, model, inputs[0], temp, dynamic=True)
         differences = _differences(fmt, model, temp, inputs)
@@ -139,7 +142,7 @@ def run_export(cfg: ExportConfig) -> Path:
         check = f"max abs difference to PyTorch {max(differences):.2e}"
     shape = ("any H and W" if dynamic
              else f"fixed input size {cfg.size}x{cfg.size} only (re-export with --size)")
-    print(f"exported {fmt} to {target}: normalized image (1,3,H,W) -> logits (1,C,H,W), "
+    print(f"exported {fmt} to {target}: normalized image (1,{channels},H,W) -> logits (1,C,H,W), "
           f"{shape}; {check}")
     return target
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from segnest.config import PredictConfig, validate_config
-from segnest.data.base import IMAGE_SUFFIXES, read_rgb_image
+from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES, read_image
 from segnest.data.palettes import generate_palette
-from segnest.data.transforms import MEAN, STD
+from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
 from segnest.inference.outputs import (
     identities,
@@ -41,6 +41,7 @@ from segnest.inference.strategies import infer, inference_model
 from segnest.inference.visualize import (
     LEGEND_NAME,
     colorize,
+    display_rgb,
     overlay,
     save_jpeg,
     save_legend,
@@ -78,7 +79,7 @@ def collect_images(inputs: Sequence[str | Path],
         if path.is_dir():
             skipped = _below_folder(skip_folder, resolved(path))
             files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ARRAY_SUFFIX)
                            and not skipped(p))
             if not files:
                 raise SegnestError(
@@ -149,11 +150,11 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
     return out
 
 
-def _normalize(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(STD, device=device).view(3, 1, 1)
-    return ((tensor - mean) / std).unsqueeze(0)
+def _normalize(image: np.ndarray, settings: InferenceSettings,
+               device: torch.device) -> torch.Tensor:
+    tensor, _ = to_normalized_tensors(image, np.zeros(image.shape[:2], np.uint8),
+                                      settings.mean, settings.std)
+    return tensor.to(device).unsqueeze(0)
 
 
 def _palette(checkpoint: dict[str, Any], num_classes: int) -> np.ndarray:
@@ -182,13 +183,14 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
         raise SegnestError(f"checkpoint {cfg.checkpoint} has {num_classes} classes; "
                            "uint8 masks hold at most 256")
     palette = _palette(checkpoint, num_classes)
+    in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
     out = Path(cfg.out)
     written: list[Path] = []
     skipped = 0
     with torch.inference_mode():
         for file, stem in progress_bar(images, desc="predict", unit="img"):
             try:
-                image = read_rgb_image(file)
+                image = read_image(file, in_channels)
             except SegnestError as err:
                 if not cfg.skip_bad_samples:
                     raise SegnestError(f"{err}, or pass --skip-bad-samples to skip unreadable "
@@ -196,14 +198,14 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
                 warnings.warn(f"skipping {file}: {err}", stacklevel=2)
                 skipped += 1
                 continue
-            probs = infer(model, _normalize(image, device), num_classes, settings)
+            probs = infer(model, _normalize(image, settings, device), num_classes, settings)
             mask = probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
             color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
             color = colorize(mask, palette, ignore_index=-1)
             save_png(color_path, color)
             save_png(mask_path, mask)
             if cfg.overlay:
-                save_jpeg(overlay_path, overlay(image, color))
+                save_jpeg(overlay_path, overlay(display_rgb(image), color))
             written.append(color_path)
     class_names = checkpoint.get("classes") or [f"class {i}" for i in range(num_classes)]
     save_legend(out, class_names, palette)

@@ -11,7 +11,8 @@ in one place for ``segnest eval``, ``segnest predict`` and training's validation
 
 Each value comes from the flag when given, else from the settings the checkpoint was
 trained with (``segnest train`` stores its ``base_size`` and, as the window, its crop
-size), else from the dataset preset.
+size), else from the dataset preset. The per-channel mean and std always come from the
+checkpoint (ImageNet's for checkpoints that predate them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segnest.config import DATASET_PRESETS, INFERENCE_MODES, InferenceFlags, parse_scales
+from segnest.data.transforms import MEAN, STD, channel_statistics
 from segnest.errors import SegnestError
 
 
@@ -34,6 +36,9 @@ class InferenceSettings:
     base_size: int | None = None
     window_size: int | None = None
     stride: int | None = None
+    # Per-channel normalization on a 0-1 scale, as the model was trained with.
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
 
     def __post_init__(self) -> None:
         if self.mode not in INFERENCE_MODES:
@@ -66,7 +71,8 @@ class InferenceSettings:
     def for_training(cls, cfg: Any) -> InferenceSettings:
         """Validation during ``segnest train``: single scale at the recipe's base size; the
         recipe's crop is recorded as the window for a later ``--mode slide``."""
-        return cls(base_size=cfg.base_size, window_size=cfg.crop_size)
+        mean, std = channel_statistics(cfg.in_channels, cfg.mean, cfg.std)
+        return cls(base_size=cfg.base_size, window_size=cfg.crop_size, mean=mean, std=std)
 
     @classmethod
     def from_flags(cls, flags: InferenceFlags, checkpoint: dict[str, Any],
@@ -95,6 +101,7 @@ class InferenceSettings:
                                    preset.get("base_size")),
             window_size=window if flags.mode == "slide" else flags.window_size,
             stride=flags.stride,
+            mean=tuple(stored.get("mean") or MEAN), std=tuple(stored.get("std") or STD),
         )
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from segnest.data.transforms import IGNORE_INDEX, MEAN, STD
+from segnest.data.transforms import IGNORE_INDEX, MEAN, STD, to_unit_range
 from segnest.runtime.files import atomic_open
 
 
@@ -290,6 +290,15 @@ def denormalize(
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     image = (image * std_t + mean_t).mul_(255.0).round_().clamp_(0, 255)
     return image.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """An input image of any dtype and channel count as HxWx3 uint8 for panels and overlays:
+    its first three channels (a single channel repeated) on an 8-bit scale."""
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    channels = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
+    return np.clip(np.rint(to_unit_range(channels) * 255.0), 0, 255).astype(np.uint8)
 
 
 def log_panels(writer: Any, tag: str, panels: Sequence[np.ndarray], step: int) -> None:

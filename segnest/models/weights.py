@@ -13,6 +13,9 @@ A file named like the official downloads, ``<name>-<hex>.pth``, carries the star
 own sha256 (the torch.hub convention); ``load_pretrained`` checks it, so that a truncated
 or corrupted download, or another file renamed to an official name, is one clear error
 instead of a confusing one (or a silently wrong backbone). Other names are not checked.
+
+A model with other than 3 input channels gets the RGB stem filters adapted
+(``adapt_input_channels``).
 """
 
 from __future__ import annotations
@@ -140,12 +143,49 @@ def check_hash_in_name(path: str | PathLike) -> None:
             "download it again (if the suffix is not a hash, rename the file)")
 
 
+def _target_key(key: str, prefix: str) -> str:
+    """Where ``_rebase``'s choice ``prefix`` puts the source key ``key``."""
+    if prefix == "backbone.":
+        return "backbone." + key
+    if prefix == "strip backbone.":
+        return key[len("backbone."):]
+    return key
+
+
+def adapt_input_channels(model: nn.Module, state: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+    """``state`` with RGB input filters fitted to a model
+    that takes N != 3 input channels (``in_chans``): the first convolution of the stem.
+
+    For N > 3 the RGB filters stay on channels 0-2 and every extra channel gets their mean;
+    for N < 3 every channel gets the mean. All are then scaled by 3/N, so that an input
+    whose channels resemble each other gives the stem the activations (and BatchNorm
+    statistics) that an RGB image gave in pretraining.
+    """
+    target = model.state_dict()
+    _, prefix = _rebase(state, set(target))
+    adapted = dict(state)
+    for key, weight in state.items():
+        want = target.get(_target_key(key, prefix))
+        if (want is None or weight.ndim != 4 or weight.shape[1] != 3
+                or want.shape[1] == 3 or want.shape[:1] + want.shape[2:]
+                != weight.shape[:1] + weight.shape[2:]):
+            continue
+        channels = want.shape[1]
+        mean = weight.mean(dim=1, keepdim=True)
+        kept = weight if channels > 3 else weight[:, :0]
+        extra = mean.expand(-1, channels - kept.shape[1], -1, -1)
+        adapted[key] = torch.cat([kept, extra], dim=1) * (3.0 / channels)
+    return adapted
+
+
 def load_pretrained(model: nn.Module, path: str | PathLike) -> LoadReport:
     """Load a local checkpoint into ``model`` (see the module docstring for what fits)."""
     check_hash_in_name(path)
     state = extract_state_dict(load_checkpoint(path))
     if not state:
         raise SegnestError(f"{path} holds no tensors: it is not a model checkpoint")
+    state = adapt_input_channels(model, state)
     state, report = match_state_dict(model, state, source=str(path))
     model.load_state_dict(state, strict=False)
     return report

@@ -24,7 +24,7 @@ from segnest.config import TrainConfig, validate_config
 from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
 from segnest.data.census import check_train_labels
 from segnest.data.sampling import EpochSampler, init_train_worker
-from segnest.data.transforms import IGNORE_INDEX
+from segnest.data.transforms import IGNORE_INDEX, channel_statistics
 from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate
 from segnest.inference.metrics import format_table, metric_warnings, percent
@@ -100,6 +100,10 @@ def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
             "samples; use --batch-size 2 or more, or several devices with torchrun (SyncBN "
             "pools the statistics across them)")
     check_run_flags(cfg, dist.device)
+    channel_statistics(cfg.in_channels, cfg.mean, cfg.std)
+    if cfg.photometric and cfg.in_channels != 3:
+        raise SegnestError(f"--photometric works on RGB images only; drop it for "
+                           f"--in-channels {cfg.in_channels}")
     return cfg
 
 
@@ -116,6 +120,8 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     for name in ("output_stride", "head_channels", "stem_width"):
         if getattr(cfg, name) is not None:
             kwargs[name] = getattr(cfg, name)
+    if cfg.in_channels != 3:
+        kwargs["in_chans"] = cfg.in_channels
     return kwargs
 
 
@@ -204,13 +210,15 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     seed_everything(cfg.seed, dist.rank)
     work_dir = default_work_dir(cfg)
 
+    mean, std = channel_statistics(cfg.in_channels, cfg.mean, cfg.std)
     train_transform = SegTrainTransform(
         cfg.base_size, cfg.crop_size, (cfg.scale_min, cfg.scale_max), cfg.cat_max_ratio,
-        photometric=cfg.photometric, ignore_index=IGNORE_INDEX, seed=cfg.seed)
+        photometric=cfg.photometric, ignore_index=IGNORE_INDEX, seed=cfg.seed,
+        mean=mean, std=std)
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_transform,
-                              cfg.label_map)
-    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform(),
-                            cfg.label_map)
+                              cfg.label_map, cfg.in_channels)
+    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform(mean, std),
+                            cfg.label_map, cfg.in_channels)
     check_train_labels(train_set, cfg.skip_bad_samples, verbose=dist.is_main)
     iters_per_epoch = len(train_set) // (cfg.batch_size * dist.world_size)
     if iters_per_epoch == 0:

@@ -1,0 +1,64 @@
+"""segnest train's presets derived from the data and the machine (segnest.training.presets)."""
+
+import os
+
+from conftest import write_folder_dataset
+from PIL import Image
+
+from segnest.config import DATASET_PRESETS, TrainConfig
+from segnest.training.presets import (
+    folder_sizes,
+    median_long_side,
+    resolve_train_config,
+)
+
+
+def _resolve(**given):
+    return resolve_train_config(TrainConfig, {"iters": 10, **given}, DATASET_PRESETS)
+
+
+def test_folder_sizes_follow_the_median_long_side_of_the_train_images(tmp_path):
+    root = write_folder_dataset(tmp_path / "data", n_train=5, size=40)  # 40..48 px
+    for i, side in enumerate((100, 130, 131, 200, 300)):
+        Image.new("RGB", (side, side // 2)).save(root / "images" / "train" / f"img{i}.png")
+    assert median_long_side(root / "images" / "train") == 131
+    cfg = _resolve(dataset="folder", data_root=str(root))
+    assert (cfg.base_size, cfg.crop_size) == (128, 128)
+
+
+def test_derived_crop_is_capped_and_never_below_the_smallest_input():
+    assert folder_sizes(1000) == {"base_size": 1000, "crop_size": 480}
+    assert folder_sizes(20) == {"base_size": 32, "crop_size": 32}
+
+
+def test_flags_and_recipe_win_over_derived_sizes(tmp_path):
+    root = write_folder_dataset(tmp_path / "data", n_train=3, size=60)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base_size: 96\n")
+    cfg = _resolve(dataset="folder", data_root=str(root), config=str(recipe), crop_size=40)
+    assert (cfg.base_size, cfg.crop_size) == (96, 40)
+
+
+def test_without_readable_images_the_static_folder_preset_stays(tmp_path):
+    cfg = _resolve(dataset="folder", data_root=str(tmp_path / "missing"))
+    assert cfg.crop_size == DATASET_PRESETS["folder"]["crop_size"]
+
+
+def test_a_crop_far_larger_than_the_images_is_named(tmp_path, capsys):
+    root = write_folder_dataset(tmp_path / "data", n_train=3, size=60)
+    _resolve(dataset="folder", data_root=str(root), crop_size=480, base_size=480)
+    err = capsys.readouterr().err
+    assert "the train images are ~6" in err and "but --crop-size is 480" in err
+    assert "use --crop-size 64" in err
+
+
+def test_default_workers_are_capped_at_the_cores_silently(monkeypatch, capsys):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert _resolve(dataset="ade20k").workers == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_workers_asked_above_the_cores_are_kept_with_a_warning(monkeypatch, capsys):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert _resolve(dataset="ade20k", workers=6).workers == 6
+    assert "--workers 6 is more than the 2 CPU cores" in capsys.readouterr().err
