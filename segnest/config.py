@@ -228,6 +228,25 @@ class TrainConfig:
         metadata=help_("per-channel standard deviation on a 0-1 scale, comma-separated "
                        "(default: ImageNet's for 3 channels; required otherwise)"),
     )
+    class_weights: str | None = field(
+        default=None,
+        metadata=help_("per-class loss weights: 'auto' (ENet's 1/ln(1.02 + pixel share) from "
+                       "the train masks) or a file of one weight per class"),
+    )
+    loss: str = field(
+        default="ce", metadata=help_("pixel loss: cross-entropy or OHEM (hard pixels only)",
+                                     choices=("ce", "ohem"))
+    )
+    ohem_thresh: float = field(
+        default=0.7,
+        metadata=help_("--loss ohem: keep pixels whose true-class probability is below this",
+                       above=0, max=1),
+    )
+    ohem_min_kept: int | None = field(
+        default=None,
+        metadata=help_("--loss ohem: keep at least this many hardest pixels per device batch "
+                       "(default 1/10 of its pixels)", min=0),
+    )
     device: str | None = field(
         default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE)
     )
@@ -787,6 +806,12 @@ def _stride_within_window(cfg: InferenceFlags, names: _Names) -> None:
                            "pixels; use a stride of at most the window size")
 
 
+def _class_weights_source(cfg: TrainConfig, names: _Names) -> None:
+    if cfg.class_weights not in (None, "auto") and not Path(cfg.class_weights).is_file():
+        raise SegnestError(f"{names.show('class_weights', cfg.class_weights)} is neither 'auto' "
+                           "nor a file; give 'auto' or a text file of one weight per class")
+
+
 def _backbone_fits(cfg: TrainConfig | PretrainConfig, names: _Names) -> None:
     """The backbone exists and ``stage_width`` splits into its radix x cardinality groups
     (the Split-Attention convolutions need whole channels per group)."""
@@ -837,7 +862,7 @@ def _known_model(cfg: BenchConfig, names: _Names) -> None:
 # Rules in order: cheap ones first; those that import the models (and torch) last.
 CHECKS: dict[type, tuple[Check, ...]] = {
     TrainConfig: (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
-                  _floor_below_lr, _backbone_fits),
+                  _floor_below_lr, _class_weights_source, _backbone_fits),
     InferenceFlags: (_scales_parse, _stride_within_window),
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _backbone_fits),
     BenchConfig: (_known_model,),

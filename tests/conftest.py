@@ -29,6 +29,32 @@ def write_folder_dataset(root: Path, n_train: int = 8, n_val: int = 3, size: int
     return root
 
 
+def write_imbalanced_dataset(root: Path, n_train: int = 8, n_val: int = 3, size: int = 48,
+                             seed: int = 0) -> Path:
+    """A 3-class folder dataset with a rare class: sky above ground, and a small 'rare'
+    disc of about 1.2% of the pixels in each image, a little brighter than the ground."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("sky 0 0 200\nground 0 200 0\nrare 200 0 0\n")
+    colours = np.array([[70, 90, 140], [80, 110, 70], [110, 130, 80]], np.uint8)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            mask = np.zeros((size, size), np.uint8)
+            horizon = int(rng.integers(size // 3, 2 * size // 3))
+            mask[horizon:] = 1
+            radius = max(2, size // 16)
+            cy, cx = (int(value) for value in rng.integers(radius, size - radius, 2))
+            yy, xx = np.mgrid[:size, :size]
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 2
+            noise = rng.integers(0, 40, (size, size, 3))
+            image = np.clip(colours[mask].astype(int) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"img{i}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"img{i}.png")
+    return root
+
+
 @pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return write_folder_dataset(tmp_path / "data")

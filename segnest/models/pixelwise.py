@@ -25,19 +25,20 @@ def class_rows(logits: torch.Tensor) -> torch.Tensor | None:
 
 
 def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                        ignore_index: int = -100) -> torch.Tensor:
-    """``F.cross_entropy(logits, target, ignore_index=ignore_index)`` (mean over the
-    pixels whose target is not ``ignore_index``), computed over class rows when the logits
-    are channels_last."""
+                        ignore_index: int = -100,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)`` (mean
+    over the pixels whose target is not ``ignore_index``, weighted by their class's weight),
+    computed over class rows when the logits are channels_last."""
     rows = class_rows(logits)
     if rows is None:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(f"target of shape {tuple(target.shape)} does not match logits "
                          f"{tuple(logits.shape)}; expected {expected}")
     return F.cross_entropy(rows.reshape(-1, logits.shape[1]), target.reshape(-1),
-                           ignore_index=ignore_index)
+                           weight=weight, ignore_index=ignore_index)
 
 
 def channel_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -61,11 +62,11 @@ def fuses_upsampling(device: torch.device) -> bool:
 
 
 def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                            ignore_index: int = -100,
-                            align_corners: bool = True) -> torch.Tensor:
+                            ignore_index: int = -100, align_corners: bool = True,
+                            weight: torch.Tensor | None = None) -> torch.Tensor:
     """``F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear",
-    align_corners=align_corners), target, ignore_index=ignore_index)`` without the
-    full-size logits.
+    align_corners=align_corners), target, weight=weight, ignore_index=ignore_index)``
+    without the full-size logits.
 
     Segmentation heads predict at 1/8 of the input and the loss is taken at full size:
     for a 512x512, 150-class batch of 2 the upsampled logits, their log-softmax and their
@@ -73,14 +74,18 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     same loss a band of rows at a time (the logits of a band are upsampled, reduced and
     dropped) and the gradient by redoing the band in the backward pass; only the
     row-upsampled logits (1/8 of the full size) and one log-sum-exp per pixel are kept.
-    Same value and gradient up to float rounding (tests: 1e-5).
+    Class weights (``weight``, one per class) cost nothing more: a pixel's weight is looked
+    up band by band. Same value and gradient up to float rounding (tests: 1e-5).
     """
     if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
         raise ValueError(f"expected logits (B, C, h, w) and target (B, H, W), got "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
     if tuple(target.shape[-2:]) == tuple(logits.shape[-2:]):
-        return pixel_cross_entropy(logits, target, ignore_index)
-    return _UpsampledCrossEntropy.apply(logits.float(), target, ignore_index, align_corners)
+        return pixel_cross_entropy(logits, target, ignore_index, weight)
+    if weight is not None:
+        weight = weight.to(device=logits.device, dtype=torch.float32)
+    return _UpsampledCrossEntropy.apply(logits.float(), target, ignore_index, align_corners,
+                                        weight)
 
 
 def _band_logits(row_logits: torch.Tensor, y0: int, y1: int, width: int,
@@ -96,7 +101,8 @@ def _band_logits(row_logits: torch.Tensor, y0: int, y1: int, width: int,
 class _UpsampledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor,  # type: ignore[override]
-                ignore_index: int, align_corners: bool) -> torch.Tensor:
+                ignore_index: int, align_corners: bool,
+                weight: torch.Tensor | None) -> torch.Tensor:
         batch, classes, _, low_width = logits.shape
         height, width = target.shape[-2:]
         valid = target != ignore_index
@@ -118,15 +124,18 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             band_lse = torch.logsumexp(z, dim=-1)
             lse[:, y0:y1] = band_lse
             picked = z.gather(-1, safe[:, y0:y1, :, None]).squeeze(-1)
-            total += ((band_lse - picked) * valid[:, y0:y1]).sum(dtype=torch.float64)
-        count = valid.sum()
-        ctx.save_for_backward(row_logits, lse, safe, valid, count)
+            total += ((band_lse - picked) * _pixel_weights(valid, safe, weight, y0, y1)
+                      ).sum(dtype=torch.float64)
+        # F.cross_entropy's weighted mean: divided by the labelled pixels' summed weight.
+        count = valid.sum() if weight is None else (weight[safe] * valid).sum(
+            dtype=torch.float64)
+        ctx.save_for_backward(row_logits, lse, safe, valid, count, weight)
         ctx.settings = (tuple(logits.shape), rows, align_corners)
         return (total / count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        row_logits, lse, safe, valid, count = ctx.saved_tensors
+        row_logits, lse, safe, valid, count, class_weight = ctx.saved_tensors
         shape, rows, align_corners = ctx.settings
         batch, classes, _, low_width = shape
         height, width = lse.shape[-2:]
@@ -134,8 +143,8 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         grad_rows = torch.empty_like(row_logits)
         for y0 in range(0, height, rows):
             y1 = min(height, y0 + rows)
-            # d loss / d z = (softmax(z) - onehot(target)) / count on labelled pixels.
-            weight = valid[:, y0:y1, :, None] * scale
+            # d loss / d z = w_y (softmax(z) - onehot(target)) / count on labelled pixels.
+            weight = _pixel_weights(valid, safe, class_weight, y0, y1)[..., None] * scale
             z = _band_logits(row_logits, y0, y1, width, align_corners)
             g = z.sub_(lse[:, y0:y1, :, None]).exp_().mul_(weight)
             g.scatter_add_(-1, safe[:, y0:y1, :, None], -weight)
@@ -144,4 +153,13 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                 align_corners, None, None)
         grad_logits = torch.ops.aten.upsample_bilinear2d_backward(
             grad_rows, [height, low_width], list(shape), align_corners, None, None)
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
+
+
+def _pixel_weights(valid: torch.Tensor, safe: torch.Tensor, weight: torch.Tensor | None,
+                   y0: int, y1: int) -> torch.Tensor:
+    """The loss weight of each pixel of rows ``y0:y1``: 0 where ignored, else its class's
+    weight (1 without class weights)."""
+    if weight is None:
+        return valid[:, y0:y1]
+    return weight[safe[:, y0:y1]] * valid[:, y0:y1]

@@ -433,6 +433,9 @@ def prune_periodic_checkpoints(work_dir: Path, keep: int) -> list[Path]:
 
 # Settings that fix the sample order: a run resumed with others would not continue exactly.
 _FIXED_ON_RESUME = ("batch_size", "seed")
+# What the record holds that the run computed from its data (the class weights of
+# --class-weights auto): a resumed run must arrive at the same.
+_RECORD_FIXED_ON_RESUME = ("class_weights",)
 # Settings that say where and how to resume, not what to train.
 _NOT_COMPARED_ON_RESUME = ("resume", "overwrite", "config")
 
@@ -550,6 +553,14 @@ class RunState:
                     f"--resume {path} was trained with {flag} {stored_config[key]}, this run "
                     f"has {config[key]}; the run cannot continue exactly with another {flag}: "
                     f"resume with {flag} {stored_config[key]}, or start a new --work-dir")
+        for key in _RECORD_FIXED_ON_RESUME:
+            if key in self.record and state.get(key) != self.record[key]:
+                raise SegnestError(
+                    f"--resume {path} was trained with {key.replace('_', ' ')} "
+                    f"{state.get(key)}, this run has {self.record[key]}; the run cannot continue "
+                    f"exactly: resume with the same --{key.replace('_', '-')} and training data "
+                    "(the work folder's class_weights.txt holds the stored ones), or start a "
+                    "new --work-dir")
         stored_epoch = state.get("iters_per_epoch", self.iters_per_epoch)
         if stored_epoch != self.iters_per_epoch:
             raise SegnestError(

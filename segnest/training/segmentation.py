@@ -41,7 +41,8 @@ from segnest.models.pixelwise import fuses_upsampling
 from segnest.models.weights import OFFICIAL_WEIGHTS
 from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
 from segnest.runtime.files import write_text_atomic
-from segnest.training.losses import segmentation_loss
+from segnest.training.class_weights import class_weights_for, summary, write_class_weights
+from segnest.training.losses import Ohem, segmentation_loss
 from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
     BEST_CHECKPOINT_NAME,
@@ -148,14 +149,17 @@ def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: D
 
 def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                    scheduler: PolyLR, scaler: torch.amp.GradScaler, cfg: TrainConfig,
-                   device: torch.device) -> dict[str, float]:
-    """One SGD step; returns the loss (and auxiliary loss). A non-finite loss is returned
+                   device: torch.device,
+                   class_weights: torch.Tensor | None = None) -> dict[str, float]:
+    """One SGD step with the loss of ``cfg`` (``--loss``, ``--ohem-*``) and
+    ``class_weights``; returns the loss (and auxiliary loss). A non-finite loss is returned
     without updating anything."""
+    ohem = Ohem(cfg.ohem_thresh, cfg.ohem_min_kept) if cfg.loss == "ohem" else None
     image = batch["image"].to(device, non_blocking=True)
     target = batch["mask"].to(device, non_blocking=True)
     with torch.autocast(device.type, enabled=cfg.amp):
         outputs = model(image, upsample=not fuses_upsampling(device))
-        loss, aux = segmentation_loss(outputs, target, cfg.aux_weight)
+        loss, aux = segmentation_loss(outputs, target, cfg.aux_weight, class_weights, ohem)
     optimizer_step(loss, optimizer, scheduler, scaler)
     scalars = {"loss": loss.item()}
     if aux is not None:
@@ -219,7 +223,11 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                               cfg.label_map, cfg.in_channels)
     val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform(mean, std),
                             cfg.label_map, cfg.in_channels)
-    check_train_labels(train_set, cfg.skip_bad_samples, verbose=dist.is_main)
+    census = check_train_labels(train_set, cfg.skip_bad_samples, verbose=dist.is_main)
+    # Python floats: the checkpoint stores them, and a resumed run must find the same ones.
+    weights = class_weights_for(cfg.class_weights, train_set.classes, census.train_id_counts)
+    class_weights = (None if weights is None
+                     else torch.tensor(weights, dtype=torch.float32, device=dist.device))
     iters_per_epoch = len(train_set) // (cfg.batch_size * dist.world_size)
     if iters_per_epoch == 0:
         raise SegnestError(
@@ -263,7 +271,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         record={"dataset": cfg.dataset, "classes": list(train_set.classes),
                 "palette": [list(map(int, c)) for c in train_set.palette],
                 "inference": dataclasses.asdict(settings),
-                "config": dataclasses.asdict(cfg)})
+                "class_weights": weights, "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
     validation = {"checkpoint": str((work_dir / BEST_CHECKPOINT_NAME).resolve()),
@@ -275,6 +283,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                          hparams=segmentation_hparams(dataclasses.asdict(cfg), validation))
     if dist.is_main:
         write_text_atomic(work_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg)))
+        if weights is not None:
+            write_class_weights(work_dir, weights, train_set.classes)
+            print(summary(weights, train_set.classes, cfg.class_weights))
         print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
               f"{train_set.num_classes} classes) for {total_iters} iterations, "
               f"{dist.world_size} x {device}, batch {cfg.batch_size}/device, lr {lr:g}"
@@ -296,7 +307,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                     tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
         if cfg.skip_bad_samples and not _usable(batch, dist):
             return None
-        return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device)
+        return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device,
+                              class_weights)
 
     warned: list[str] = []
 
