@@ -157,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"segnest: stopped by {stop.signal_name}; {_interrupt_advice(args.command)}",
                   file=sys.stderr)
         return stop.exit_code
+    except BrokenPipeError:
+        # The reader went away (``segnest recipes | head``): not an error of ours. Point
+        # stdout at nothing so that Python's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"\nsegnest: interrupted; {_interrupt_advice(args.command)}", file=sys.stderr)
         return STOP_EXIT_CODES["SIGINT"]

@@ -165,3 +165,10 @@ def test_ctrl_c_or_sigterm_finishes_the_iteration_saves_and_exits_non_zero(
     assert load_checkpoint(work / "last.pt")["iteration"] == stopped_at
     log = (work / "train.log").read_text()
     assert f"stopped by {name}" in log and "\r" not in log
+
+
+@pytest.mark.slow
+def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback():
+    proc = subprocess.run(f"{sys.executable} -m segnest recipes | head -1", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr
