@@ -62,3 +62,21 @@ def test_workers_asked_above_the_cores_are_kept_with_a_warning(monkeypatch, caps
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert _resolve(dataset="ade20k", workers=6).workers == 6
     assert "--workers 6 is more than the 2 CPU cores" in capsys.readouterr().err
+
+
+def test_without_a_gpu_the_folder_preset_trains_the_cpu_model(tmp_path, capsys):
+    from segnest.config import CPU_MODEL
+
+    root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
+    cfg = resolve_train_config(TrainConfig, dict(dataset="folder", data_root=str(root),
+                                                 device="cpu"), DATASET_PRESETS)
+    assert cfg.epochs == 50 and cfg.iters is None  # no length given: the preset's
+    assert {k: getattr(cfg, k) for k in CPU_MODEL} == CPU_MODEL
+    assert "no GPU: the folder preset trains the small CPU model" in capsys.readouterr().out
+    # A chosen backbone, pretrained weights or a GPU keep the static preset's model.
+    for given in (dict(backbone="resnest50"), dict(pretrained="w.pth"), dict(device="cuda")):
+        cfg = _resolve(dataset="folder", data_root=str(root), **given)
+        assert cfg.backbone == given.get("backbone", TrainConfig.backbone)
+        assert cfg.batch_size == TrainConfig.batch_size
+    cfg = _resolve(dataset="folder", data_root=str(root), device="cpu", batch_size=4)
+    assert cfg.backbone == "resnest14" and cfg.batch_size == 4  # a flag still wins

@@ -11,6 +11,10 @@ flag always wins over them (precedence: defaults < derived preset < recipe < com
   static preset stays.
 - ``workers``: the preset's or default number, capped at the CPU count. A number the user
   gave is kept; above the CPU count it gets one warning line.
+- ``--dataset folder`` on a machine without a GPU: the model and batch of
+  ``segnest.config.CPU_MODEL`` (the demo's ResNeSt-14: minutes per run on two cores, where
+  ResNeSt-50 takes over a second per step), unless the user chose a backbone or gave
+  ``--pretrained`` (whose weights fit their own backbone) or a CUDA ``--device``.
 
 A crop much larger than the images (median long side below half the crop) is named once
 the final settings are known: every crop would then be mostly padding or upscaling.
@@ -27,7 +31,14 @@ from typing import Any
 
 from PIL import Image
 
-from segnest.config import DATASET_PRESETS, MIN_INPUT_SIZE, TrainConfig, load_recipe, resolve_config
+from segnest.config import (
+    CPU_MODEL,
+    DATASET_PRESETS,
+    MIN_INPUT_SIZE,
+    TrainConfig,
+    load_recipe,
+    resolve_config,
+)
 
 # Enough headers for a stable median; reading them costs milliseconds even on a network disk.
 SIZE_SAMPLES = 300
@@ -76,6 +87,24 @@ def _user_values(given: dict[str, Any]) -> dict[str, Any]:
     return {**recipe, **given}
 
 
+def _without_gpu(user: dict[str, Any]) -> bool:
+    """Whether this run trains on a CPU (asked for, or no CUDA device to be had)."""
+    device = str(user.get("device") or "")
+    if device.startswith("cuda"):
+        return False
+    if device == "cpu":
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def cpu_model_applies(user: dict[str, Any]) -> bool:
+    """Whether the folder preset takes ``CPU_MODEL`` for the settings in ``user``."""
+    return (user.get("dataset") == "folder" and "backbone" not in user
+            and not user.get("pretrained") and _without_gpu(user))
+
+
 def train_presets(given: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int | None]:
     """(``DATASET_PRESETS`` adapted to this data root and machine, the median long side of
     the folder dataset's train images or None), for the flags and recipe in ``given``."""
@@ -89,6 +118,8 @@ def train_presets(given: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int
         long_side = median_long_side(Path(user["data_root"]) / "images" / "train")
         if long_side is not None:
             preset.update(folder_sizes(long_side))
+    if cpu_model_applies(user):
+        preset.update(CPU_MODEL)
     return {**DATASET_PRESETS, dataset: preset}, long_side
 
 
@@ -114,4 +145,8 @@ def resolve_train_config(cls: type, given: dict[str, Any],
             print(f"segnest: warning: the train images are ~{long_side} px but --crop-size is "
                   f"{cfg.crop_size}: each crop is mostly padding and upscaling; use "
                   f"--crop-size {folder_sizes(long_side)['crop_size']}", file=sys.stderr)
+    if cpu_model_applies(user):
+        print("segnest: no GPU: the folder preset trains the small CPU model ("
+              + ", ".join(f"{k} {v}" for k, v in CPU_MODEL.items() if k not in user)
+              + "); for the paper's model pass --backbone resnest50 (and --pretrained)")
     return cfg
