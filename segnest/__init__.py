@@ -5,6 +5,8 @@ The public API mirrors the CLI::
     model = segnest.create_model("deeplabv3_resnest50", num_classes=150)
     segnest.list_models()
     segnest.load_pretrained(model, "resnest50-528c19ca.pth")
+    predictor = segnest.load_model("runs/ade20k/best.pt")   # as `segnest predict` runs it
+    labels = predictor("photo.jpg")
 """
 
 import os
@@ -17,12 +19,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from segnest.errors import SegnestError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["SegnestError", "create_model", "list_models", "load_pretrained", "__version__"]
+__all__ = ["Predictor", "SegnestError", "create_model", "list_models", "load_model",
+           "load_pretrained", "__version__"]
 
 _LAZY = {
     "create_model": "segnest.models",
     "list_models": "segnest.models",
     "load_pretrained": "segnest.models",
+    "load_model": "segnest.inference.predictor",
+    "Predictor": "segnest.inference.predictor",
 }
 
 

@@ -70,7 +70,12 @@ def open_rgb_image(path: str | os.PathLike) -> Image.Image:
 
     No EXIF rotation is applied: annotations are aligned with the stored pixels.
     """
-    image = open_image(Path(path))
+    return rgb_image(open_image(Path(path)))
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """A decoded image of any mode as RGB: 16-bit and float grey scaled to 8 bits,
+    transparency dropped."""
     if image.mode == "RGB":
         return image
     if image.mode in _WIDE_MODES:
@@ -133,22 +138,26 @@ def read_image(path: str | os.PathLike, in_channels: int = 3) -> np.ndarray:
                                "truncated, replace or remove it")
         image = np.ascontiguousarray(decoded[..., 2::-1])  # BGR(A) -> RGB
     else:
-        opened = open_image(path)
-        if opened.mode in _WIDE_MODES:
-            values = np.asarray(opened)
-            if opened.mode == "F":  # float images are on a 0-255 scale, as Pillow writes them
-                grey = np.clip(values.astype(np.float32) / 255.0, 0.0, 1.0)
-            else:
-                grey = np.clip(values, 0, 65535).astype(np.uint16)
-            image = np.repeat(grey[..., None], 3, axis=2)
-        else:
-            image = np.asarray(open_rgb_image(path), dtype=np.uint8).copy()
+        image = image_array(open_image(path))
     if image.shape[2] != in_channels:
         how = ("store inputs with other channel counts as HxWxN .npy arrays"
                if path.suffix.lower() != ARRAY_SUFFIX else "fix the array or --in-channels")
         raise SegnestError(f"image {path} has {image.shape[2]} channel(s) but --in-channels is "
                            f"{in_channels}; {how}")
     return image
+
+
+def image_array(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image as :func:`read_image` reads it: 16-bit grey as uint16 and
+    float grey as float32 (0-1), each repeated to 3 channels; any other mode as RGB uint8."""
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image)
+        if image.mode == "F":  # float images are on a 0-255 scale, as Pillow writes them
+            grey = np.clip(values.astype(np.float32) / 255.0, 0.0, 1.0)
+        else:
+            grey = np.clip(values, 0, 65535).astype(np.uint16)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(rgb_image(image), dtype=np.uint8).copy()
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:

@@ -6,7 +6,9 @@ RGBA, palette, 16-bit) is read as RGB. For an input ``<stem>`` the outputs are
 (uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``; ``<out>/legend.png``
 names the colours (an input named ``legend`` gets a suffix instead). Images found in a
 folder keep their sub-folder below ``<out>``; names that would collide get a suffix. The
-inference settings are those of ``segnest eval`` (see :mod:`segnest.inference.settings`).
+inference settings are those of ``segnest eval`` (see :mod:`segnest.inference.settings`);
+each image is read and predicted by :class:`segnest.inference.predictor.Predictor`, the
+class behind ``segnest.load_model``.
 
 ``--out`` may be a sub-folder of an input folder: images below ``--out`` are never read as
 inputs. It may not be an input folder itself, nor make an output land in an input folder or
@@ -19,15 +21,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
 
 from segnest.config import PredictConfig, validate_config
-from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES, read_image
-from segnest.data.palettes import generate_palette
-from segnest.data.transforms import to_normalized_tensors
+from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from segnest.errors import SegnestError
 from segnest.inference.outputs import (
     identities,
@@ -36,21 +32,10 @@ from segnest.inference.outputs import (
     refuse_input_file,
     resolved,
 )
-from segnest.inference.settings import InferenceSettings
-from segnest.inference.strategies import infer, inference_model
-from segnest.inference.visualize import (
-    LEGEND_NAME,
-    colorize,
-    display_rgb,
-    overlay,
-    save_jpeg,
-    save_legend,
-    save_png,
-)
-from segnest.models import model_from_checkpoint
+from segnest.inference.predictor import Predictor
+from segnest.inference.visualize import LEGEND_NAME, save_jpeg, save_legend, save_png
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
-from segnest.runtime.distributed import resolve_device
 
 
 def _output_names(stem: Path) -> tuple[Path, Path, Path]:
@@ -150,65 +135,34 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
     return out
 
 
-def _normalize(image: np.ndarray, settings: InferenceSettings,
-               device: torch.device) -> torch.Tensor:
-    tensor, _ = to_normalized_tensors(image, np.zeros(image.shape[:2], np.uint8),
-                                      settings.mean, settings.std)
-    return tensor.to(device).unsqueeze(0)
-
-
-def _palette(checkpoint: dict[str, Any], num_classes: int) -> np.ndarray:
-    palette = checkpoint.get("palette")
-    if palette is not None and len(palette) >= num_classes:
-        return np.asarray(palette, dtype=np.uint8)[:num_classes]
-    return generate_palette(num_classes)
-
-
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
     images = collect_images(cfg.inputs, skip=cfg.out)
     prepare_folder(_check_outputs(cfg, images), "--out")
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
-    settings = InferenceSettings.from_flags(cfg, checkpoint)
-    device = resolve_device(cfg.device)
-    model = inference_model(model.to(device), fuse=cfg.fuse_bn, compile=cfg.compile)
-    num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
-                      or len(checkpoint.get("classes") or ()))
-    if not num_classes:
-        raise SegnestError(f"checkpoint {cfg.checkpoint} does not record its number of "
-                           "classes; use a checkpoint written by 'segnest train'")
-    if num_classes > 256:
-        raise SegnestError(f"checkpoint {cfg.checkpoint} has {num_classes} classes; "
-                           "uint8 masks hold at most 256")
-    palette = _palette(checkpoint, num_classes)
-    in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
+    predictor = Predictor.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg,
+                                          source=str(cfg.checkpoint))
     out = Path(cfg.out)
     written: list[Path] = []
     skipped = 0
-    with torch.inference_mode():
-        for file, stem in progress_bar(images, desc="predict", unit="img"):
-            try:
-                image = read_image(file, in_channels)
-            except SegnestError as err:
-                if not cfg.skip_bad_samples:
-                    raise SegnestError(f"{err}, or pass --skip-bad-samples to skip unreadable "
-                                       "images") from err
-                warnings.warn(f"skipping {file}: {err}", stacklevel=2)
-                skipped += 1
-                continue
-            probs = infer(model, _normalize(image, settings, device), num_classes, settings)
-            mask = probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-            color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
-            color = colorize(mask, palette, ignore_index=-1)
-            save_png(color_path, color)
-            save_png(mask_path, mask)
-            if cfg.overlay:
-                save_jpeg(overlay_path, overlay(display_rgb(image), color))
-            written.append(color_path)
-    class_names = checkpoint.get("classes") or [f"class {i}" for i in range(num_classes)]
-    save_legend(out, class_names, palette)
+    for file, stem in progress_bar(images, desc="predict", unit="img"):
+        try:
+            image = predictor.read(file)
+        except SegnestError as err:
+            if not cfg.skip_bad_samples:
+                raise SegnestError(f"{err}, or pass --skip-bad-samples to skip unreadable "
+                                   "images") from err
+            warnings.warn(f"skipping {file}: {err}", stacklevel=2)
+            skipped += 1
+            continue
+        mask = predictor(image)
+        color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
+        save_png(color_path, predictor.colorize(mask))
+        save_png(mask_path, mask)
+        if cfg.overlay:
+            save_jpeg(overlay_path, predictor.overlay(image, mask))
+        written.append(color_path)
+    save_legend(out, predictor.classes, predictor.palette)
     print(f"wrote {len(written)} mask(s) to {out}")
     if skipped:
         print(f"warning: {skipped} unreadable image(s) skipped")

@@ -1,0 +1,187 @@
+"""The Python predictor: ``segnest.load_model(checkpoint)`` and ``segnest predict`` share it.
+
+A :class:`Predictor` is rebuilt from a segnest training checkpoint alone: the architecture
+and its widths, the classes and palette, the normalisation (mean, std, input channels)
+and the inference settings the checkpoint records (:mod:`segnest.inference.settings`).
+Called on an image it runs exactly what ``segnest predict`` runs -- the command is a loop
+over files around this class -- so a label map from Python and a ``_mask.png`` from the
+command are the same array.
+
+Images are read as :func:`segnest.data.base.read_image` reads files: a path goes through
+it, a Pillow image of any mode is converted the same way (grey and palette images to RGB,
+transparency dropped, 16-bit grey kept at 16 bits), and an array must already be what it
+returns: ``H x W x in_channels`` uint8, uint16 or float32 on a 0-1 scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segnest.config import InferenceFlags, validate_config
+from segnest.data.base import image_array, read_image
+from segnest.data.palettes import generate_palette
+from segnest.data.transforms import to_normalized_tensors
+from segnest.errors import SegnestError
+from segnest.inference.settings import InferenceSettings
+from segnest.inference.strategies import Model, infer, inference_model
+from segnest.inference.visualize import colorize, display_rgb, overlay
+from segnest.models import model_from_checkpoint
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.distributed import resolve_device
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+# What a call returns per image: train ids (H x W uint8), class probabilities
+# (C x H x W float32) or the probability of the predicted class (H x W float32).
+OUTPUTS = ("labels", "probs", "confidence")
+ARRAY_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+# load_model's keyword arguments: the inference flags of segnest predict, by field name.
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(InferenceFlags) if f.name != "device")
+
+
+class Predictor:
+    """A segmentation model with its pre- and post-processing; see the module docstring.
+
+    ``predictor(images, output="labels")`` takes one image (path, Pillow image or array)
+    or a list of them and returns one result per image at that image's size.
+    """
+
+    def __init__(self, model: Model, settings: InferenceSettings, *, classes: Sequence[str],
+                 palette: np.ndarray, in_channels: int = 3,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.model = model
+        self.settings = settings
+        self.classes = tuple(classes)
+        self.palette = np.asarray(palette, dtype=np.uint8)
+        self.in_channels = in_channels
+        self.device = device
+        if len(self.palette) != len(self.classes):
+            raise SegnestError(f"{len(self.classes)} classes but {len(self.palette)} palette "
+                               "colours; give one colour per class")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], flags: InferenceFlags,
+                        source: str = "checkpoint") -> Predictor:
+        """The predictor a loaded checkpoint dict describes, with ``flags`` (validated)
+        overriding its inference settings; ``source`` names the file in errors."""
+        model = model_from_checkpoint(checkpoint, source=source)
+        settings = InferenceSettings.from_flags(flags, checkpoint)
+        device = resolve_device(flags.device)
+        model = inference_model(model.to(device), fuse=flags.fuse_bn, compile=flags.compile)
+        num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
+                          or len(checkpoint.get("classes") or ()))
+        if not num_classes:
+            raise SegnestError(f"checkpoint {source} does not record its number of "
+                               "classes; use a checkpoint written by 'segnest train'")
+        if num_classes > 256:
+            raise SegnestError(f"checkpoint {source} has {num_classes} classes; "
+                               "uint8 masks hold at most 256")
+        classes = list(checkpoint.get("classes") or ())[:num_classes]
+        classes += [f"class {i}" for i in range(len(classes), num_classes)]
+        palette = checkpoint.get("palette")
+        if palette is not None and len(palette) >= num_classes:
+            palette = np.asarray(palette, dtype=np.uint8)[:num_classes]
+        else:
+            palette = generate_palette(num_classes)
+        in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
+        return cls(model, settings, classes=classes, palette=palette,
+                   in_channels=in_channels, device=device)
+
+    def read(self, image: ImageInput) -> np.ndarray:
+        """``image`` as the model's input array (H x W x ``in_channels``), checked."""
+        if isinstance(image, (str, os.PathLike)):
+            return read_image(Path(image), self.in_channels)
+        if isinstance(image, Image.Image):
+            array = image_array(image)
+            if array.shape[2] != self.in_channels:
+                raise SegnestError(
+                    f"the model takes {self.in_channels} input channels but a Pillow image "
+                    f"gives 3; pass an H x W x {self.in_channels} numpy array instead")
+            return array
+        if isinstance(image, np.ndarray):
+            return self._checked_array(image)
+        raise SegnestError(
+            f"cannot predict a {type(image).__name__}; pass an image path, a PIL image, an "
+            f"H x W x {self.in_channels} numpy array or a list of them")
+
+    def _checked_array(self, array: np.ndarray) -> np.ndarray:
+        if (array.ndim != 3 or array.shape[2] != self.in_channels or 0 in array.shape
+                or array.dtype not in ARRAY_DTYPES):
+            raise SegnestError(
+                f"image array has shape {array.shape} and dtype {array.dtype}; the model takes "
+                f"H x W x {self.in_channels} uint8 (or uint16, or float32 on a 0-1 scale)")
+        return array
+
+    def __call__(self, images: ImageInput | list[ImageInput],
+                 output: str = "labels") -> np.ndarray | list[np.ndarray]:
+        """Labels (H x W uint8 train ids), ``output="probs"`` (C x H x W float32, summing
+        to 1 over classes) or ``output="confidence"`` (H x W float32, the largest
+        probability) for one image, or a list of them for a list of images."""
+        if output not in OUTPUTS:
+            raise SegnestError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
+        if isinstance(images, list):
+            return [self._predict(self.read(image), output) for image in images]
+        return self._predict(self.read(images), output)
+
+    def _predict(self, image: np.ndarray, output: str) -> np.ndarray:
+        tensor, _ = to_normalized_tensors(image, np.zeros(image.shape[:2], np.uint8),
+                                          self.settings.mean, self.settings.std)
+        with torch.inference_mode():
+            probs = infer(self.model, tensor.to(self.device).unsqueeze(0), self.num_classes,
+                          self.settings)[0]
+            if output == "probs":
+                result = probs
+            elif output == "confidence":
+                result = probs.amax(dim=0)
+            else:
+                result = probs.argmax(dim=0).to(torch.uint8)
+            return result.cpu().numpy()
+
+    def colorize(self, labels: np.ndarray) -> np.ndarray:
+        """An H x W label map in the checkpoint's palette (H x W x 3 uint8)."""
+        return colorize(labels, self.palette, ignore_index=-1)
+
+    def overlay(self, image: ImageInput, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """The coloured labels blended over ``image`` (H x W x 3 uint8), as ``segnest
+        predict --overlay`` draws them."""
+        display = display_rgb(self.read(image))
+        if display.shape[:2] != np.shape(labels):
+            raise SegnestError(f"image of size {display.shape[:2]} and labels of shape "
+                               f"{np.shape(labels)} differ; overlay labels predicted for "
+                               "this image")
+        return overlay(display, self.colorize(labels), alpha)
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None = None,
+               **settings: Any) -> Predictor:
+    """A :class:`Predictor` for a checkpoint written by ``segnest train``.
+
+    ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
+    arguments override the inference settings the checkpoint records and are named as
+    ``segnest predict``'s flags: ``scales`` (a sequence or ``"0.5,1.0"``), ``multi_scale``,
+    ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``fuse_bn``, ``compile``.
+    """
+    unknown = sorted(set(settings) - set(SETTING_NAMES))
+    if unknown:
+        raise SegnestError(f"load_model() has no setting {unknown[0]!r}; the settings are "
+                           f"{', '.join(SETTING_NAMES)}")
+    scales = settings.get("scales")
+    if isinstance(scales, Sequence) and not isinstance(scales, str):
+        settings["scales"] = ",".join(str(s) for s in scales)
+    elif isinstance(scales, (int, float)):
+        settings["scales"] = str(scales)
+    flags = validate_config(InferenceFlags(
+        **settings, device=None if device is None else str(device)))
+    return Predictor.from_checkpoint(load_checkpoint(checkpoint), flags,
+                                     source=str(checkpoint))
