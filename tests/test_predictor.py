@@ -1,0 +1,171 @@
+"""segnest.load_model: a Predictor that gives exactly what segnest predict writes."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import segnest
+from segnest.config import PredictConfig
+from segnest.data import generate_palette
+from segnest.inference.predict import run_predict
+from segnest.inference.visualize import overlay
+from segnest.models import create_model
+
+NUM_CLASSES = 5
+TINY = dict(num_classes=NUM_CLASSES, aux=True, head_channels=16, stage_width=8, stem_width=8)
+PALETTE = generate_palette(NUM_CLASSES)
+CLASSES = [f"class{i}" for i in range(NUM_CLASSES)]
+# A multi-scale + flip override: the path most likely to differ if the two drifted apart.
+SCALES, FLIP = (0.75, 1.25), True
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", **TINY)
+    with torch.no_grad():  # a freshly initialised head predicts one class everywhere
+        model.head[3].weight.mul_(20)
+        model.head[3].bias.zero_()
+    path = tmp_path / "run" / "best.pt"
+    path.parent.mkdir()
+    torch.save({
+        "model": model.state_dict(),
+        "model_name": "deeplabv3_resnest14",
+        "model_kwargs": TINY,
+        "dataset": "folder",
+        "classes": CLASSES,
+        "palette": PALETTE.tolist(),
+        "config": {"base_size": 48, "crop_size": 40, "data_root": None},
+        "iteration": 1,
+    }, path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, Path]:
+    """An RGB, a grey and an RGBA image of odd sizes."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    arrays = {"rgb": (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB"),
+              "grey": (rng.integers(0, 256, (41, 29), dtype=np.uint8), "L"),
+              "rgba": (rng.integers(0, 256, (33, 47, 4), dtype=np.uint8), "RGBA")}
+    for name, (array, mode) in arrays.items():
+        Image.fromarray(array, mode).save(folder / f"{name}.png")
+    return {name: folder / f"{name}.png" for name in arrays}
+
+
+def predicted_masks(checkpoint: Path, images: dict[str, Path], out: Path) -> dict[str, np.ndarray]:
+    run_predict(PredictConfig(inputs=[str(p) for p in images.values()],
+                              checkpoint=str(checkpoint), out=str(out), device="cpu",
+                              scales=",".join(map(str, SCALES)), flip=FLIP))
+    return {name: np.asarray(Image.open(out / f"{name}_mask.png")) for name in images}
+
+
+@pytest.fixture
+def predictor(checkpoint: Path) -> segnest.Predictor:
+    return segnest.load_model(checkpoint, device="cpu", scales=SCALES, flip=FLIP)
+
+
+def test_labels_equal_segnest_predict_masks_for_paths_pil_images_arrays_and_lists(
+        checkpoint: Path, images: dict[str, Path], predictor, tmp_path: Path):
+    masks = predicted_masks(checkpoint, images, tmp_path / "out")
+    assert all(len(np.unique(mask)) > 1 for mask in masks.values())  # equality means something
+    rgb = images["rgb"]
+    for given in (rgb, str(rgb), Image.open(rgb), np.asarray(Image.open(rgb))):
+        labels = predictor(given)
+        assert labels.dtype == np.uint8 and labels.shape == masks["rgb"].shape
+        np.testing.assert_array_equal(labels, masks["rgb"])
+    listed = predictor(list(images.values()))
+    assert isinstance(listed, list) and len(listed) == len(images)
+    for labels, name in zip(listed, images):
+        np.testing.assert_array_equal(labels, masks[name])
+
+
+def test_grey_and_rgba_pil_images_are_read_as_segnest_predict_reads_them(
+        checkpoint: Path, images: dict[str, Path], predictor, tmp_path: Path):
+    masks = predicted_masks(checkpoint, images, tmp_path / "out")
+    for name in ("grey", "rgba"):
+        image = Image.open(images[name])
+        assert image.mode == {"grey": "L", "rgba": "RGBA"}[name]
+        np.testing.assert_array_equal(predictor(image), masks[name])
+
+
+def test_probabilities_sum_to_one_and_their_argmax_and_max_are_labels_and_confidence(
+        images: dict[str, Path], predictor):
+    probs = predictor(images["rgb"], output="probs")
+    confidence = predictor(images["rgb"], output="confidence")
+    labels = predictor(images["rgb"])
+    assert probs.dtype == np.float32 and probs.shape == (NUM_CLASSES, 37, 53)
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(axis=0), labels)
+    assert confidence.dtype == np.float32 and confidence.shape == (37, 53)
+    np.testing.assert_array_equal(confidence, probs.max(axis=0))
+    listed = predictor([images["rgb"], images["grey"]], output="confidence")
+    assert [c.shape for c in listed] == [(37, 53), (41, 29)]
+
+
+def test_settings_classes_palette_and_normalisation_come_from_the_checkpoint(checkpoint: Path):
+    predictor = segnest.load_model(checkpoint, device="cpu")
+    assert predictor.settings.scales == (1.0,) and not predictor.settings.flip
+    assert predictor.settings.base_size == 48  # the training config's, as predict uses it
+    assert predictor.classes == tuple(CLASSES)
+    np.testing.assert_array_equal(predictor.palette, PALETTE)
+    assert predictor.in_channels == 3 and predictor.device == torch.device("cpu")
+    assert segnest.load_model(checkpoint, device="cpu", mode="slide").settings.window_size == 40
+
+
+def test_colorize_and_overlay_use_the_checkpoint_palette(images: dict[str, Path], predictor):
+    labels = predictor(images["rgb"])
+    colours = predictor.colorize(labels)
+    np.testing.assert_array_equal(colours, PALETTE[labels])
+    image = np.asarray(Image.open(images["rgb"]))
+    np.testing.assert_array_equal(predictor.overlay(images["rgb"], labels),
+                                  overlay(image, colours))
+    with pytest.raises(segnest.SegnestError, match="differ"):
+        predictor.overlay(images["grey"], labels)
+
+
+def test_a_checkpoint_that_is_not_a_segmentation_one_is_one_line(tmp_path: Path):
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": create_model("deeplabv3_resnest14", **TINY).state_dict()}, weights)
+    backbone_kwargs = dict(num_classes=10, stage_width=8, stem_width=8)
+    pretrained = tmp_path / "pretrain.pt"
+    torch.save({"model": create_model("resnest14", **backbone_kwargs).state_dict(),
+                "model_name": "resnest14", "model_kwargs": backbone_kwargs,
+                "task": "classification"}, pretrained)
+    for path, says in ((weights, "not a segnest training checkpoint"),
+                       (pretrained, "classification pretraining checkpoint"),
+                       (tmp_path / "missing.pt", "does not exist")):
+        with pytest.raises(segnest.SegnestError) as error:
+            segnest.load_model(path, device="cpu")
+        assert says in str(error.value) and str(path) in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((32, 32), np.uint8),
+    np.zeros((32, 32, 4), np.uint8),
+    np.zeros((32, 32, 3), np.int64),
+    np.zeros((32, 32, 3), np.float64),
+    np.zeros((0, 32, 3), np.uint8),
+], ids=["grey-2d", "four-channels", "int64", "float64", "empty"])
+def test_an_array_of_the_wrong_shape_or_dtype_is_one_line(predictor, array: np.ndarray):
+    with pytest.raises(segnest.SegnestError, match="H x W x 3 uint8") as error:
+        predictor(array)
+    assert str(array.shape) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_inputs_outputs_and_settings_are_one_line(checkpoint: Path, predictor):
+    for call, says in ((lambda: predictor(torch.zeros(3, 8, 8)), "cannot predict a Tensor"),
+                       (lambda: predictor(np.zeros((8, 8, 3), np.uint8), output="logits"),
+                        "output 'logits'"),
+                       (lambda: segnest.load_model(checkpoint, scale=2.0), "no setting 'scale'"),
+                       (lambda: segnest.load_model(checkpoint, scales=[0.5, -1]), "--scales")):
+        with pytest.raises(segnest.SegnestError, match=says) as error:
+            call()
+        assert "\n" not in str(error.value)
