@@ -115,3 +115,33 @@ def tiny_train_config():
 @pytest.fixture
 def tiny_flags() -> list[str]:
     return list(TINY_FLAGS)
+
+
+def save_tiny_checkpoint(path: Path, model_kwargs: dict, palette, classes=None,
+                         sharpen_head: bool = False) -> Path:
+    """A segnest checkpoint of a seeded, untrained ``deeplabv3_resnest14`` with
+    ``model_kwargs`` at ``path``; ``sharpen_head`` scales the classifier so that the
+    untrained model predicts several classes instead of one everywhere."""
+    import torch
+
+    from segnest.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", **model_kwargs)
+    if sharpen_head:
+        with torch.no_grad():
+            model.head[3].weight.mul_(20)
+            model.head[3].bias.zero_()
+    num_classes = model_kwargs["num_classes"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "model": model.state_dict(),
+        "model_name": "deeplabv3_resnest14",
+        "model_kwargs": model_kwargs,
+        "dataset": "folder",
+        "classes": list(classes or [f"class{i}" for i in range(num_classes)]),
+        "palette": palette.tolist(),
+        "config": {"base_size": 48, "crop_size": 40, "data_root": None},
+        "iteration": 1,
+    }, path)
+    return path

@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 from PIL import Image
 
 from segnest.config import ExportConfig, PredictConfig
@@ -10,7 +11,6 @@ from segnest.data import generate_palette
 from segnest.errors import SegnestError
 from segnest.inference.export import run_export
 from segnest.inference.predict import run_predict
-from segnest.models import create_model
 
 NUM_CLASSES = 5
 TINY = dict(num_classes=NUM_CLASSES, aux=True, head_channels=16, stage_width=8, stem_width=8)
@@ -19,21 +19,7 @@ PALETTE = generate_palette(NUM_CLASSES)
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = create_model("deeplabv3_resnest14", **TINY)
-    path = tmp_path / "run" / "best.pt"
-    path.parent.mkdir()
-    torch.save({
-        "model": model.state_dict(),
-        "model_name": "deeplabv3_resnest14",
-        "model_kwargs": TINY,
-        "dataset": "folder",
-        "classes": [f"class{i}" for i in range(NUM_CLASSES)],
-        "palette": PALETTE.tolist(),
-        "config": {"base_size": 48, "crop_size": 40, "data_root": None},
-        "iteration": 1,
-    }, path)
-    return path
+    return save_tiny_checkpoint(tmp_path / "run" / "best.pt", TINY, PALETTE)
 
 
 def reference_logits(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 from PIL import Image
 
 import segnest
@@ -24,24 +25,8 @@ SCALES, FLIP = (0.75, 1.25), True
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = create_model("deeplabv3_resnest14", **TINY)
-    with torch.no_grad():  # a freshly initialised head predicts one class everywhere
-        model.head[3].weight.mul_(20)
-        model.head[3].bias.zero_()
-    path = tmp_path / "run" / "best.pt"
-    path.parent.mkdir()
-    torch.save({
-        "model": model.state_dict(),
-        "model_name": "deeplabv3_resnest14",
-        "model_kwargs": TINY,
-        "dataset": "folder",
-        "classes": CLASSES,
-        "palette": PALETTE.tolist(),
-        "config": {"base_size": 48, "crop_size": 40, "data_root": None},
-        "iteration": 1,
-    }, path)
-    return path
+    return save_tiny_checkpoint(tmp_path / "run" / "best.pt", TINY, PALETTE, CLASSES,
+                                sharpen_head=True)
 
 
 @pytest.fixture
