@@ -107,6 +107,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(value: int, device: torch.device | str, op: str = "max") -> int:
+    """``value`` combined over all processes, ``op`` "max" (any rank's) or "min" (every
+    rank's); ``value`` itself when alone. Every rank must call it at the same point."""
+    if get_world_size() == 1:
+        return int(value)
+    flag = torch.tensor([int(value)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(flag.item())
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes in place and return it (unchanged when alone)."""
     if get_world_size() > 1:

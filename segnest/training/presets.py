@@ -105,10 +105,11 @@ def cpu_model_applies(user: dict[str, Any]) -> bool:
             and not user.get("pretrained") and _without_gpu(user))
 
 
-def train_presets(given: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int | None]:
+def train_presets(user: dict[str, Any], cpu_model: bool
+                  ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """(``DATASET_PRESETS`` adapted to this data root and machine, the median long side of
-    the folder dataset's train images or None), for the flags and recipe in ``given``."""
-    user = _user_values(given)
+    the folder dataset's train images or None), for what the user set (``user``: recipe
+    and flags) and whether the folder preset takes ``CPU_MODEL`` (``cpu_model``)."""
     cores = os.cpu_count() or 1
     dataset = user.get("dataset", TrainConfig.dataset)
     preset = dict(DATASET_PRESETS.get(dataset, {}))
@@ -118,7 +119,7 @@ def train_presets(given: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int
         long_side = median_long_side(Path(user["data_root"]) / "images" / "train")
         if long_side is not None:
             preset.update(folder_sizes(long_side))
-    if cpu_model_applies(user):
+    if cpu_model:
         preset.update(CPU_MODEL)
     return {**DATASET_PRESETS, dataset: preset}, long_side
 
@@ -128,9 +129,10 @@ def resolve_train_config(cls: type, given: dict[str, Any],
     """``resolve_config`` for ``segnest train`` with :func:`train_presets`; prints the derived
     values in one line and warns about crops far larger than the images."""
     resolve_config(cls, given, presets)  # a bad flag or recipe is reported before any file is read
-    table, long_side = train_presets(given)
-    cfg = resolve_config(cls, given, table)
     user = _user_values(given)
+    cpu_model = cpu_model_applies(user)
+    table, long_side = train_presets(user, cpu_model)
+    cfg = resolve_config(cls, given, table)
     cores = os.cpu_count() or 1
     if "workers" in user and cfg.workers > cores:
         print(f"segnest: warning: --workers {cfg.workers} is more than the {cores} CPU cores; "
@@ -145,7 +147,7 @@ def resolve_train_config(cls: type, given: dict[str, Any],
             print(f"segnest: warning: the train images are ~{long_side} px but --crop-size is "
                   f"{cfg.crop_size}: each crop is mostly padding and upscaling; use "
                   f"--crop-size {folder_sizes(long_side)['crop_size']}", file=sys.stderr)
-    if cpu_model_applies(user):
+    if cpu_model:
         print("segnest: no GPU: the folder preset trains the small CPU model ("
               + ", ".join(f"{k} {v}" for k, v in CPU_MODEL.items() if k not in user)
               + "); for the paper's model pass --backbone resnest50 (and --pretrained)")

@@ -67,7 +67,12 @@ from segnest.models.factory import canonical_model_kwargs
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 from segnest.runtime.compiling import compile_model
 from segnest.runtime.console import ConsoleLog, is_terminal
-from segnest.runtime.distributed import DistInfo, cleanup_distributed, init_distributed
+from segnest.runtime.distributed import (
+    DistInfo,
+    agree,
+    cleanup_distributed,
+    init_distributed,
+)
 from segnest.runtime.lock import FolderLock
 
 LAST_CHECKPOINT_NAME = "last.pt"
@@ -185,11 +190,8 @@ def run_folder(work_dir: Path, dist: DistInfo, *, resume: str | None, overwrite:
         except SegnestError as err:
             lock.release()
             refusal = err
-    if dist.distributed:
-        flag = torch.tensor([int(refusal is not None)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if refusal is None and flag.item():
-            refusal = SegnestError(f"rank 0 could not use the work folder {work_dir}")
+    if agree(refusal is not None, dist.device) and refusal is None:
+        refusal = SegnestError(f"rank 0 could not use the work folder {work_dir}")
     if refusal is not None:
         raise refusal
     try:
@@ -363,9 +365,7 @@ class StopRequest:
     def agreed(self) -> bool:
         """Whether any rank was asked to stop; call it on every rank at the same point."""
         if self.world_size > 1:
-            flag = torch.tensor([self.signum], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.signum = int(flag.item())
+            self.signum = agree(self.signum, self.device)
         return self.requested
 
     def __exit__(self, *exc) -> None:

@@ -39,13 +39,19 @@ from segnest.inference.tensorboard import (
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.models.weights import OFFICIAL_WEIGHTS
-from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
+from segnest.runtime.distributed import (
+    DistInfo,
+    agree,
+    convert_sync_batchnorm,
+    seed_everything,
+)
 from segnest.runtime.files import write_text_atomic
 from segnest.training.class_weights import class_weights_for, summary, write_class_weights
 from segnest.training.losses import Ohem, segmentation_loss
 from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
     BEST_CHECKPOINT_NAME,
+    LAST_CHECKPOINT_NAME,
     Progress,
     RunState,
     check_run_flags,
@@ -202,11 +208,7 @@ def _usable(batch: dict | None, dist: DistInfo) -> bool:
     emptied by them is not, nor one of a single sample on a single device (BatchNorm needs
     two; SyncBN pools them across devices)."""
     usable = batch is not None and (dist.distributed or batch["image"].shape[0] >= 2)
-    if dist.distributed:
-        flag = torch.tensor([int(usable)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        usable = bool(flag.item())
-    return usable
+    return bool(agree(usable, dist.device, op="min"))
 
 
 def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
@@ -363,7 +365,7 @@ def _summary(run: RunState, classes: list[str]) -> str:
     if not run.metrics:
         return f"finished at iteration {run.iteration}; checkpoints in {run.work_dir}"
     best = run.work_dir / BEST_CHECKPOINT_NAME
-    chosen = best if best.is_file() else run.work_dir / "last.pt"
+    chosen = best if best.is_file() else run.work_dir / LAST_CHECKPOINT_NAME
     lines = [f"last validation (iteration {run.iteration}, single scale):",
              format_table(run.metrics, classes),
              f"best val mIoU {percent(run.best)} at iteration {run.best_iteration}: {best}"
