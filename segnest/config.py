@@ -817,6 +817,20 @@ def _class_weights_source(cfg: TrainConfig, names: _Names) -> None:
                            "nor a file; give 'auto' or a text file of one weight per class")
 
 
+def _ohem_settings_need_ohem(cfg: TrainConfig, names: _Names) -> None:
+    """The OHEM knobs change nothing under cross-entropy: a user who sets them expects
+    hard-pixel mining, so say that it is off instead of training without it."""
+    if cfg.loss == "ohem":
+        return
+    default_thresh = next(f.default for f in fields(TrainConfig) if f.name == "ohem_thresh")
+    for name, value, default in (("ohem_thresh", cfg.ohem_thresh, default_thresh),
+                                 ("ohem_min_kept", cfg.ohem_min_kept, None)):
+        if value != default:
+            raise SegnestError(f"{names.show(name, value)} applies to the OHEM loss only, but "
+                               f"{names.show('loss', cfg.loss)}; add --loss ohem or drop "
+                               f"{_flag(name)}")
+
+
 def _backbone_fits(cfg: TrainConfig | PretrainConfig, names: _Names) -> None:
     """The backbone exists and ``stage_width`` splits into its radix x cardinality groups
     (the Split-Attention convolutions need whole channels per group)."""
@@ -867,7 +881,8 @@ def _known_model(cfg: BenchConfig, names: _Names) -> None:
 # Rules in order: cheap ones first; those that import the models (and torch) last.
 CHECKS: dict[type, tuple[Check, ...]] = {
     TrainConfig: (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
-                  _floor_below_lr, _class_weights_source, _backbone_fits),
+                  _floor_below_lr, _class_weights_source, _ohem_settings_need_ohem,
+                  _backbone_fits),
     InferenceFlags: (_scales_parse, _stride_within_window),
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _backbone_fits),
     BenchConfig: (_known_model,),
