@@ -156,3 +156,26 @@ def test_unknown_inputs_outputs_and_settings_are_one_line(checkpoint: Path, pred
         with pytest.raises(segnest.SegnestError, match=says) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+def test_predict_confidence_png_is_the_predictors_confidence_rounded(
+        checkpoint: Path, images: dict[str, Path], predictor, tmp_path: Path):
+    out = tmp_path / "out"
+    run_predict(PredictConfig(inputs=[str(p) for p in images.values()],
+                              checkpoint=str(checkpoint), out=str(out), device="cpu",
+                              scales=",".join(map(str, SCALES)), flip=FLIP,
+                              save_confidence=True, batch_size=2))
+    for name, path in images.items():
+        saved = np.asarray(Image.open(out / f"{name}_confidence.png"))
+        confidence = predictor(path, output="confidence")
+        assert saved.dtype == np.uint8 and saved.shape == confidence.shape
+        assert len(np.unique(saved)) > 1
+        np.testing.assert_array_equal(saved, np.rint(confidence * 255).astype(np.uint8))
+        # The masks of a batched run are those of batch 1.
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_mask.png")),
+                                      predictor(path))
+
+
+def test_a_batch_size_below_one_is_one_line(checkpoint: Path):
+    with pytest.raises(segnest.SegnestError, match="--batch-size"):
+        segnest.load_model(checkpoint, device="cpu", batch_size=0)
