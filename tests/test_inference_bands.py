@@ -54,9 +54,10 @@ def test_band_upsampling_equals_interpolate_up_and_down_at_odd_sizes(in_size, ou
     probs = torch.rand(4, *in_size)
     expected = F.interpolate(probs[None], out_size, mode="bilinear", align_corners=False)[0]
     rows, cols = bilinear_taps(in_size[0], out_size[0]), bilinear_taps(in_size[1], out_size[1])
-    bands = [upsample_band(probs, rows, cols, y0, min(out_size[0], y0 + 3))
+    classes_last = probs.permute(1, 2, 0).contiguous()
+    bands = [upsample_band(classes_last, rows, cols, y0, min(out_size[0], y0 + 3))
              for y0 in range(0, out_size[0], 3)]
-    torch.testing.assert_close(torch.cat(bands, dim=1), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(bands).permute(2, 0, 1), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])

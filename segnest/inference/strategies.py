@@ -353,24 +353,29 @@ def combine_bands(per_scale: Sequence[torch.Tensor], size: tuple[int, int], view
     probabilities ``(C, h_s, w_s)`` upsampled to ``size``, made a band of rows at a time."""
     height, width = size
     classes = per_scale[0].shape[0]
+    # Classes last (see upsample_band); a no-op for the channels_last probabilities
+    # segnest's models give on a CPU.
+    per_scale = [p.permute(1, 2, 0).contiguous() for p in per_scale]
     labels = torch.empty(size, dtype=torch.uint8 if classes <= 256 else torch.int64)
     best = torch.empty(size) if confidence else None
-    taps = [(bilinear_taps(p.shape[1], height), bilinear_taps(p.shape[2], width))
+    taps = [(bilinear_taps(p.shape[0], height), bilinear_taps(p.shape[1], width))
             for p in per_scale]
     rows = max(1, BAND_BYTES // (classes * width * 4))
     for y0 in range(0, height, rows):
         y1 = min(height, y0 + rows)
-        total = torch.zeros(classes, y1 - y0, width)
+        total: torch.Tensor | None = None
         for probs, (row_taps, col_taps) in zip(per_scale, taps, strict=True):
-            if tuple(probs.shape[1:]) == size:
-                total += probs[:, y0:y1]
+            if tuple(probs.shape[:2]) == size:
+                band = probs[y0:y1] if total is not None else probs[y0:y1].clone()
             else:
-                total += upsample_band(probs, row_taps, col_taps, y0, y1)
+                band = upsample_band(probs, row_taps, col_taps, y0, y1)
+            total = band if total is None else total.add_(band)
         if views > 1:
             total /= views
-        labels[y0:y1] = total.argmax(dim=0)
-        if best is not None:
-            best[y0:y1] = total.amax(dim=0)
+        if best is None:
+            labels[y0:y1] = total.argmax(dim=-1)
+        else:
+            best[y0:y1], labels[y0:y1] = total.max(dim=-1)
     return labels, best
 
 
