@@ -70,10 +70,13 @@ def resize_image(image: np.ndarray, size: tuple[int, int], mean: Sequence[float]
     mean_ = np.asarray(mean, np.float32)
     std_ = np.asarray(std, np.float32)
 
-    def rows(index: torch.Tensor) -> torch.Tensor:
-        normalized = (to_unit_range(image[index.numpy()]) - mean_) / std_
+    def rows(index: torch.Tensor | None = None) -> torch.Tensor:
+        normalized = (to_unit_range(image if index is None else image[index.numpy()])
+                      - mean_) / std_
         return torch.from_numpy(normalized).permute(2, 0, 1)  # (C, h, W)
 
+    if tuple(size) == (height, width):
+        return rows().contiguous()
     i0, i1, lam = bilinear_taps(height, size[0])
     scaled = _lerp(rows(i0), rows(i1), lam[:, None])
     j0, j1, mu = bilinear_taps(width, size[1])
