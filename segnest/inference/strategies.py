@@ -289,8 +289,9 @@ BAND_BYTES = 16 * 2**20
 # DeepLabV3-ResNeSt-14 that `segnest demo` trains (8 classes) on generated scenes, pairs of
 # images of different sizes (96x128 + 128x80, 160x120 + 112x160, 128x128 + 96x160) each
 # zero-padded to the pair's common size in one batch: 89.4%, 89.6% and 97.3% of the labels
-# (92.2% overall, inside each image's own area) equal the batch-1 labels. (A ResNeSt-14
-# with random weights predicts nearly one class everywhere and hides this: 100%.)
+# (92.2% overall, inside each image's own area) equal the batch-1 labels
+# (experiments/benchmarks/padding_agreement.py; a ResNeSt-14 with random weights predicts
+# nearly one class everywhere and hides this: 100%).
 
 ImageLike = np.ndarray | torch.Tensor
 
