@@ -317,8 +317,9 @@ def _whole_views(model: Model, x: torch.Tensor, num_classes: int, flip: bool) ->
         return whole_inference(model, x, num_classes)
     batch = x.shape[0]
     probs = whole_inference(model, torch.cat([x, x.flip(-1)], dim=0), num_classes)
-    # Summing before resizing back is exact (resizing is linear) and halves the work.
-    return probs[:batch].add_(probs[batch:].flip(-1))
+    # Summing before resizing back is exact (resizing is linear) and halves the work; a
+    # new tensor, so that the mirrored half is freed while the other scales run.
+    return probs[:batch] + probs[batch:].flip(-1)
 
 
 def _scale_probabilities(model: Model, inputs: list[torch.Tensor], num_classes: int,
@@ -343,7 +344,7 @@ def _scale_probabilities(model: Model, inputs: list[torch.Tensor], num_classes: 
     per_view = 2 if settings.flip else 1
     for i, probs in enumerate(_slide_many(model, views, num_classes, crop, stride,
                                           batch_size * per_view, device)):
-        results[i] = probs[0].add_(probs[1].flip(-1)) if settings.flip else probs[0]
+        results[i] = probs[0] + probs[1].flip(-1) if settings.flip else probs[0]
     return results
 
 
