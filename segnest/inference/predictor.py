@@ -187,7 +187,8 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
     ``segnest predict``'s flags: ``scales`` (a sequence or ``"0.5,1.0"``), ``multi_scale``,
-    ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``fuse_bn``, ``compile``.
+    ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
+    ``compile``.
     """
     unknown = sorted(set(settings) - set(SETTING_NAMES))
     if unknown:
