@@ -80,6 +80,9 @@ BENCH_MODES = ("infer", "train")
 OUTPUT_STRIDES = (8, 16, 32)
 DEVICE = (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")
 DEVICE_HELP = "device (default: cuda if present)"
+# What --save-confidence writes, for both commands' --help.
+CONFIDENCE_PNG = ("8-bit PNG, round(255 x the largest class probability averaged over the "
+                  "scales and flips)")
 # The smallest training crop and example input: ResNeSt's total stride is 32, so a smaller
 # image leaves the last stage (and a classifier's pooling) a single pixel or less. Such a
 # run "works" and learns nothing; it is refused instead.
@@ -283,6 +286,9 @@ class InferenceFlags:
     compile: bool = field(
         default=False, metadata=help_("torch.compile with frozen weights (compiles per input size)")
     )
+    batch_size: int = field(default=1, metadata=help_(
+        "images (whole mode: those of equal working size) or windows (slide mode) per "
+        "forward pass; never padded, results equal batch 1", min=1))
     device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
@@ -298,6 +304,9 @@ class EvalConfig(InferenceFlags):
         "dataset root (default: the checkpoint's, else ./data/<dataset>)"))
     split: str = field(default="val", metadata=help_("dataset split", choices=EVAL_SPLITS))
     save_pred: str | None = field(default=None, metadata=help_("write predictions here"))
+    save_confidence: bool = field(default=False, metadata=help_(
+        f"also write each prediction's confidence to <save-pred>_confidence/ (needs "
+        f"--save-pred): {CONFIDENCE_PNG}"))
     out: str | None = field(
         default=None, metadata=help_("metrics folder (default next to checkpoint)")
     )
@@ -317,6 +326,8 @@ class PredictConfig(InferenceFlags):
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     out: str = field(default="predictions", metadata=help_("output folder"))
     overlay: bool = field(default=False, metadata=help_("also write image/mask overlays"))
+    save_confidence: bool = field(default=False, metadata=help_(
+        f"also write <stem>_confidence.png: {CONFIDENCE_PNG}"))
     skip_bad_samples: bool = field(
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )
@@ -811,6 +822,12 @@ def _stride_within_window(cfg: InferenceFlags, names: _Names) -> None:
                            "pixels; use a stride of at most the window size")
 
 
+def _confidence_needs_save_pred(cfg: EvalConfig, names: _Names) -> None:
+    if cfg.save_confidence and not cfg.save_pred:
+        raise SegnestError("--save-confidence writes beside the predictions and needs "
+                           "--save-pred; add --save-pred FOLDER")
+
+
 def _class_weights_source(cfg: TrainConfig, names: _Names) -> None:
     if cfg.class_weights not in (None, "auto") and not Path(cfg.class_weights).is_file():
         raise SegnestError(f"{names.show('class_weights', cfg.class_weights)} is neither 'auto' "
@@ -884,6 +901,7 @@ CHECKS: dict[type, tuple[Check, ...]] = {
                   _floor_below_lr, _class_weights_source, _ohem_settings_need_ohem,
                   _backbone_fits),
     InferenceFlags: (_scales_parse, _stride_within_window),
+    EvalConfig: (_confidence_needs_save_pred,),
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _backbone_fits),
     BenchConfig: (_known_model,),
 }

@@ -321,3 +321,36 @@ def test_checkpoints_of_segnest_0_1_give_their_training_sizes():
 def test_run_eval_rejects_unknown_split(checkpoint: Path):
     with pytest.raises(SegnestError, match="--split"):
         run_eval(EvalConfig(checkpoint=str(checkpoint), split="validation", device="cpu"))
+
+
+def test_save_confidence_writes_beside_save_pred_with_the_same_names(checkpoint: Path,
+                                                                    tmp_path: Path):
+    save_pred = tmp_path / "pred"
+    run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0, flip=True,
+                        save_pred=str(save_pred), out=str(tmp_path / "metrics"),
+                        save_confidence=True, batch_size=2))
+    names = sorted(p.name for p in save_pred.iterdir())
+    assert names == [f"ADE_val_{i:08d}.png" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "pred_confidence").iterdir()) == names
+    confidence = np.asarray(Image.open(tmp_path / "pred_confidence" / names[0]))
+    assert confidence.dtype == np.uint8 and confidence.shape == (HEIGHT, WIDTH)
+    # The largest of 150 probabilities is at least 1/150.
+    assert confidence.min() >= np.floor(255 / 150)
+
+
+def test_save_confidence_without_save_pred_is_one_line(checkpoint: Path):
+    with pytest.raises(SegnestError, match="--save-confidence .* needs --save-pred"):
+        run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", save_confidence=True))
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_eval_batches_give_the_metrics_of_batch_one(ade_root: Path, mode: str):
+    dataset = ADE20K(ade_root, "val")
+    model = ColourModel(150, confuse_right=True)  # predictions depend on each image
+    settings = InferenceSettings(mode=mode, scales=(0.75, 1.0), flip=True, base_size=WIDTH,
+                                 window_size=32, stride=24)
+    single, _ = evaluate(model, dataset, settings, "cpu", progress=False)
+    batched, _ = evaluate(model, dataset, settings, "cpu", progress=False, batch_size=3)
+    assert batched["timing"]["forward_calls"] < single["timing"]["forward_calls"]
+    assert 0 < single["pixAcc"] < 100
+    assert _counts(batched) == _counts(single)

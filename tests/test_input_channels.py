@@ -14,6 +14,7 @@ from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
 from segnest.inference.evaluate import run_eval
 from segnest.inference.predict import run_predict
+from segnest.inference.resample import resize_image
 from segnest.models import create_model
 from segnest.models.weights import adapt_input_channels, load_pretrained
 from segnest.runtime.checkpoint import load_checkpoint
@@ -95,13 +96,13 @@ def test_eval_normalizes_with_the_checkpoints_statistics(tmp_path, tiny_train_co
     run_train(tiny_train_config(root, tmp_path / "run", iters=2, val_interval=2,
                                 checkpoint_interval=2, in_channels=4, mean=MEAN4, std=STD4))
     seen = []
-    import segnest.inference.evaluate as evaluate_module
+    import segnest.inference.strategies as strategies_module
 
-    def spy(image, mask, mean, std):
+    def spy(image, size, mean, std):
         seen.append((tuple(mean), tuple(std)))
-        return to_normalized_tensors(image, mask, mean, std)
+        return resize_image(image, size, mean, std)
 
-    monkeypatch.setattr(evaluate_module, "to_normalized_tensors", spy)
+    monkeypatch.setattr(strategies_module, "resize_image", spy)
     run_eval(EvalConfig(checkpoint=str(tmp_path / "run" / "best.pt"), device="cpu",
                         workers=0, out=str(tmp_path / "eval")))
     assert seen and set(seen) == {((0.3, 0.3, 0.4, 0.5), (0.2, 0.2, 0.25, 0.3))}

@@ -134,6 +134,8 @@ def test_eval_refuses_outputs_in_the_dataset(cityscapes_root, tmp_path, monkeypa
     assert "--save-pred" in refuse(save_pred=str(cityscapes_root.parent))  # contains it
     assert "--out" in refuse(out=str(gt))
     assert "--out" in refuse(out=str(tmp_path / "p"), save_pred=str(tmp_path / "p"))
+    assert "--out" in refuse(out=str(tmp_path / "p_confidence" / "m"),
+                             save_pred=str(tmp_path / "p"), save_confidence=True)
     assert _contents(cityscapes_root) == before
 
 

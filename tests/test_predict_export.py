@@ -141,3 +141,17 @@ def test_export_default_path_and_bad_format(checkpoint: Path):
         run_export(ExportConfig(checkpoint=str(checkpoint), format="tflite"))
     path = run_export(ExportConfig(checkpoint=str(checkpoint), size=32))
     assert path == checkpoint.with_name("best.torchscript.pt") and path.is_file()
+
+
+def test_a_confidence_map_name_never_collides_with_another_inputs_mask(checkpoint: Path,
+                                                                        tmp_path: Path):
+    rng = np.random.default_rng(3)
+    for name in ("photo.png", "photo_confidence.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+    out = tmp_path / "out"
+    written = run_predict(PredictConfig(
+        inputs=[str(tmp_path / "photo.png"), str(tmp_path / "photo_confidence.png")],
+        checkpoint=str(checkpoint), out=str(out), device="cpu", save_confidence=True))
+    assert len(set(written)) == 2
+    assert (out / "photo_confidence.png").is_file()  # the first input's confidence map
+    assert out / "photo_confidence.png" not in written

@@ -88,7 +88,9 @@ def test_probabilities_sum_to_one_and_their_argmax_and_max_are_labels_and_confid
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(probs.argmax(axis=0), labels)
     assert confidence.dtype == np.float32 and confidence.shape == (37, 53)
-    np.testing.assert_array_equal(confidence, probs.max(axis=0))
+    # Labels and confidence are made band by band, the probabilities at full size at once:
+    # the same numbers up to float rounding.
+    np.testing.assert_allclose(confidence, probs.max(axis=0), atol=1e-5)
     listed = predictor([images["rgb"], images["grey"]], output="confidence")
     assert [c.shape for c in listed] == [(37, 53), (41, 29)]
 
@@ -154,3 +156,26 @@ def test_unknown_inputs_outputs_and_settings_are_one_line(checkpoint: Path, pred
         with pytest.raises(segnest.SegnestError, match=says) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+def test_predict_confidence_png_is_the_predictors_confidence_rounded(
+        checkpoint: Path, images: dict[str, Path], predictor, tmp_path: Path):
+    out = tmp_path / "out"
+    run_predict(PredictConfig(inputs=[str(p) for p in images.values()],
+                              checkpoint=str(checkpoint), out=str(out), device="cpu",
+                              scales=",".join(map(str, SCALES)), flip=FLIP,
+                              save_confidence=True, batch_size=2))
+    for name, path in images.items():
+        saved = np.asarray(Image.open(out / f"{name}_confidence.png"))
+        confidence = predictor(path, output="confidence")
+        assert saved.dtype == np.uint8 and saved.shape == confidence.shape
+        assert len(np.unique(saved)) > 1
+        np.testing.assert_array_equal(saved, np.rint(confidence * 255).astype(np.uint8))
+        # The masks of a batched run are those of batch 1.
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_mask.png")),
+                                      predictor(path))
+
+
+def test_a_batch_size_below_one_is_one_line(checkpoint: Path):
+    with pytest.raises(segnest.SegnestError, match="--batch-size"):
+        segnest.load_model(checkpoint, device="cpu", batch_size=0)

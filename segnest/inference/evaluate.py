@@ -2,9 +2,12 @@
 
 Each image is evaluated at its original resolution: the inference strategy
 (:mod:`segnest.inference.strategies`, settings from :mod:`segnest.inference.settings`)
-resizes it, averages the views and returns probabilities at input size, whose argmax goes
-into one dataset-level confusion matrix (summed over all ranks; see
-:mod:`segnest.inference.metrics` for the metric conventions).
+resizes it, averages the views at their working resolution and makes the labels at the
+image's size band by band (memory bounded by the working resolution); they go into one
+dataset-level confusion matrix (summed over all ranks; see :mod:`segnest.inference.metrics`
+for the metric conventions). ``--batch-size`` images of equal working size (whole mode) or
+windows (slide mode) share a forward pass; images are never padded, so the metrics do not
+depend on it.
 
 ``segnest eval`` and ``predict`` run the checkpoint's model with its batch norms folded into
 the convolutions (``--no-fuse-bn`` turns that off) and, with ``--compile``, compiled with
@@ -12,7 +15,9 @@ frozen weights (:func:`segnest.inference.strategies.inference_model`).
 
 ``--save-pred`` holds exactly the label files a benchmark reads (see ``prediction_path``);
 their coloured previews go to the sibling folder ``<save-pred>_color`` with the same
-relative names. TensorBoard: each evaluation setting is a run of its own,
+relative names, and with ``--save-confidence`` the confidence maps (8-bit, round(255 x the
+largest class probability averaged over the views)) to ``<save-pred>_confidence``, also with
+the same relative names. TensorBoard: each evaluation setting is a run of its own,
 ``tb/eval_<split>[_ms][_flip]`` beside the training run or in ``--out``
 (:mod:`segnest.inference.tensorboard`). Before evaluating, ``segnest eval`` refuses a
 metrics folder (``--out``) or ``--save-pred`` that is, lies in or contains the dataset's
@@ -26,7 +31,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
-from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
 from segnest.inference.metrics import (
     ConfusionMatrix,
@@ -54,7 +58,7 @@ from segnest.inference.outputs import (
     resolved,
 )
 from segnest.inference.settings import InferenceSettings
-from segnest.inference.strategies import infer, inference_model
+from segnest.inference.strategies import inference_model, segment
 from segnest.inference.tensorboard import (
     METRIC_TAGS,
     eval_run_name,
@@ -68,6 +72,7 @@ from segnest.inference.tensorboard import (
 from segnest.inference.visualize import (
     LEGEND_NAME,
     colorize,
+    confidence_image,
     denormalize,
     display_rgb,
     make_panel,
@@ -116,7 +121,10 @@ class ForwardTimer:
 
 
 class _EvalSamples(Dataset):
-    """This rank's share of the dataset as (index, image uint8, tensor, mask, error).
+    """This rank's share of the dataset as (index, display image uint8, model input,
+    mask, error). The model input is the image file's array when the dataset can ``load``
+    it (normalized and resized by the inference strategy), else the item's normalized
+    tensor.
 
     Loading errors travel as data, so that DataLoader workers do not die on a bad file and
     the main process decides whether to skip it.
@@ -136,7 +144,8 @@ class _EvalSamples(Dataset):
         try:
             if hasattr(self.dataset, "load"):
                 image, mask = self.dataset.load(index)
-                tensor, target = to_normalized_tensors(image, mask, self.mean, self.std)
+                tensor = image
+                target = torch.from_numpy(np.ascontiguousarray(mask)).long()
                 image = display_rgb(image)
             else:
                 item = self.dataset[index]
@@ -179,8 +188,15 @@ def preview_folder(save_pred: str | os.PathLike) -> Path:
     return root.with_name(root.name + "_color")
 
 
+def confidence_folder(save_pred: str | os.PathLike) -> Path:
+    """Where ``--save-confidence`` writes: the sibling ``<name>_confidence`` of
+    ``--save-pred``, for the same reason as :func:`preview_folder`."""
+    root = resolved(save_pred)
+    return root.with_name(root.name + "_confidence")
+
+
 def _save_prediction(dataset: Any, index: int, pred: np.ndarray, root: Path,
-                     previews: Path) -> None:
+                     previews: Path, confidence: torch.Tensor | None) -> None:
     relative = prediction_path(dataset, index)
     if hasattr(dataset, "to_label_file"):
         labels = dataset.to_label_file(pred)
@@ -188,6 +204,8 @@ def _save_prediction(dataset: Any, index: int, pred: np.ndarray, root: Path,
         labels = pred.astype(np.uint8 if pred.max(initial=0) <= 255 else np.uint16)
     save_png(root / relative, np.ascontiguousarray(labels))
     save_png(previews / relative, colorize(pred, dataset.palette, dataset.ignore_index))
+    if confidence is not None:
+        save_png(confidence_folder(root) / relative, confidence_image(confidence))
 
 
 def evaluate(
@@ -202,6 +220,8 @@ def evaluate(
     progress: bool = True,
     skip_bad_samples: bool = False,
     workers: int = 0,
+    batch_size: int = 1,
+    save_confidence: bool = False,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Metrics of ``model`` on ``dataset`` (its first ``samples`` images, default all).
 
@@ -211,6 +231,9 @@ def evaluate(
     to ``panels`` image | ground truth | prediction panels of this rank's first images.
     ``dataset`` needs ``load(i)`` (or items with normalized ``image`` and ``mask``),
     ``num_classes``, ``palette`` and ``ignore_index``; ``workers`` load images in parallel.
+    ``batch_size`` is that of :func:`segnest.inference.strategies.segment` (the results
+    do not depend on it); ``save_confidence`` writes confidence maps beside ``save_pred``
+    (:func:`confidence_folder`).
     """
     device = torch.device(device)
     rank, world = get_rank(), get_world_size()
@@ -234,27 +257,33 @@ def evaluate(
         with torch.inference_mode():
             bar = progress_bar(loader, desc="eval", unit="img",
                                enabled=progress and rank == 0)
-            for index, image, tensor, target, error in bar:
-                if error is not None:
-                    if not skip_bad_samples:
-                        raise SegnestError(f"{error}, or pass --skip-bad-samples to skip "
-                                           "unreadable samples")
-                    warnings.warn(f"skipping sample {index}: {error}", stacklevel=2)
-                    skipped += 1
-                    continue
-                batch = tensor.unsqueeze(0).to(device, non_blocking=True)
-                probs = infer(timer, batch, num_classes, settings)
-                pred = probs.argmax(dim=1)[0]
-                matrix.update(pred, target.to(device, non_blocking=True))
+
+            def readable() -> Iterator[tuple[tuple, Any]]:
+                nonlocal skipped
+                for index, image, model_input, target, error in bar:
+                    if error is not None:
+                        if not skip_bad_samples:
+                            raise SegnestError(f"{error}, or pass --skip-bad-samples to skip "
+                                               "unreadable samples")
+                        warnings.warn(f"skipping sample {index}: {error}", stacklevel=2)
+                        skipped += 1
+                        continue
+                    yield (index, image, target), model_input
+
+            for (index, image, target), pred, confidence in segment(
+                    timer, readable(), num_classes, settings, batch_size=batch_size,
+                    confidence=save_confidence and out_root is not None, device=device):
+                matrix.update(pred.to(device, non_blocking=True),
+                              target.to(device, non_blocking=True))
                 if len(built_panels) < panels or out_root is not None:
-                    pred_np = pred.to(torch.uint8 if num_classes <= 256 else torch.int64)
-                    pred_np = pred_np.cpu().numpy()
+                    pred_np = pred.numpy()
                     if len(built_panels) < panels:
                         built_panels.append(make_panel(image, target.numpy(), pred_np,
                                                        dataset.palette, ignore_index,
                                                        class_names=dataset.classes))
                     if out_root is not None:
-                        _save_prediction(dataset, index, pred_np, out_root, previews)
+                        _save_prediction(dataset, index, pred_np, out_root, previews,
+                                         confidence)
             bar.close()
     finally:
         if was_training and hasattr(model, "train"):
@@ -307,17 +336,19 @@ def _prepare_outputs(cfg: EvalConfig, out_dir: Path, dataset: Any) -> None:
     data = dataset_folders(dataset)
     refuse_overlap(out_dir, data, "--out")
     if cfg.save_pred:
-        save_pred, previews = resolved(cfg.save_pred), preview_folder(cfg.save_pred)
-        refuse_overlap(save_pred, data, "--save-pred")
-        refuse_overlap(previews, data, "--save-pred's colour previews")
-        for folder in (save_pred, previews):
+        folders = {"--save-pred": resolved(cfg.save_pred),
+                   "--save-pred's colour previews": preview_folder(cfg.save_pred)}
+        if cfg.save_confidence:
+            folders["--save-confidence's maps"] = confidence_folder(cfg.save_pred)
+        for role, folder in folders.items():
+            refuse_overlap(folder, data, role)
             if is_within(out_dir, folder):
                 raise SegnestError(
                     f"--out {out_dir} lies in {folder}, which must hold only predictions; "
                     "choose a metrics folder outside --save-pred"
                 )
-        prepare_folder(save_pred, "--save-pred")
-        prepare_folder(previews, "--save-pred's colour previews")
+        for role, folder in folders.items():
+            prepare_folder(folder, role)
     prepare_folder(out_dir, "--out")
 
 
@@ -353,6 +384,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         runner, dataset, settings, info.device, samples=cfg.samples,
         panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
         progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
+        batch_size=cfg.batch_size, save_confidence=cfg.save_confidence,
     )
     if info.is_main:
         timing = results["timing"]
@@ -400,4 +432,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 save_legend(previews, dataset.classes, dataset.palette)
             print(f"predictions written to {cfg.save_pred}, coloured previews to "
                   f"{preview_folder(cfg.save_pred)}")
+            if cfg.save_confidence:
+                print(f"confidence maps written to {confidence_folder(cfg.save_pred)}")
     return results

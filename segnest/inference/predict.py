@@ -3,12 +3,16 @@
 Inputs are image files or folders (searched recursively). Any image mode (RGB, grey,
 RGBA, palette, 16-bit) is read as RGB. For an input ``<stem>`` the outputs are
 ``<out>/<stem>.png`` (colour mask in the checkpoint's palette), ``<out>/<stem>_mask.png``
-(uint8 train ids) and, with ``--overlay``, ``<out>/<stem>_overlay.jpg``; ``<out>/legend.png``
+(uint8 train ids), with ``--overlay`` ``<out>/<stem>_overlay.jpg`` and with
+``--save-confidence`` ``<out>/<stem>_confidence.png`` (8-bit, round(255 x the largest class
+probability averaged over the views)); ``<out>/legend.png``
 names the colours (an input named ``legend`` gets a suffix instead). Images found in a
 folder keep their sub-folder below ``<out>``; names that would collide get a suffix. The
 inference settings are those of ``segnest eval`` (see :mod:`segnest.inference.settings`);
 each image is read and predicted by :class:`segnest.inference.predictor.Predictor`, the
-class behind ``segnest.load_model``.
+class behind ``segnest.load_model``, ``--batch-size`` of them at a time (whole mode: those
+of equal working size share a forward pass; slide mode: windows; never padded, so the
+masks do not depend on it).
 
 ``--out`` may be a sub-folder of an input folder: images below ``--out`` are never read as
 inputs. It may not be an input folder itself, nor make an output land in an input folder or
@@ -19,8 +23,10 @@ on an input file or the checkpoint (:mod:`segnest.inference.outputs`); that is c
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from segnest.config import PredictConfig, validate_config
 from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
@@ -33,15 +39,28 @@ from segnest.inference.outputs import (
     resolved,
 )
 from segnest.inference.predictor import Predictor
-from segnest.inference.visualize import LEGEND_NAME, save_jpeg, save_legend, save_png
+from segnest.inference.visualize import (
+    LEGEND_NAME,
+    confidence_image,
+    save_jpeg,
+    save_legend,
+    save_png,
+)
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
 
 
-def _output_names(stem: Path) -> tuple[Path, Path, Path]:
-    """Colour mask, train-id mask and overlay paths (relative) for one input."""
+def _output_names(stem: Path) -> tuple[Path, Path, Path, Path]:
+    """Colour mask, train-id mask, overlay and confidence paths (relative) for one input."""
     return (stem.with_name(stem.name + ".png"), stem.with_name(stem.name + "_mask.png"),
-            stem.with_name(stem.name + "_overlay.jpg"))
+            stem.with_name(stem.name + "_overlay.jpg"),
+            stem.with_name(stem.name + "_confidence.png"))
+
+
+def _written_names(cfg: PredictConfig, stem: Path) -> list[Path]:
+    """The outputs this run writes for one input (relative to --out)."""
+    color, mask, overlay_name, confidence = _output_names(stem)
+    return [color, mask] + [overlay_name] * cfg.overlay + [confidence] * cfg.save_confidence
 
 
 def collect_images(inputs: Sequence[str | Path],
@@ -122,7 +141,7 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
     inputs.update(identities({cfg.checkpoint: f"the checkpoint {cfg.checkpoint}"}))
     refuse_input_file(out / LEGEND_NAME, inputs, "--out")
     for _, stem in images:
-        for name in _output_names(stem)[: 3 if cfg.overlay else 2]:
+        for name in _written_names(cfg, stem):
             target = out / name
             refuse_input_file(target, inputs, "--out")
             for folder in folders:
@@ -145,23 +164,36 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     out = Path(cfg.out)
     written: list[Path] = []
     skipped = 0
-    for file, stem in progress_bar(images, desc="predict", unit="img"):
-        try:
-            image = predictor.read(file)
-        except SegnestError as err:
-            if not cfg.skip_bad_samples:
-                raise SegnestError(f"{err}, or pass --skip-bad-samples to skip unreadable "
-                                   "images") from err
-            warnings.warn(f"skipping {file}: {err}", stacklevel=2)
-            skipped += 1
-            continue
-        mask = predictor(image)
-        color_path, mask_path, overlay_path = (out / name for name in _output_names(stem))
+    bar = progress_bar(total=len(images), desc="predict", unit="img")
+
+    def readable() -> Iterator[tuple[tuple[Path, np.ndarray], np.ndarray]]:
+        nonlocal skipped
+        for file, stem in images:
+            try:
+                image = predictor.read(file)
+            except SegnestError as err:
+                if not cfg.skip_bad_samples:
+                    raise SegnestError(f"{err}, or pass --skip-bad-samples to skip "
+                                       "unreadable images") from err
+                warnings.warn(f"skipping {file}: {err}", stacklevel=2)
+                skipped += 1
+                bar.update(1)
+                continue
+            yield (stem, image), image
+
+    for (stem, image), mask, confidence in predictor.segment(
+            readable(), confidence=cfg.save_confidence):
+        color_path, mask_path, overlay_path, confidence_path = (
+            out / name for name in _output_names(stem))
         save_png(color_path, predictor.colorize(mask))
         save_png(mask_path, mask)
         if cfg.overlay:
             save_jpeg(overlay_path, predictor.overlay(image, mask))
+        if confidence is not None:
+            save_png(confidence_path, confidence_image(confidence))
         written.append(color_path)
+        bar.update(1)
+    bar.close()
     save_legend(out, predictor.classes, predictor.palette)
     print(f"wrote {len(written)} mask(s) to {out}")
     if skipped:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from segnest.data.palettes import generate_palette
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
 from segnest.inference.settings import InferenceSettings
-from segnest.inference.strategies import Model, infer, inference_model
+from segnest.inference.strategies import Model, infer, inference_model, segment
 from segnest.inference.visualize import colorize, display_rgb, overlay
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
@@ -50,14 +50,20 @@ class Predictor:
     """A segmentation model with its pre- and post-processing; see the module docstring.
 
     ``predictor(images, output="labels")`` takes one image (path, Pillow image or array)
-    or a list of them and returns one result per image at that image's size.
+    or a list of them and returns one result per image at that image's size. Labels and
+    confidence are made band by band at the image's size, with memory bounded by the
+    working resolution; ``output="probs"`` needs the full ``C x H x W`` array
+    (:mod:`segnest.inference.strategies`). A list goes through the model ``batch_size``
+    images at a time where their working sizes are equal (never padded; the results do
+    not depend on it).
     """
 
     def __init__(self, model: Model, settings: InferenceSettings, *, classes: Sequence[str],
                  palette: np.ndarray, in_channels: int = 3,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), batch_size: int = 1) -> None:
         self.model = model
         self.settings = settings
+        self.batch_size = batch_size
         self.classes = tuple(classes)
         self.palette = np.asarray(palette, dtype=np.uint8)
         self.in_channels = in_channels
@@ -96,7 +102,7 @@ class Predictor:
             palette = generate_palette(num_classes)
         in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
         return cls(model, settings, classes=classes, palette=palette,
-                   in_channels=in_channels, device=device)
+                   in_channels=in_channels, device=device, batch_size=flags.batch_size)
 
     def read(self, image: ImageInput) -> np.ndarray:
         """``image`` as the model's input array (H x W x ``in_channels``), checked."""
@@ -130,23 +136,34 @@ class Predictor:
         probability) for one image, or a list of them for a list of images."""
         if output not in OUTPUTS:
             raise SegnestError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
-        if isinstance(images, list):
-            return [self._predict(self.read(image), output) for image in images]
-        return self._predict(self.read(images), output)
+        single = not isinstance(images, list)
+        arrays = ((i, self.read(image)) for i, image in enumerate([images] if single else images))
+        if output == "probs":
+            results = [self._probabilities(array) for _, array in arrays]
+        else:
+            confidence = output == "confidence"
+            results = [best if confidence else labels
+                       for _, labels, best in self.segment(arrays, confidence=confidence)]
+        return results[0] if single else results
 
-    def _predict(self, image: np.ndarray, output: str) -> np.ndarray:
+    def segment(self, images: Iterable[tuple[Any, np.ndarray]], confidence: bool = False
+                ) -> Iterator[tuple[Any, np.ndarray, np.ndarray | None]]:
+        """``(key, labels, confidence or None)`` for each ``(key, array)`` in order, the
+        arrays as :meth:`read` returns them, ``batch_size`` at a time: what ``segnest
+        predict`` writes (labels H x W uint8, confidence H x W float32)."""
+        with torch.inference_mode():
+            for key, labels, best in segment(self.model, images, self.num_classes,
+                                             self.settings, batch_size=self.batch_size,
+                                             confidence=confidence, device=self.device):
+                yield key, labels.numpy(), None if best is None else best.numpy()
+
+    def _probabilities(self, image: np.ndarray) -> np.ndarray:
         tensor, _ = to_normalized_tensors(image, np.zeros(image.shape[:2], np.uint8),
                                           self.settings.mean, self.settings.std)
         with torch.inference_mode():
             probs = infer(self.model, tensor.to(self.device).unsqueeze(0), self.num_classes,
                           self.settings)[0]
-            if output == "probs":
-                result = probs
-            elif output == "confidence":
-                result = probs.amax(dim=0)
-            else:
-                result = probs.argmax(dim=0).to(torch.uint8)
-            return result.cpu().numpy()
+            return probs.cpu().numpy()
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """An H x W label map in the checkpoint's palette (H x W x 3 uint8)."""
@@ -170,7 +187,8 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
     ``segnest predict``'s flags: ``scales`` (a sequence or ``"0.5,1.0"``), ``multi_scale``,
-    ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``fuse_bn``, ``compile``.
+    ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
+    ``compile``.
     """
     unknown = sorted(set(settings) - set(SETTING_NAMES))
     if unknown:

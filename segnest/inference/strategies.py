@@ -1,27 +1,49 @@
 """Inference strategies: whole image, sliding window, multi-scale with horizontal flip.
 
-Every function takes a model and a normalized float batch ``(B, 3, H, W)`` and returns
-softmax probabilities ``(B, C, H, W)`` at the input resolution. A model is any callable
-returning logits ``(B, C, h, w)`` or a dict with the logits under ``'out'``; logits at
-another resolution are resized bilinearly. The functions run under the caller's grad mode:
-wrap calls in ``torch.inference_mode()``.
-
 Views (scales, flips, windows) are combined by averaging softmax probabilities, as the
-reference evaluation does.
+reference evaluation does. A model is any callable returning logits ``(B, C, h, w)`` or a
+dict with the logits under ``'out'``; logits at another resolution are resized bilinearly.
+The functions run under the caller's grad mode: wrap calls in ``torch.inference_mode()``.
+
+Two paths give the same numbers:
+
+- :func:`segment` (eval, predict, the Python predictor's labels and confidence): every
+  view is computed at its working resolution (long side = ``base_size`` x scale), and the
+  labels and the confidence (the largest averaged probability) at the image's own size are
+  made a band of rows at a time (:mod:`segnest.inference.resample`): each scale's
+  probabilities are upsampled to just those rows, summed and divided by the number of
+  views. Memory is bounded by the working-resolution probabilities plus one band, not by
+  ``C x H x W`` (a 4000 x 4000 photo and 150 classes: 9.6 GB per full-size copy);
+  experiments/benchmarks/inference_memory.py measures it. Sliding-window sums live on the
+  CPU.
+- :func:`multi_scale_inference` / :func:`infer` return the probabilities themselves at the
+  input size, for a caller that asks for them (``Predictor(output="probs")``).
+
+Batches (``batch_size``, ``--batch-size``) never pad: every Split-Attention block and the
+ASPP image-pooling branch average over the whole feature map, so padding an image changes
+every pixel's prediction, not just the border (with the demo's ResNeSt-14, 8% of the labels
+changed; see the comment above ``LOOKAHEAD_BATCHES``). In whole mode, images whose working
+sizes are equal share forward passes (bucketed within a look-ahead of
+``LOOKAHEAD_BATCHES`` batches); in slide mode, the windows (all window-sized) of the
+images of a look-ahead go through the model ``batch_size`` at a time. Results equal
+batch 1 up to float rounding (tests: labels equal, probabilities within 1e-5).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segnest.config import INFERENCE_MODES
 from segnest.errors import SegnestError
+from segnest.inference.resample import bilinear_taps, resize_image, upsample_band
 from segnest.inference.settings import InferenceSettings
 from segnest.models.fuse import fuse_bn
 from segnest.models.pixelwise import channel_softmax
@@ -96,42 +118,70 @@ def _window_starts(length: int, crop: int, stride: int) -> list[int]:
     return starts
 
 
+def _window_geometry(crop_size: int | Sequence[int], stride: int | Sequence[int]
+                     ) -> tuple[tuple[int, int], tuple[int, int]]:
+    crop, steps = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+    if steps[0] > crop[0] or steps[1] > crop[1]:
+        raise SegnestError(
+            f"sliding-window stride {steps} is larger than the crop {crop} and would skip "
+            "pixels; use a stride of at most the crop size")
+    return crop, steps
+
+
+def _slide_many(model: Model, images: Sequence[torch.Tensor], num_classes: int,
+                crop: tuple[int, int], stride: tuple[int, int], windows_per_pass: int,
+                device: torch.device) -> list[torch.Tensor]:
+    """:func:`slide_inference` of several ``(B_i, 3, h_i, w_i)`` batches at once: their
+    windows go through the model ``windows_per_pass`` at a time, in the order (image,
+    window top, window left, batch entry); the sums and counts are kept on the CPU."""
+    padded, sums, counts, windows = [], [], [], []
+    for i, image in enumerate(images):
+        batch, _, height, width = image.shape
+        padded_h, padded_w = max(height, crop[0]), max(width, crop[1])
+        if (padded_h, padded_w) != (height, width):
+            image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
+        padded.append(image)
+        sums.append(torch.zeros(batch, num_classes, padded_h, padded_w))
+        counts.append(torch.zeros(1, 1, padded_h, padded_w))
+        windows += [(i, b, top, left)
+                    for top in _window_starts(padded_h, crop[0], stride[0])
+                    for left in _window_starts(padded_w, crop[1], stride[1])
+                    for b in range(batch)]
+    for first in range(0, len(windows), windows_per_pass):
+        chunk = windows[first: first + windows_per_pass]
+        x = torch.stack([padded[i][b, :, top: top + crop[0], left: left + crop[1]]
+                         for i, b, top, left in chunk])
+        probs = _probabilities(model, x.to(device), num_classes).cpu()
+        for (i, b, top, left), window_probs in zip(chunk, probs, strict=True):
+            sums[i][b, :, top: top + crop[0], left: left + crop[1]] += window_probs
+            if b == 0:
+                counts[i][:, :, top: top + crop[0], left: left + crop[1]] += 1
+    results = []
+    for image, prob_sum, count in zip(images, sums, counts, strict=True):
+        prob_sum /= count
+        results.append(prob_sum[:, :, : image.shape[-2], : image.shape[-1]])
+    return results
+
+
 def slide_inference(
     model: Model,
     image: torch.Tensor,
     num_classes: int,
     crop_size: int | Sequence[int],
     stride: int | Sequence[int],
+    batch_size: int = 1,
 ) -> torch.Tensor:
-    """Softmax probabilities averaged over overlapping ``crop_size`` windows.
+    """Softmax probabilities averaged over overlapping ``crop_size`` windows, on the CPU.
 
     An image smaller than the crop in a dimension is padded with zeros (the mean colour
     in normalized space) at the bottom/right up to the crop; the padded part is cut away
-    before averaging, so it never reaches the result.
+    before averaging, so it never reaches the result. Each forward pass takes the windows
+    at ``batch_size`` positions (of every image of the batch); the window-sized inputs
+    need no padding, so the result does not depend on ``batch_size``.
     """
-    crop_h, crop_w = _pair(crop_size, "crop_size")
-    stride_h, stride_w = _pair(stride, "stride")
-    if stride_h > crop_h or stride_w > crop_w:
-        raise SegnestError(
-            f"sliding-window stride {(stride_h, stride_w)} is larger than the crop "
-            f"{(crop_h, crop_w)} and would skip pixels; use a stride of at most the crop size"
-        )
-    batch, _, height, width = image.shape
-    padded_h, padded_w = max(height, crop_h), max(width, crop_w)
-    if (padded_h, padded_w) != (height, width):
-        image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
-
-    prob_sum = image.new_zeros(batch, num_classes, padded_h, padded_w)
-    counts = image.new_zeros(1, 1, padded_h, padded_w)
-    for top in _window_starts(padded_h, crop_h, stride_h):
-        for left in _window_starts(padded_w, crop_w, stride_w):
-            window = image[:, :, top : top + crop_h, left : left + crop_w]
-            prob_sum[:, :, top : top + crop_h, left : left + crop_w] += _probabilities(
-                model, window, num_classes
-            )
-            counts[:, :, top : top + crop_h, left : left + crop_w] += 1
-    prob_sum /= counts
-    return prob_sum[:, :, :height, :width]
+    crop, steps = _window_geometry(crop_size, stride)
+    return _slide_many(model, [image], num_classes, crop, steps,
+                       batch_size * image.shape[0], image.device)[0]
 
 
 def _scaled_size(height: int, width: int, scale: float, base_size: int | None) -> tuple[int, int]:
@@ -141,6 +191,19 @@ def _scaled_size(height: int, width: int, scale: float, base_size: int | None) -
     long_side = base_size * scale
     ratio = long_side / max(height, width)
     return max(1, int(height * ratio + 0.5)), max(1, int(width * ratio + 0.5))
+
+
+def _slide_geometry(crop_size: int | Sequence[int] | None,
+                    stride: int | Sequence[int] | None
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Crop and stride of slide mode; the stride defaults to 2/3 of the crop, as in the
+    reference evaluation."""
+    if crop_size is None:
+        raise SegnestError("sliding-window inference needs a crop size; set crop_size")
+    if stride is None:
+        crop_h, crop_w = _pair(crop_size, "crop_size")
+        stride = (max(1, crop_h * 2 // 3), max(1, crop_w * 2 // 3))
+    return _window_geometry(crop_size, stride)
 
 
 def multi_scale_inference(
@@ -165,11 +228,7 @@ def multi_scale_inference(
     if not scales:
         raise SegnestError("no inference scales given; pass at least one scale, e.g. 1.0")
     if mode == "slide":
-        if crop_size is None:
-            raise SegnestError("sliding-window inference needs a crop size; set crop_size")
-        if stride is None:
-            crop_h, crop_w = _pair(crop_size, "crop_size")
-            stride = (max(1, crop_h * 2 // 3), max(1, crop_w * 2 // 3))
+        crop_size, stride = _slide_geometry(crop_size, stride)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if mode == "whole":
@@ -215,3 +274,145 @@ def infer(model: Model, image: torch.Tensor, num_classes: int,
         crop_size=settings.window_size,
         stride=settings.stride,
     )
+
+
+# ------------------------------------------------------------------- labels, band by band
+
+# Images whose views are bucketed together (whole mode) or whose windows are pooled
+# (slide mode): a look-ahead of this many batches. Their working-resolution probabilities
+# are held until the look-ahead is done, which bounds memory; with batch size 1 each image
+# is done on its own, as there is nothing to share a forward pass with.
+LOOKAHEAD_BATCHES = 4
+# Bytes of one band of full-resolution probabilities (C x rows x W float32).
+BAND_BYTES = 16 * 2**20
+# Why batches are not padded: a padded batch is not the batch-1 result. Measured with the
+# DeepLabV3-ResNeSt-14 that `segnest demo` trains (8 classes) on generated scenes, pairs of
+# images of different sizes (96x128 + 128x80, 160x120 + 112x160, 128x128 + 96x160) each
+# zero-padded to the pair's common size in one batch: 89.4%, 89.6% and 97.3% of the labels
+# (92.2% overall, inside each image's own area) equal the batch-1 labels
+# (experiments/benchmarks/padding_agreement.py; a ResNeSt-14 with random weights predicts
+# nearly one class everywhere and hides this: 100%).
+
+ImageLike = np.ndarray | torch.Tensor
+
+
+def image_size(image: ImageLike) -> tuple[int, int]:
+    """(H, W) of an image file's array (H x W x C) or a normalized tensor (C x H x W)."""
+    return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
+
+
+def _working_image(image: ImageLike, size: tuple[int, int],
+                   settings: InferenceSettings) -> torch.Tensor:
+    """The normalized ``(C, h, w)`` model input of ``image`` at ``size`` (on the CPU)."""
+    if isinstance(image, np.ndarray):
+        return resize_image(image, size, settings.mean, settings.std)
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return _resize(image[None], size)[0]
+
+
+def _whole_views(model: Model, x: torch.Tensor, num_classes: int, flip: bool) -> torch.Tensor:
+    """Probabilities of the batch ``x``, summed with those of its mirror image."""
+    if not flip:
+        return whole_inference(model, x, num_classes)
+    batch = x.shape[0]
+    probs = whole_inference(model, torch.cat([x, x.flip(-1)], dim=0), num_classes)
+    # Summing before resizing back is exact (resizing is linear) and halves the work; a
+    # new tensor, so that the mirrored half is freed while the other scales run.
+    return probs[:batch] + probs[batch:].flip(-1)
+
+
+def _scale_probabilities(model: Model, inputs: list[torch.Tensor], num_classes: int,
+                         settings: InferenceSettings, batch_size: int,
+                         device: torch.device) -> list[torch.Tensor]:
+    """Each input's probabilities at its working size (CPU), flipped view added."""
+    results: list[torch.Tensor | None] = [None] * len(inputs)
+    if settings.mode == "whole":
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(inputs):
+            buckets.setdefault(tuple(x.shape), []).append(i)
+        for members in buckets.values():
+            for first in range(0, len(members), batch_size):
+                chosen = members[first: first + batch_size]
+                x = torch.stack([inputs[i] for i in chosen]).to(device)
+                probs = _whole_views(model, x, num_classes, settings.flip).cpu()
+                for i, p in zip(chosen, probs, strict=True):
+                    results[i] = p
+        return results
+    crop, stride = _slide_geometry(settings.window_size, settings.stride)
+    views = [torch.stack([x, x.flip(-1)]) if settings.flip else x[None] for x in inputs]
+    per_view = 2 if settings.flip else 1
+    for i, probs in enumerate(_slide_many(model, views, num_classes, crop, stride,
+                                          batch_size * per_view, device)):
+        results[i] = probs[0] + probs[1].flip(-1) if settings.flip else probs[0]
+    return results
+
+
+def combine_bands(per_scale: Sequence[torch.Tensor], size: tuple[int, int], views: int,
+                  confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels (H x W; uint8 up to 256 classes, else int64) and, with ``confidence``, the
+    largest probability (H x W float32) of the mean over ``views`` of the scales'
+    probabilities ``(C, h_s, w_s)`` upsampled to ``size``, made a band of rows at a time."""
+    height, width = size
+    classes = per_scale[0].shape[0]
+    # Classes last (see upsample_band); a no-op for the channels_last probabilities
+    # segnest's models give on a CPU.
+    per_scale = [p.permute(1, 2, 0).contiguous() for p in per_scale]
+    labels = torch.empty(size, dtype=torch.uint8 if classes <= 256 else torch.int64)
+    best = torch.empty(size) if confidence else None
+    taps = [(bilinear_taps(p.shape[0], height), bilinear_taps(p.shape[1], width))
+            for p in per_scale]
+    rows = max(1, BAND_BYTES // (classes * width * 4))
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        total: torch.Tensor | None = None
+        for probs, (row_taps, col_taps) in zip(per_scale, taps, strict=True):
+            if tuple(probs.shape[:2]) == size:
+                band = probs[y0:y1] if total is not None else probs[y0:y1].clone()
+            else:
+                band = upsample_band(probs, row_taps, col_taps, y0, y1)
+            total = band if total is None else total.add_(band)
+        if views > 1:
+            total /= views
+        if best is None:
+            labels[y0:y1] = total.argmax(dim=-1)
+        else:
+            best[y0:y1], labels[y0:y1] = total.max(dim=-1)
+    return labels, best
+
+
+def segment(model: Model, images: Iterable[tuple[Any, ImageLike]], num_classes: int,
+            settings: InferenceSettings, *, batch_size: int = 1, confidence: bool = False,
+            device: torch.device | str = "cpu",
+            ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor | None]]:
+    """``(key, labels, confidence or None)`` for each ``(key, image)``, in order, at the
+    image's size (see the module docstring; :func:`combine_bands` for the outputs).
+
+    An image is an image file's array (H x W x C, uint8, uint16 or float32 on a 0-1 scale),
+    normalized here with ``settings.mean``/``std`` and resized without a full-resolution
+    float copy, or an already normalized ``(C, H, W)`` tensor. The model runs on
+    ``device``; everything else stays on the CPU. ``batch_size`` images (whole mode; with
+    their mirror images when flipping) or windows (slide mode) go through the model at a
+    time; the results do not depend on it.
+    """
+    if batch_size < 1:
+        raise SegnestError(f"batch size must be at least 1, got {batch_size}")
+    device = torch.device(device)
+    lookahead = 1 if batch_size == 1 else LOOKAHEAD_BATCHES * batch_size
+    pending = iter(images)
+    while chunk := list(itertools.islice(pending, lookahead)):
+        sizes = [image_size(image) for _, image in chunk]
+        per_image: list[list[torch.Tensor]] = [[] for _ in chunk]
+        for scale in settings.scales:
+            inputs = [_working_image(image, _scaled_size(*size, scale, settings.base_size),
+                                     settings)
+                      for (_, image), size in zip(chunk, sizes, strict=True)]
+            probs = _scale_probabilities(model, inputs, num_classes, settings, batch_size,
+                                         device)
+            del inputs
+            for scales, p in zip(per_image, probs, strict=True):
+                scales.append(p)
+        for position, ((key, _), size) in enumerate(zip(chunk, sizes, strict=True)):
+            labels, best = combine_bands(per_image[position], size, settings.views, confidence)
+            per_image[position] = []  # free this image's probabilities before the next
+            yield key, labels, best

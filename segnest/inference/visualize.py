@@ -57,6 +57,12 @@ def colorize(
     return out
 
 
+def confidence_image(confidence: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The 8-bit PNG of ``--save-confidence``: round(255 x confidence), where confidence is
+    the largest class probability averaged over the views (0-1)."""
+    return np.rint(np.clip(_to_numpy(confidence), 0, 1) * 255).astype(np.uint8)
+
+
 def overlay(image_uint8: np.ndarray, color_mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blends a coloured mask over an image; black (unlabelled) mask pixels keep the image."""
     if image_uint8.shape != color_mask.shape:
