@@ -140,7 +140,9 @@ class DeepLabV3(nn.Module):
         return out
 
     def _upsample(self, logits: torch.Tensor, size: torch.Size | None) -> torch.Tensor:
-        logits = self._cpu_channels_last(logits)
+        # Under bf16/fp16 autocast the logits leave in float32: the loss, the softmax and
+        # the upsampling to full size (here or in the loss) stay float32.
+        logits = self._cpu_channels_last(logits.float())
         if size is None:
             return logits
         return F.interpolate(logits, size=size, mode="bilinear",
