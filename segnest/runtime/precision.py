@@ -120,11 +120,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def needs_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Only fp16 on a GPU: fp16's small range underflows small gradients; bf16 has
+    float32's range and needs no scaling."""
+    return dtype == torch.float16 and device.type == "cuda"
+
+
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """The gradient scaler of a training run: on only for fp16 on a GPU (fp16's small
-    range underflows small gradients; bf16 has float32's range and needs none)."""
-    return torch.amp.GradScaler(device.type,
-                                enabled=dtype == torch.float16 and device.type == "cuda")
+    """The gradient scaler of a training run, on where :func:`needs_grad_scaler` says."""
+    return torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, dtype))
 
 
 class Autocast(nn.Module):
