@@ -221,3 +221,19 @@ def test_bench_reports_the_precision_it_ran(native_bf16):
                                   runs=1, num_classes=3, precision="auto", device="cpu"),
                       quiet=True)
     assert train["precision"] == "bf16"
+
+
+def test_under_cpu_autocast_the_aspp_dilated_branches_run_in_fp32_and_the_rest_in_bf16():
+    model = _tiny_segmenter().eval()
+    dtypes = {}
+    for name, module in model.head.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(
+                lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 32, 32))
+    dilated = {name for name, m in model.head.named_modules()
+               if isinstance(m, nn.Conv2d) and m.dilation[0] > 1}
+    assert len(dilated) == 3
+    assert {name: dtypes[name] for name in dilated} == dict.fromkeys(dilated, torch.float32)
+    assert {dtypes[name] for name in dtypes if name not in dilated} == {torch.bfloat16}
