@@ -877,7 +877,8 @@ def stage_width_fits(variant: dict[str, Any], stage_width: int) -> bool:
 
 def _amp_alias(cfg: TrainConfig | PretrainConfig, names: _Names) -> None:
     if cfg.amp and cfg.precision not in (None, "fp16"):
-        raise SegnestError(f"{names.show('amp', cfg.amp)} means --precision fp16 but "
+        amp = names.show("amp", cfg.amp).removesuffix(" true")  # the bare flag as typed
+        raise SegnestError(f"{amp} means --precision fp16 but "
                            f"{names.show('precision', cfg.precision)} is given too; give one "
                            "of them")
 

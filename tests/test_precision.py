@@ -103,10 +103,10 @@ def test_amp_is_the_old_fp16_and_conflicts_with_another_precision():
     assert requested_precision(resolve_config(TrainConfig, base)) == "fp32"
     assert requested_precision(resolve_config(TrainConfig, {**base, "amp": True,
                                                             "precision": "fp16"})) == "fp16"
-    with pytest.raises(SegnestError, match="--amp true means --precision fp16 but "
+    with pytest.raises(SegnestError, match="--amp means --precision fp16 but "
                                            "--precision 'bf16' is given too"):
         resolve_config(TrainConfig, {**base, "amp": True, "precision": "bf16"})
-    with pytest.raises(SegnestError, match="--amp true means --precision fp16"):
+    with pytest.raises(SegnestError, match="--amp means --precision fp16"):
         resolve_config(PretrainConfig, {"dataset": "mini", "amp": True, "precision": "auto"})
 
 

@@ -77,12 +77,17 @@ def describe_cpu() -> str:
 
 def report(title: str, times: dict[str, list[float]], baseline: str, unit: float = 1e3,
            unit_name: str = "ms") -> None:
+    """Each variant's median time and speed against ``baseline`` two ways: the ratio of the
+    medians, and the median of the ratios within each round of turns (on a loaded machine
+    the rounds differ more than the variants within one)."""
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(title)
     for name, median in medians.items():
         spread = ", ".join(f"{t * unit:.0f}" for t in times[name])
+        paired = statistics.median(b / t for b, t in zip(times[baseline], times[name],
+                                                          strict=True))
         print(f"  {name:<16} {median * unit:8.0f} {unit_name}   {medians[baseline] / median:5.2f}x "
-              f"{baseline}   (runs: {spread})")
+              f"{baseline} (per round {paired:4.2f}x)   (runs: {spread})")
 
 
 def inference_speed(args: argparse.Namespace, bf16: bool) -> None:
