@@ -237,3 +237,15 @@ def test_under_cpu_autocast_the_aspp_dilated_branches_run_in_fp32_and_the_rest_i
     assert len(dilated) == 3
     assert {name: dtypes[name] for name in dilated} == dict.fromkeys(dilated, torch.float32)
     assert {dtypes[name] for name in dtypes if name not in dilated} == {torch.bfloat16}
+
+
+@pytest.mark.slow  # compiles
+def test_compiled_bf16_inference_is_close_to_fp32():
+    model = _tiny_segmenter().eval()
+    x = torch.randn(1, 3, 48, 40)
+    with torch.inference_mode():
+        reference = predict_logits(inference_model(model), x).softmax(1)
+        compiled = predict_logits(
+            inference_model(model, compile=True, precision=torch.bfloat16), x)
+    assert compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled.softmax(1), reference, atol=0.05, rtol=0)
