@@ -220,7 +220,17 @@ def test_bench_reports_the_precision_it_ran(native_bf16):
     train = run_bench(BenchConfig(model="resnest14", size=32, batch=2, mode="train", warmup=0,
                                   runs=1, num_classes=3, precision="auto", device="cpu"),
                       quiet=True)
-    assert train["precision"] == "bf16"
+    assert train["precision"] == "bf16" and train["channels_last"]
+
+
+def test_16_bit_training_on_a_cpu_runs_in_channels_last_and_fp32_keeps_its_layout():
+    from segnest.runtime.precision import for_training
+
+    weight = lambda model: model.backbone.conv1[0].weight  # noqa: E731
+    model = for_training(_tiny_segmenter(), CPU, torch.bfloat16)
+    assert weight(model).is_contiguous(memory_format=torch.channels_last)
+    assert weight(model).dtype == torch.float32
+    assert weight(for_training(_tiny_segmenter(), CPU, None)).is_contiguous()
 
 
 def test_under_cpu_autocast_the_aspp_dilated_branches_run_in_fp32_and_the_rest_in_bf16():

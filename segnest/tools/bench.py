@@ -40,7 +40,12 @@ from segnest.models.deeplabv3 import DeepLabV3
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.runtime.compiling import compile_model
 from segnest.runtime.distributed import resolve_device
-from segnest.runtime.precision import autocast, precision_name, resolve_precision
+from segnest.runtime.precision import (
+    autocast,
+    for_training,
+    precision_name,
+    resolve_precision,
+)
 from segnest.training.losses import segmentation_loss
 
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
@@ -179,7 +184,7 @@ def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
     model = create_model(cfg.model, num_classes=cfg.num_classes).to(device)
     train = cfg.mode == "train"
     if train:
-        model.train()
+        for_training(model.train(), device, dtype)
         if cfg.checkpoint_activations:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise SegnestError(f"{cfg.model} has no activation checkpointing")
@@ -247,8 +252,9 @@ def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
         "batch": cfg.batch, "size": cfg.size, "runs": cfg.runs, "warmup": cfg.warmup,
         "fuse_bn": cfg.fuse_bn and not train, "compile": cfg.compile,
         "checkpoint_activations": cfg.checkpoint_activations and train,
-        # Frozen compilation and 16-bit inference run the model in channels_last.
-        "channels_last": channels_last or (not train and (cfg.compile or dtype is not None)),
+        # Frozen compilation, 16-bit inference and 16-bit CPU training use channels_last.
+        "channels_last": channels_last or (cfg.compile and not train) or (
+            dtype is not None and (not train or device.type == "cpu")),
         "precision": precision_name(dtype),
         "images_per_s": cfg.batch / seconds,
         "ms_per_step": 1e3 * seconds,

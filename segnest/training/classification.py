@@ -40,7 +40,7 @@ from segnest.runtime.distributed import (
     convert_sync_batchnorm,
     seed_everything,
 )
-from segnest.runtime.precision import autocast, grad_scaler, precision_name
+from segnest.runtime.precision import autocast, for_training, grad_scaler, precision_name
 from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
     BEST_CHECKPOINT_NAME,
@@ -273,6 +273,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
     scheduler = WarmupCosineLR(optimizer, total_iters=total_iters, warmup_iters=warmup_iters)
     precision = training_precision(cfg, device)
     scaler = grad_scaler(device, precision)
+    for_training(model, device, precision)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     mixer = build_batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
 

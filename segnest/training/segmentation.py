@@ -46,7 +46,7 @@ from segnest.runtime.distributed import (
     seed_everything,
 )
 from segnest.runtime.files import write_text_atomic
-from segnest.runtime.precision import autocast, grad_scaler, precision_name
+from segnest.runtime.precision import autocast, for_training, grad_scaler, precision_name
 from segnest.training.class_weights import class_weights_for, summary, write_class_weights
 from segnest.training.losses import Ohem, segmentation_loss
 from segnest.training.optim import build_param_groups
@@ -268,6 +268,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     scheduler = PolyLR(optimizer, total_iters, cfg.poly_power, cfg.min_lr, cfg.warmup_iters)
     precision = training_precision(cfg, device)
     scaler = grad_scaler(device, precision)
+    for_training(model, device, precision)
 
     settings = InferenceSettings.for_training(cfg)
     run = RunState(
