@@ -7,7 +7,8 @@ costs in mIoU.
     autocast): fp32 compiled (the baseline), bf16 compiled, bf16 eager, fp32 eager.
 (b) The training step of ``segnest train`` (:func:`segnest.training.segmentation.
     train_one_step`: forward under autocast, loss with the auxiliary head in fp32, SGD) of
-    the same model, batch 2 at 512x512: fp32 eager vs bf16 eager.
+    the same model, batch 2 at 512x512, in the layout ``segnest train`` gives it
+    (bf16: channels_last): fp32 eager vs bf16 eager.
 (c) mIoU of a checkpoint (the demo's: ``segnest demo`` writes runs/demo/train/last.pt) on
     its validation split with segnest's own ``evaluate()``, single-scale and multi-scale +
     flip, for each row of :data:`ACCURACY_VARIANTS` (fp32, bf16; int8 is the place left
@@ -41,7 +42,7 @@ from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, inference_model
 from segnest.models import create_model, model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.runtime.precision import NATIVE_BF16_FLAGS, cpu_native_bf16
+from segnest.runtime.precision import NATIVE_BF16_FLAGS, cpu_native_bf16, for_training
 from segnest.tools.bench import time_interleaved
 from segnest.training.schedule import PolyLR
 from segnest.training.segmentation import train_one_step
@@ -76,18 +77,19 @@ def describe_cpu() -> str:
 
 
 def report(title: str, times: dict[str, list[float]], baseline: str, unit: float = 1e3,
-           unit_name: str = "ms") -> None:
+           unit_name: str = "ms", digits: int = 0) -> None:
     """Each variant's median time and speed against ``baseline`` two ways: the ratio of the
     medians, and the median of the ratios within each round of turns (on a loaded machine
     the rounds differ more than the variants within one)."""
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(title)
     for name, median in medians.items():
-        spread = ", ".join(f"{t * unit:.0f}" for t in times[name])
+        spread = ", ".join(f"{t * unit:.{digits}f}" for t in times[name])
         paired = statistics.median(b / t for b, t in zip(times[baseline], times[name],
                                                           strict=True))
-        print(f"  {name:<16} {median * unit:8.0f} {unit_name}   {medians[baseline] / median:5.2f}x "
-              f"{baseline} (per round {paired:4.2f}x)   (runs: {spread})")
+        print(f"  {name:<16} {median * unit:8.{digits}f} {unit_name}   "
+              f"{medians[baseline] / median:5.2f}x {baseline} (per round {paired:4.2f}x)   "
+              f"(runs: {spread})")
 
 
 def inference_speed(args: argparse.Namespace, bf16: bool) -> None:
@@ -122,7 +124,7 @@ def training_speed(args: argparse.Namespace, bf16: bool) -> None:
              "mask": torch.randint(0, 150, (2, args.size, args.size), generator=generator)}
 
     def step(precision: torch.dtype | None) -> Callable[[], None]:
-        own = copy.deepcopy(model)
+        own = for_training(copy.deepcopy(model), CPU, precision)  # as segnest train does
         optimizer = torch.optim.SGD(own.parameters(), lr=1e-4, momentum=0.9)
         scheduler = PolyLR(optimizer, 10**6)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -137,7 +139,7 @@ def training_speed(args: argparse.Namespace, bf16: bool) -> None:
         steps["bf16 eager"] = step(BF16)
     times = time_interleaved(steps, CPU, 1, args.train_runs)
     report(f"(b) DeepLabV3-ResNeSt-50 training step (segnest train's), batch 2 at {args.size}x"
-           f"{args.size} (median of {args.train_runs})", times, "fp32 eager", 1.0, "s")
+           f"{args.size} (median of {args.train_runs})", times, "fp32 eager", 1.0, "s", 2)
 
 
 def miou(runner: Model, dataset, settings: InferenceSettings) -> float:
