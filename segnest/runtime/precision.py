@@ -5,7 +5,8 @@
 weights (the master copy the optimizer updates), batch-norm statistics, the loss, softmax
 and metrics stay float32 (the models hand back float32 logits). ``auto`` picks the fastest
 format the hardware runs natively: bf16 on a CPU with native bf16 or a GPU that has it,
-fp16 on an older GPU, fp32 on any other CPU.
+fp16 on an older GPU, fp32 on any other CPU. On a CPU, 16-bit training and inference run
+the model in channels_last, the layout oneDNN's bf16 kernels are fast in.
 
 A CPU runs bf16 natively when it has AVX512-BF16 or AMX-BF16 instructions; elsewhere
 oneDNN emulates it, tens to a hundred times slower than fp32, so bf16 is refused there
