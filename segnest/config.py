@@ -77,6 +77,14 @@ EVAL_SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("torchscript", "onnx")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
+# --precision: float32, bf16 or fp16 autocast, or the fastest native one (runtime/precision.py).
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISION_HELP = ("number format: fp32, bf16 or fp16 autocast (weights, loss, softmax and "
+                  "metrics stay fp32), or auto: the fastest this hardware runs natively "
+                  "(bf16 on a CPU with AVX512-BF16/AMX or a recent GPU, fp16 on an older GPU, "
+                  "else fp32)")
+TRAIN_PRECISION_HELP = PRECISION_HELP + " (default: fp32, fp16 with --amp)"
+AMP_HELP = "the same as --precision fp16: fp16 autocast with a gradient scaler, CUDA only"
 OUTPUT_STRIDES = (8, 16, 32)
 DEVICE = (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")
 DEVICE_HELP = "device (default: cuda if present)"
@@ -184,7 +192,9 @@ class TrainConfig:
         default=None, metadata=help_("backbone stem width (default: the variant's)", min=1)
     )
     workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
-    amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
+    precision: str | None = field(
+        default=None, metadata=help_(TRAIN_PRECISION_HELP, choices=PRECISIONS))
+    amp: bool = field(default=False, metadata=help_(AMP_HELP))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     checkpoint_activations: bool = field(
         default=False, metadata=help_("recompute backbone activations in backward to save memory")
@@ -289,6 +299,8 @@ class InferenceFlags:
     batch_size: int = field(default=1, metadata=help_(
         "images (whole mode: those of equal working size) or windows (slide mode) per "
         "forward pass; never padded, results equal batch 1", min=1))
+    precision: str = field(
+        default="fp32", metadata=help_(PRECISION_HELP, choices=PRECISIONS))
     device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
@@ -402,7 +414,9 @@ class PretrainConfig:
     )
     stem_width: int | None = field(default=None, metadata=help_("backbone stem width", min=1))
     workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
-    amp: bool = field(default=False, metadata=help_("mixed precision (CUDA only)"))
+    precision: str | None = field(
+        default=None, metadata=help_(TRAIN_PRECISION_HELP, choices=PRECISIONS))
+    amp: bool = field(default=False, metadata=help_(AMP_HELP))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     work_dir: str | None = field(
         default=None, metadata=help_("output folder (default runs/pretrain_<dataset>_<backbone>)"))
@@ -435,6 +449,9 @@ class BenchConfig:
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     fuse_bn: bool = field(default=True, metadata=help_("fold BN into convs for inference"))
     checkpoint_activations: bool = field(default=False, metadata=help_("activation checkpointing"))
+    precision: str = field(
+        default="fp32", metadata=help_(PRECISION_HELP + "; the conv probe runs in the same",
+                                       choices=PRECISIONS))
     warmup: int = field(default=2, metadata=help_("untimed runs", min=0))
     runs: int = field(default=5, metadata=help_("timed runs (median reported)", min=1))
     num_classes: int = field(default=150, metadata=help_("classes of the head", min=1))
@@ -456,6 +473,10 @@ class DemoConfig:
         metadata=help_("also train from scratch with the same budget and report both"),
     )
     workers: int = field(default=2, metadata=help_("data loader workers", min=0))
+    precision: str = field(
+        default="fp32",
+        metadata=help_(PRECISION_HELP + "; for pretraining, training and evaluation",
+                       choices=PRECISIONS))
     device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
 
 
@@ -885,6 +906,14 @@ def stage_width_fits(variant: dict[str, Any], stage_width: int) -> bool:
     return True
 
 
+def _amp_alias(cfg: TrainConfig | PretrainConfig, names: _Names) -> None:
+    if cfg.amp and cfg.precision not in (None, "fp16"):
+        amp = names.show("amp", cfg.amp).removesuffix(" true")  # the bare flag as typed
+        raise SegnestError(f"{amp} means --precision fp16 but "
+                           f"{names.show('precision', cfg.precision)} is given too; give one "
+                           "of them")
+
+
 def _known_model(cfg: BenchConfig, names: _Names) -> None:
     from segnest.models import list_models
 
@@ -899,10 +928,10 @@ def _known_model(cfg: BenchConfig, names: _Names) -> None:
 CHECKS: dict[type, tuple[Check, ...]] = {
     TrainConfig: (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
                   _floor_below_lr, _class_weights_source, _ohem_settings_need_ohem,
-                  _backbone_fits),
+                  _amp_alias, _backbone_fits),
     InferenceFlags: (_scales_parse, _stride_within_window),
     EvalConfig: (_confidence_needs_save_pred,),
-    PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _backbone_fits),
+    PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _amp_alias, _backbone_fits),
     BenchConfig: (_known_model,),
 }
 

@@ -88,6 +88,7 @@ from segnest.runtime.distributed import (
     get_world_size,
     init_distributed,
 )
+from segnest.runtime.precision import precision_name, resolve_precision
 
 EVAL_PANELS = 4
 
@@ -369,6 +370,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         data_root = (checkpoint.get("config") or {}).get("data_root")
     settings = InferenceSettings.from_flags(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, info.device)
     # Masks of the dataset trained on are read with the label map training used.
     label_map = None
     if dataset_name == trained_dataset:
@@ -378,7 +380,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                             in_channels=in_channels)
     out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
     _prepare_outputs(cfg, out_dir, dataset)
-    runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile)
+    runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
+                             precision=precision)
 
     results, panels = evaluate(
         runner, dataset, settings, info.device, samples=cfg.samples,
@@ -407,6 +410,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "inference": asdict(settings),
             "device": str(info.device),
             "world_size": info.world_size,
+            "precision": precision_name(precision),
         }
         json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
         step = int(checkpoint.get("iteration") or 0)

@@ -48,6 +48,8 @@ from segnest.inference.visualize import (
 )
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
+from segnest.runtime.distributed import resolve_device
+from segnest.runtime.precision import resolve_precision
 
 
 def _output_names(stem: Path) -> tuple[Path, Path, Path, Path]:
@@ -157,6 +159,7 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     images = collect_images(cfg.inputs, skip=cfg.out)
     prepare_folder(_check_outputs(cfg, images), "--out")
     predictor = Predictor.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg,

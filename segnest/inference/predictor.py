@@ -36,6 +36,7 @@ from segnest.inference.visualize import colorize, display_rgb, overlay
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.distributed import resolve_device
+from segnest.runtime.precision import resolve_precision
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # What a call returns per image: train ids (H x W uint8), class probabilities
@@ -84,7 +85,8 @@ class Predictor:
         model = model_from_checkpoint(checkpoint, source=source)
         settings = InferenceSettings.from_flags(flags, checkpoint)
         device = resolve_device(flags.device)
-        model = inference_model(model.to(device), fuse=flags.fuse_bn, compile=flags.compile)
+        model = inference_model(model.to(device), fuse=flags.fuse_bn, compile=flags.compile,
+                                precision=resolve_precision(flags.precision, device))
         num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
                           or len(checkpoint.get("classes") or ()))
         if not num_classes:
@@ -188,7 +190,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     arguments override the inference settings the checkpoint records and are named as
     ``segnest predict``'s flags: ``scales`` (a sequence or ``"0.5,1.0"``), ``multi_scale``,
     ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
-    ``compile``.
+    ``compile``, ``precision``.
     """
     unknown = sorted(set(settings) - set(SETTING_NAMES))
     if unknown:

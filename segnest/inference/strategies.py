@@ -48,11 +48,13 @@ from segnest.inference.settings import InferenceSettings
 from segnest.models.fuse import fuse_bn
 from segnest.models.pixelwise import channel_softmax
 from segnest.runtime.compiling import compile_model
+from segnest.runtime.precision import Autocast
 
 Model = Callable[[torch.Tensor], Any]
 
 
-def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = False) -> Model:
+def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = False,
+                    precision: torch.dtype | None = None) -> Model:
     """``model`` as eval and predict run it, in eval mode; the same outputs up to float
     rounding (tests hold both paths to 1e-4).
 
@@ -61,14 +63,20 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
     (:mod:`segnest.runtime.compiling`), valid only for a model that is not trained
     afterwards, which is why training's validation never goes through here. Each new
     input size compiles once more (tens of seconds on a CPU), so it pays off
-    on long runs over images of few sizes.
+    on long runs over images of few sizes. ``precision`` (an autocast dtype from
+    :func:`segnest.runtime.precision.resolve_precision`; None: float32) runs the model in
+    channels_last under autocast, the layout oneDNN's bf16 convolutions want; the logits
+    stay float32.
     """
     prepared = fuse_bn(model) if fuse else model.eval()
+    if compile or precision is not None:
+        # Both change the layout of the weights: never that of the caller's model.
+        prepared = copy.deepcopy(prepared) if prepared is model else prepared
+    if precision is not None:
+        prepared = Autocast(prepared.to(memory_format=torch.channels_last), precision)
     if not compile:
         return prepared
-    # Compiling changes the layout of the weights: never that of the caller's model.
-    return compile_model(copy.deepcopy(prepared) if prepared is model else prepared,
-                         frozen=True)
+    return compile_model(prepared, frozen=True)
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -89,6 +97,7 @@ def predict_logits(model: Model, x: torch.Tensor) -> torch.Tensor:
         out = out["out"]
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         raise TypeError("model must return logits (B, C, h, w) or a dict with key 'out'")
+    out = out.float()  # a model run in bf16/fp16: softmax and metrics stay float32
     if out.shape[-2:] != x.shape[-2:]:
         out = _resize(out, tuple(x.shape[-2:]))
     return out

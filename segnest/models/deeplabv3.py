@@ -65,9 +65,24 @@ class ASPP(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
+        # The dilated 3x3 branches (branches[1:-1]).
+        self.dilated = [False] + [True] * len(rates) + [False]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+        outs = [_float32_on_cpu(branch, x) if dilated else branch(x)
+                for branch, dilated in zip(self.branches, self.dilated, strict=True)]
+        return self.project(torch.cat(outs, dim=1))
+
+
+def _float32_on_cpu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, in float32 when it would run under CPU autocast: oneDNN's bf16
+    convolutions do not skip the zero padding of the ASPP's wide dilations as its fp32
+    NHWC kernels do, and ran 1.4-6x slower than fp32 on an AMX CPU
+    (experiments/benchmarks/README.md)."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return module(x)
+    with torch.autocast("cpu", enabled=False):
+        return module(x.float())
 
 
 class DeepLabV3Head(nn.Sequential):
@@ -140,7 +155,9 @@ class DeepLabV3(nn.Module):
         return out
 
     def _upsample(self, logits: torch.Tensor, size: torch.Size | None) -> torch.Tensor:
-        logits = self._cpu_channels_last(logits)
+        # Under bf16/fp16 autocast the logits leave in float32: the loss, the softmax and
+        # the upsampling to full size (here or in the loss) stay float32.
+        logits = self._cpu_channels_last(logits.float())
         if size is None:
             return logits
         return F.interpolate(logits, size=size, mode="bilinear",

@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segnest.config import BenchConfig, TrainConfig, validate_config
 from segnest.errors import SegnestError
+from segnest.inference.strategies import inference_model
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
-from segnest.models.fuse import fuse_bn
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.runtime.compiling import compile_model
 from segnest.runtime.distributed import resolve_device
+from segnest.runtime.precision import (
+    autocast,
+    for_training,
+    precision_name,
+    resolve_precision,
+)
 from segnest.training.losses import segmentation_loss
 
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
@@ -119,17 +124,19 @@ class PeakMemory:
 def conv_probe(device: torch.device,
                dtype: torch.dtype | None = None) -> tuple[Callable[[], None], int]:
     """One large 3x3 convolution, the yardstick of what this device's conv kernels reach:
-    a step to time (alongside the model's, see :func:`time_interleaved`) and its FLOPs."""
+    a step to time (alongside the model's, see :func:`time_interleaved`) and its FLOPs.
+    ``dtype`` runs it under autocast (None: float32), in channels_last as the models'
+    inference runs in that precision."""
     batch, channels, height, width = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_SHAPE, generator=generator).to(device)
+    layout = torch.contiguous_format if dtype is None else torch.channels_last
+    x = torch.randn(PROBE_SHAPE, generator=generator).to(device, memory_format=layout)
     weight = torch.randn(channels, channels, 3, 3, generator=generator).to(device) * 0.02
+    weight = weight.contiguous(memory_format=layout)
     flops = 2 * batch * channels * channels * 9 * height * width
 
     def step() -> None:
-        autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-                    else nullcontext())
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(device, dtype):
             F.conv2d(x, weight, padding=1)
 
     return step, flops
@@ -139,7 +146,7 @@ def _loss(out: Any, target_cls: torch.Tensor, target_seg: torch.Tensor) -> torch
     """The training commands' losses: cross-entropy for a classifier, and for a
     segmentation model ``segnest train``'s loss with its default auxiliary weight."""
     if not isinstance(out, dict):
-        return F.cross_entropy(out, target_cls)
+        return F.cross_entropy(out.float(), target_cls)
     return segmentation_loss(out, target_seg, TrainConfig.aux_weight)[0]
 
 
@@ -147,8 +154,7 @@ def _describe(report: dict[str, Any]) -> str:
     mode = "inference" if report["mode"] == "infer" else "training step"
     options = ", ".join(k for k in ("fuse_bn", "compile", "checkpoint_activations",
                                     "channels_last") if report.get(k)) or "plain"
-    if report.get("amp"):
-        options += f", amp {report['amp']}"
+    options += f", {report['precision']}"
     return "\n".join([
         f"segnest bench: {report['model']} {mode}, batch {report['batch']} at "
         f"{report['size']}x{report['size']} on {report['device']} ({options})",
@@ -162,29 +168,32 @@ def _describe(report: dict[str, Any]) -> str:
     ])
 
 
-def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
-              channels_last: bool = False, quiet: bool = False) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
     """Benchmark ``cfg.model`` and return (and print, unless ``quiet``) the report.
 
-    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs steps under autocast and
-    ``channels_last`` converts model and input to that memory format; both mainly help
-    on GPUs.
+    ``cfg.precision`` runs the steps as the commands do: inference as ``segnest eval``
+    (:func:`segnest.inference.strategies.inference_model`), a training step's forward under
+    autocast. ``channels_last`` converts model and input to that memory format (inference
+    in bf16/fp16 and compiled inference use it anyway).
     """
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
     device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(0)
     model = create_model(cfg.model, num_classes=cfg.num_classes).to(device)
     train = cfg.mode == "train"
     if train:
-        model.train()
+        for_training(model.train(), device, dtype)
         if cfg.checkpoint_activations:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise SegnestError(f"{cfg.model} has no activation checkpointing")
             model.set_grad_checkpointing(True)
-    else:
-        model = fuse_bn(model) if cfg.fuse_bn else model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if not train:
+        # Eval's model, eager (FLOPs are counted on it) and, with --compile, compiled.
+        model = inference_model(model, fuse=cfg.fuse_bn, precision=dtype)
     runner: Any = model
     if cfg.compile:
         # Inference compiles as eval and predict do, with frozen weights.
@@ -197,12 +206,8 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
                                device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if train else None
 
-    def autocast() -> AbstractContextManager:
-        return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else nullcontext())
-
     def infer_step(net: Any = runner) -> None:
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode():
             net(x)
 
     # Segmentation training on a CPU: the loss upsamples the logits, as in segnest train.
@@ -210,8 +215,9 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
                       if isinstance(model, DeepLabV3) and fuses_upsampling(device) else {})
 
     def train_step(net: Any = runner) -> None:
-        with autocast():
-            loss = _loss(net(x, **forward_kwargs), target_cls, target_seg)
+        with autocast(device, dtype):
+            out = net(x, **forward_kwargs)
+        loss = _loss(out, target_cls, target_seg)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -231,7 +237,7 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
             "Split-Attention's global pooling needs at least two samples; use --batch 2"
         ) from err
     peak_bytes = memory.peak()
-    probe, probe_flops = conv_probe(device, amp_dtype)
+    probe, probe_flops = conv_probe(device, dtype)
     probe()  # its warm-up
     times = time_interleaved({"model": step, "probe": probe}, device, 0, cfg.runs)
 
@@ -246,9 +252,10 @@ def run_bench(cfg: BenchConfig, *, amp_dtype: torch.dtype | None = None,
         "batch": cfg.batch, "size": cfg.size, "runs": cfg.runs, "warmup": cfg.warmup,
         "fuse_bn": cfg.fuse_bn and not train, "compile": cfg.compile,
         "checkpoint_activations": cfg.checkpoint_activations and train,
-        # Frozen compilation runs the model in channels_last whatever was asked.
-        "channels_last": channels_last or (cfg.compile and not train),
-        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None,
+        # Frozen compilation, 16-bit inference and 16-bit CPU training use channels_last.
+        "channels_last": channels_last or (cfg.compile and not train) or (
+            dtype is not None and (not train or device.type == "cpu")),
+        "precision": precision_name(dtype),
         "images_per_s": cfg.batch / seconds,
         "ms_per_step": 1e3 * seconds,
         "peak_memory_mb": peak_bytes / 2**20,

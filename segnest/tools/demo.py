@@ -26,6 +26,8 @@ from segnest.data.mini import ensure_mini_classification, ensure_mini_segmentati
 from segnest.errors import RunStopped
 from segnest.inference.evaluate import run_eval
 from segnest.inference.metrics import percent
+from segnest.runtime.distributed import resolve_device
+from segnest.runtime.precision import resolve_precision
 from segnest.training.classification import run_pretrain
 from segnest.training.run_state import LAST_CHECKPOINT_NAME
 from segnest.training.segmentation import run_train
@@ -40,7 +42,7 @@ def _train_config(cfg: DemoConfig, work_dir: Path, pretrained: str | None) -> Tr
     return resolve_config(TrainConfig, dict(
         dataset="mini", iters=cfg.iters, workers=cfg.workers, device=cfg.device,
         work_dir=str(work_dir), pretrained=pretrained, resume="auto",
-    ), DATASET_PRESETS)
+        precision=cfg.precision), DATASET_PRESETS)
 
 
 def _stop_if_interrupted(result: dict[str, Any]) -> None:
@@ -52,6 +54,8 @@ def _stop_if_interrupted(result: dict[str, Any]) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    # Refused before the first stage, not after minutes of pretraining.
+    resolve_precision(cfg.precision, resolve_device(cfg.device))
     root = Path(cfg.work_dir)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -65,7 +69,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     backbone_path = root / "pretrain" / "backbone.pth"
     pretrain = run_pretrain(resolve_config(PretrainConfig, dict(
         dataset="mini", epochs=cfg.pretrain_epochs, workers=cfg.workers, device=cfg.device,
-        work_dir=str(root / "pretrain"), export=str(backbone_path), resume="auto"),
+        work_dir=str(root / "pretrain"), export=str(backbone_path), resume="auto",
+        precision=cfg.precision),
         PRETRAIN_PRESETS))
     _stop_if_interrupted(pretrain)
     print(f"      top-1 {pretrain['top1']:.1f}% on the mini validation set")
@@ -84,13 +89,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         _stop_if_interrupted(run_train(_train_config(cfg, scratch_dir, None)))
         scratch = run_eval(EvalConfig(checkpoint=str(scratch_dir / LAST_CHECKPOINT_NAME),
                                       multi_scale=True, flip=True, workers=cfg.workers,
-                                      device=cfg.device, out=str(root / "eval_scratch")))
+                                      device=cfg.device, precision=cfg.precision,
+                                      out=str(root / "eval_scratch")))
         timings["scratch_s"] = time.perf_counter() - t
 
     t = _stage(4, "evaluating with multi-scale + flip")
     results = run_eval(EvalConfig(checkpoint=str(train_dir / LAST_CHECKPOINT_NAME),
                                   multi_scale=True, flip=True, workers=cfg.workers,
-                                  device=cfg.device, out=str(root / "eval")))
+                                  device=cfg.device, precision=cfg.precision,
+                                  out=str(root / "eval")))
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 

@@ -40,6 +40,7 @@ from segnest.runtime.distributed import (
     convert_sync_batchnorm,
     seed_everything,
 )
+from segnest.runtime.precision import autocast, for_training, grad_scaler, precision_name
 from segnest.training.optim import build_param_groups
 from segnest.training.run_state import (
     BEST_CHECKPOINT_NAME,
@@ -53,6 +54,7 @@ from segnest.training.run_state import (
     run_folder,
     run_loop,
     stopped_message,
+    training_precision,
     training_process,
     wrap_for_training,
 )
@@ -93,21 +95,23 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 
 def train_one_step(model: nn.Module, criterion: nn.Module, batch: tuple, mixer: BatchMixer | None,
                    optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR,
-                   scaler: torch.amp.GradScaler, device: torch.device, amp: bool
-                   ) -> dict[str, float]:
-    """One SGD step on a batch of (images, labels); a non-finite loss updates nothing."""
+                   scaler: torch.amp.GradScaler, device: torch.device,
+                   precision: torch.dtype | None = None) -> dict[str, float]:
+    """One SGD step on a batch of (images, labels); a non-finite loss updates nothing.
+    The forward runs under autocast to ``precision`` (None: float32), the loss in float32."""
     images, targets = (t.to(device, non_blocking=True) for t in batch)
     if mixer is not None:
         images, targets = mixer(images, targets)
-    with torch.autocast(device.type, enabled=amp):
-        loss = criterion(model(images), targets)
+    with autocast(device, precision):
+        logits = model(images)
+    loss = criterion(logits.float(), targets)
     optimizer_step(loss, optimizer, scheduler, scaler)
     return {"loss": loss.item()}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             amp: bool = False) -> dict[str, float]:
+             precision: torch.dtype | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent (top-5 becomes top-K when there are fewer than
     5 classes), summed over all processes. The model (a DDP or compiled wrapper too) is
     left in the mode it came in, as :func:`segnest.inference.evaluate.evaluate` does."""
@@ -119,7 +123,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=amp):
+            with autocast(device, precision):
                 logits = model(images)
             top1, topk = topk_correct(logits.float(), targets, ks)
             counts += torch.tensor([top1, topk, targets.numel()], dtype=torch.float64,
@@ -267,7 +271,9 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
     total_iters = cfg.epochs * iters_per_epoch
     warmup_iters = min(int(round(cfg.warmup_epochs * iters_per_epoch)), total_iters)
     scheduler = WarmupCosineLR(optimizer, total_iters=total_iters, warmup_iters=warmup_iters)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
+    precision = training_precision(cfg, device)
+    scaler = grad_scaler(device, precision)
+    for_training(model, device, precision)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     mixer = build_batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
 
@@ -275,7 +281,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_top1",
         identity={"task": "classification", "model_name": cfg.backbone, "model_kwargs": kwargs},
-        record={"classes": classes, "config": dataclasses.asdict(cfg)})
+        record={"classes": classes, "precision": precision_name(precision),
+                "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
     writer = open_writer(work_dir, dist, cfg.tensorboard, PRETRAIN_RUN, dataclasses.asdict(cfg),
@@ -284,19 +291,19 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(train_set)} train / "
               f"{len(val_set)} val images, {num_classes} classes), {cfg.epochs} epochs x "
               f"{iters_per_epoch} iterations, batch {total_batch}, lr {lr:g}, device "
-              f"{device}; logs in {work_dir}")
+              f"{device}, {precision_name(precision)}; logs in {work_dir}")
 
     epoch_losses: list[float] = []
     started = time.perf_counter()
 
     def step(batch: tuple) -> dict[str, float]:
         scalars = train_one_step(train_model, criterion, batch, mixer, optimizer, scheduler,
-                                 scaler, device, cfg.amp)
+                                 scaler, device, precision)
         epoch_losses.append(scalars["loss"])
         return scalars
 
     def validate(progress: Progress) -> float:
-        metrics = evaluate(train_model, val_loader, device, num_classes, cfg.amp)
+        metrics = evaluate(train_model, val_loader, device, num_classes, precision)
         run.metrics = metrics
         epoch, loss = run.epoch, sum(epoch_losses) / max(len(epoch_losses), 1)
         epoch_losses.clear()
@@ -327,7 +334,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
             print(stopped_message(run, total_iters))
         return {"iterations": run.iteration, "interrupted": True, "signal": run.stopped_by,
                 **paths}
-    metrics = run.metrics or evaluate(train_model, val_loader, device, num_classes, cfg.amp)
+    metrics = run.metrics or evaluate(train_model, val_loader, device, num_classes, precision)
     if cfg.export and dist.is_main:
         save_checkpoint(backbone_state_dict(model), cfg.export)
         print(f"exported backbone weights to {cfg.export}")

@@ -74,6 +74,7 @@ from segnest.runtime.distributed import (
     init_distributed,
 )
 from segnest.runtime.lock import FolderLock
+from segnest.runtime.precision import requested_precision, resolve_precision
 
 LAST_CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
@@ -111,14 +112,19 @@ def training_process(device: str | None, workers: int) -> Iterator[DistInfo]:
 
 
 def check_run_flags(cfg: Any, device: torch.device) -> None:
-    """What the training commands' shared flags need beyond their own ranges: ``--amp`` a
-    GPU, ``--resume`` and ``--overwrite`` not both."""
-    if cfg.amp and device.type != "cuda":
-        raise SegnestError(f"--amp needs a CUDA GPU but this run is on {device}; drop --amp "
-                           "or use --device cuda on a machine with a GPU")
+    """What the training commands' shared flags need beyond their own ranges: a
+    ``--precision`` (or ``--amp``) that ``device`` runs natively, ``--resume`` and
+    ``--overwrite`` not both."""
+    training_precision(cfg, device)
     if cfg.overwrite and cfg.resume is not None:
         raise SegnestError("--overwrite starts a new run and --resume continues one; give "
                            "one of them")
+
+
+def training_precision(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training command's ``--precision``/``--amp`` on ``device``
+    (None: float32), or the one-line refusal of :func:`resolve_precision`."""
+    return resolve_precision(requested_precision(cfg), device, amp=cfg.amp)
 
 
 # ---------------------------------------------------------------------------- work folder
@@ -488,7 +494,9 @@ class RunState:
         self._check_compatible(path, state)
         self.model.load_state_dict(state["model"])
         self._restore_optimizer(path, state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            # A run trained without a scaler (fp32, bf16) stored an empty one; fp16 starts one.
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.position = int(state.get("position", self.iteration))
         self.scheduler.resume_at(self.iteration)
@@ -502,6 +510,10 @@ class RunState:
         restore_rng_state(state["rng"][self.dist.rank])
         if self.dist.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
+            stored_precision = state.get("precision", "fp32")
+            if "precision" in self.record and stored_precision != self.record["precision"]:
+                print(f"precision: the checkpoint was trained in {stored_precision}, this run "
+                      f"continues in {self.record['precision']} (the fp32 weights carry over)")
             changed = self._changed_settings(state.get("config") or {})
             if changed:
                 print("settings changed since that checkpoint, taken from this command: "

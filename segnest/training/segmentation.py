@@ -46,6 +46,7 @@ from segnest.runtime.distributed import (
     seed_everything,
 )
 from segnest.runtime.files import write_text_atomic
+from segnest.runtime.precision import autocast, for_training, grad_scaler, precision_name
 from segnest.training.class_weights import class_weights_for, summary, write_class_weights
 from segnest.training.losses import Ohem, segmentation_loss
 from segnest.training.optim import build_param_groups
@@ -61,6 +62,7 @@ from segnest.training.run_state import (
     run_folder,
     run_loop,
     stopped_message,
+    training_precision,
     training_process,
     wrap_for_training,
 )
@@ -155,17 +157,18 @@ def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: D
 
 def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                    scheduler: PolyLR, scaler: torch.amp.GradScaler, cfg: TrainConfig,
-                   device: torch.device,
-                   class_weights: torch.Tensor | None = None) -> dict[str, float]:
+                   device: torch.device, class_weights: torch.Tensor | None = None,
+                   precision: torch.dtype | None = None) -> dict[str, float]:
     """One SGD step with the loss of ``cfg`` (``--loss``, ``--ohem-*``) and
     ``class_weights``; returns the loss (and auxiliary loss). A non-finite loss is returned
-    without updating anything."""
+    without updating anything. The forward runs under autocast to ``precision`` (None:
+    float32); the model hands back float32 logits, so the loss is float32."""
     ohem = Ohem(cfg.ohem_thresh, cfg.ohem_min_kept) if cfg.loss == "ohem" else None
     image = batch["image"].to(device, non_blocking=True)
     target = batch["mask"].to(device, non_blocking=True)
-    with torch.autocast(device.type, enabled=cfg.amp):
+    with autocast(device, precision):
         outputs = model(image, upsample=not fuses_upsampling(device))
-        loss, aux = segmentation_loss(outputs, target, cfg.aux_weight, class_weights, ohem)
+    loss, aux = segmentation_loss(outputs, target, cfg.aux_weight, class_weights, ohem)
     optimizer_step(loss, optimizer, scheduler, scaler)
     scalars = {"loss": loss.item()}
     if aux is not None:
@@ -263,7 +266,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         build_param_groups(model, lr, cfg.weight_decay, cfg.no_decay_norm, lr_mults),
         lr=lr, momentum=cfg.momentum)
     scheduler = PolyLR(optimizer, total_iters, cfg.poly_power, cfg.min_lr, cfg.warmup_iters)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
+    precision = training_precision(cfg, device)
+    scaler = grad_scaler(device, precision)
+    for_training(model, device, precision)
 
     settings = InferenceSettings.for_training(cfg)
     run = RunState(
@@ -271,6 +276,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_miou",
         identity={"task": "segmentation", "model_name": model_name, "model_kwargs": model_kwargs},
         record={"dataset": cfg.dataset, "classes": list(train_set.classes),
+                "precision": precision_name(precision),
                 "palette": [list(map(int, c)) for c in train_set.palette],
                 "inference": dataclasses.asdict(settings),
                 "class_weights": weights, "config": dataclasses.asdict(cfg)})
@@ -290,7 +296,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             print(summary(weights, train_set.classes, cfg.class_weights))
         print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
               f"{train_set.num_classes} classes) for {total_iters} iterations, "
-              f"{dist.world_size} x {device}, batch {cfg.batch_size}/device, lr {lr:g}"
+              f"{dist.world_size} x {device}, batch {cfg.batch_size}/device, lr {lr:g}, "
+              f"{precision_name(precision)}"
               f"; logs and checkpoints in {work_dir}")
 
     skipped: list[str] = []
@@ -310,7 +317,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         if cfg.skip_bad_samples and not _usable(batch, dist):
             return None
         return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device,
-                              class_weights)
+                              class_weights, precision)
 
     warned: list[str] = []
 
@@ -347,7 +354,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         images_per_step=cfg.batch_size * dist.world_size,
         checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints,
         writer=writer, log_interval=cfg.log_interval,
-        lr_hint=f"Lower --lr (now {lr:g}), check the labels, or drop --amp")
+        lr_hint=f"Lower --lr (now {lr:g}), check the labels, or train in fp32")
     close_writer(writer, finished)
     if dist.is_main and skipped:
         print(f"warning: {len(skipped)} bad training sample(s) were skipped "
