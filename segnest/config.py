@@ -874,9 +874,10 @@ def _known_model(cfg: BenchConfig, names: _Names) -> None:
 
 def _end_to_end_format(cfg: ExportConfig, names: _Names) -> None:
     if cfg.end_to_end and cfg.format not in END_TO_END_FORMATS:
+        formats = f"{', '.join(END_TO_END_FORMATS[:-1])} or {END_TO_END_FORMATS[-1]}"
         raise SegnestError(f"--end-to-end is not available for --format {cfg.format} (legacy); "
-                           f"use --format {' or '.join(END_TO_END_FORMATS)}, or leave out "
-                           "--end-to-end for a logits model")
+                           f"use --format {formats}, or leave out --end-to-end for a logits "
+                           "model")
 
 
 # Rules in order: cheap ones first; those that import the models (and torch) last.
