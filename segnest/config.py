@@ -74,7 +74,10 @@ DATASETS = ("ade20k", "cityscapes", "folder", "mini")
 PRETRAIN_DATASETS = ("imagenet", "mini")
 INFERENCE_MODES = ("whole", "slide")
 EVAL_SPLITS = ("train", "val", "test")
-EXPORT_FORMATS = ("torchscript", "onnx")
+# pt2 (torch.export) first: the recommended format and the default; torchscript is legacy.
+EXPORT_FORMATS = ("pt2", "aoti", "onnx", "torchscript")
+# The formats that take --end-to-end (uint8 image in, label map out).
+END_TO_END_FORMATS = ("pt2", "aoti", "onnx")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
 # --precision: float32, bf16 or fp16 autocast, or the fastest native one (runtime/precision.py).
@@ -347,16 +350,21 @@ class PredictConfig(InferenceFlags):
 
 @dataclass
 class ExportConfig:
-    """``segnest export``: a TorchScript or ONNX inference model from a checkpoint."""
+    """``segnest export``: a stand-alone inference model from a checkpoint, verified."""
 
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
-    format: str = field(default="torchscript", metadata=help_("format", choices=EXPORT_FORMATS))
+    format: str = field(default="pt2", metadata=help_(
+        "pt2: torch.export program (recommended); aoti: AOTInductor package compiled for "
+        "this machine; onnx: ONNX Runtime; torchscript: legacy", choices=EXPORT_FORMATS))
+    end_to_end: bool = field(default=False, metadata=help_(
+        "uint8 N x H x W x C image in, uint8 label map out, pre- and post-processing in the "
+        "graph (pt2, aoti, onnx)"))
     out: str | None = field(
         default=None, metadata=help_("output file (default next to checkpoint)")
     )
     size: int = field(
         default=512,
-        metadata=help_("example input side used for tracing/checks", min=MIN_INPUT_SIZE),
+        metadata=help_("example input side used for tracing and the checks", min=MIN_INPUT_SIZE),
     )
 
 
@@ -924,6 +932,14 @@ def _known_model(cfg: BenchConfig, names: _Names) -> None:
                            "lists the valid names")
 
 
+def _end_to_end_format(cfg: ExportConfig, names: _Names) -> None:
+    if cfg.end_to_end and cfg.format not in END_TO_END_FORMATS:
+        formats = f"{', '.join(END_TO_END_FORMATS[:-1])} or {END_TO_END_FORMATS[-1]}"
+        raise SegnestError(f"--end-to-end is not available for --format {cfg.format} (legacy); "
+                           f"use --format {formats}, or leave out --end-to-end for a logits "
+                           "model")
+
+
 # Rules in order: cheap ones first; those that import the models (and torch) last.
 CHECKS: dict[type, tuple[Check, ...]] = {
     TrainConfig: (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
@@ -933,6 +949,7 @@ CHECKS: dict[type, tuple[Check, ...]] = {
     EvalConfig: (_confidence_needs_save_pred,),
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _amp_alias, _backbone_fits),
     BenchConfig: (_known_model,),
+    ExportConfig: (_end_to_end_format,),
 }
 
 

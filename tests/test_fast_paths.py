@@ -80,7 +80,7 @@ def test_compile_without_a_cxx_compiler_is_one_clear_error(monkeypatch):
         compiling.compile_model(nn.Conv2d(1, 1, 1))
 
 
-@pytest.mark.skipif(not compiling._has_cxx(), reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.skipif(not compiling.has_cxx(), reason="inductor on CPU needs a C++ compiler")
 def test_compiled_inference_equals_eager():
     """torch.compile with frozen weights (eval/predict/bench --compile), ~20 s to compile."""
     torch.manual_seed(0)

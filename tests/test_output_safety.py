@@ -157,12 +157,15 @@ def test_export_replaces_its_own_export_but_never_a_checkpoint(checkpoint, tmp_p
                            (other, "not a torchscript export"),
                            (photo, "not a torchscript export"), (tmp_path, "is a folder")):
         with pytest.raises(SegnestError, match=f"--out.*{reason}"):
-            run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), size=32))
+            run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), size=32,
+                                    format="torchscript"))
     monkeypatch.undo()
     assert other.read_bytes() == checkpoint.read_bytes()
     target = tmp_path / "model.pt"
-    run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), size=32))
-    run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), size=32))
+    run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), size=32,
+                            format="torchscript"))
+    run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), size=32,
+                            format="torchscript"))
     assert torch.jit.load(str(target)) is not None
 
 

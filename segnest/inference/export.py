@@ -1,39 +1,97 @@
-"""``segnest export``: a checkpoint as a TorchScript or ONNX inference model, verified.
+"""``segnest export``: a checkpoint as a stand-alone inference model, verified against
+``segnest predict``.
 
-The exported graph takes one normalized image ``(1, N, H, W)`` (N = 3, RGB with ImageNet
-mean/std unless the checkpoint was trained with ``--in-channels``/``--mean``/``--std``:
-its ``inference`` entry holds them) and returns logits ``(1, C, H, W)``; apply argmax over
-dimension 1 for the class map. Both formats are exported with dynamic height and width and
-checked against PyTorch (max abs difference <= 1e-4) at the example size ``--size`` and at a
-second, non-square size before the file is written (atomically). Should the second check
-fail, the export is kept for the example size only, and the message says so.
+Formats (``--format``), with the default file name next to the checkpoint:
 
-``--out`` may replace only an earlier export in the same format (a TorchScript archive, an
-ONNX model); the checkpoint, another checkpoint or any other file already there is refused
-before the export starts, as is a folder that cannot be written.
+- ``pt2`` (``best.pt2``, the default and recommended): a ``torch.export`` ExportedProgram;
+  ``torch.export.load(path).module()`` runs it with any torch of this version or newer,
+  no segnest needed.
+- ``aoti`` (``best.aoti.pt2``): the same program compiled ahead of time by AOTInductor into
+  a shared library for this platform and this CPU's instruction set (or this GPU);
+  ``torch._inductor.aoti_load_package(path)`` runs it without Python-level tracing.
+  Exporting needs a C++ compiler and takes a minute or more.
+- ``onnx`` (``best.onnx``): ONNX opset 17 for ONNX Runtime and other ONNX runtimes.
+- ``torchscript`` (``best.torchscript.pt``): legacy; ``torch.jit`` is deprecated upstream in
+  favour of ``torch.export``. Logits graph only.
+
+Graphs, all with dynamic batch, height and width:
+
+- logits (the default): ``image`` float32 ``(N, in_channels, H, W)`` normalized as in
+  training, ``(pixel / 255 - mean) / std`` per channel, H and W >= 32 -> ``logits`` float32
+  ``(N, classes, H, W)``. ``segnest predict`` first resizes an image so that its long side
+  is ``base_size`` and maps the softmax back to the image's size; a caller does the same.
+- end-to-end (``--end-to-end``; pt2, aoti, onnx): ``image`` uint8 ``(N, H, W, in_channels)``
+  (NHWC, 0-255, as an image decodes) -> ``labels`` uint8 ``(N, H, W)`` train ids, at the
+  input's size. Inside the graph, exactly as ``segnest predict`` runs by default: /255,
+  mean/std, a bilinear resize to the working size (long side = ``base_size``, rounded as
+  :func:`segnest.inference.strategies.multi_scale_inference` rounds it; no resize when the
+  checkpoint has no base size), the model, softmax, probabilities resized back to H x W,
+  argmax. Single scale, whole image, no flip: for ``--multi-scale``/``--flip`` use
+  ``segnest predict`` or a logits export. A torch.export graph (pt2, aoti) refuses an image
+  whose short side becomes less than 9 pixels at the working size (an aspect ratio beyond
+  base_size / 9, e.g. 57:1 at 512): torch.export specialises a 1-pixel feature map.
+
+Metadata: one JSON object, stored as the ONNX ``metadata_props`` entry ``segnest``, as the
+extra file ``segnest.json`` of a pt2 or TorchScript archive (``torch.export.load(path,
+extra_files={"segnest.json": ""})``) and as the ``segnest`` entry of an AOTI package's
+metadata (``aoti_load_package(path).get_metadata()``); :func:`read_metadata` reads any of
+them. Keys: ``segnest_version``, ``format``, ``graph`` (``logits`` or ``end_to_end``),
+``classes``, ``palette`` (RGB per class), ``mean``, ``std`` (0-1 scale), ``in_channels``,
+``input`` and ``output`` (``name``, ``dtype``, ``layout``, ``shape``, ``range`` or
+``meaning``), ``base_size``, ``inference`` (what the graph does of predict's pipeline),
+``model``, ``dataset``, ``iteration``.
+
+Verification, before the file appears (it is written atomically): on a batch of 2 images at
+each of three sizes -- ``--size`` square, a non-square one and an odd one -- the exported
+model's labels must equal ``segnest predict``'s (:class:`Predictor`) on at least
+:data:`AGREEMENT` of the pixels; a logits export's labels are taken through predict's own
+pipeline with the exported model in place of PyTorch's, and its logits must also match
+PyTorch's within :data:`TOLERANCE`. Otherwise nothing is written. Without onnxruntime an
+ONNX export is written unverified, and says so.
+
+``--out`` may replace only an earlier export in the same format; the checkpoint, another
+checkpoint or any other file already there is refused before the export starts, as is a
+folder that cannot be written.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from segnest.config import MIN_INPUT_SIZE, ExportConfig, validate_config
+from segnest.config import MIN_INPUT_SIZE, ExportConfig, InferenceFlags, validate_config
 from segnest.errors import SegnestError
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
-from segnest.models import model_from_checkpoint
+from segnest.inference.predictor import Predictor
+from segnest.inference.strategies import infer
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
 
-SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx",
+            "torchscript": ".torchscript.pt"}
+END_TO_END_SUFFIX = ".end2end"  # best.end2end.onnx: the file name tells the graphs apart
 ONNX_OPSET = 17
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # max abs difference of exported to PyTorch logits
+AGREEMENT = 0.999  # share of pixels whose label equals segnest predict's
+CHECK_BATCH = 2
+# The shortest side a torch.export end-to-end graph takes at the working size (see above).
+MIN_WORKING_SIDE = 9
+METADATA_KEY = "segnest"  # ONNX metadata_props key, AOTI metadata key
+METADATA_FILE = "segnest.json"  # extra file of a pt2 or TorchScript archive
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LogitsOnly(nn.Module):
@@ -48,103 +106,429 @@ class LogitsOnly(nn.Module):
         return out["out"] if isinstance(out, dict) else out
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    with warnings.catch_warnings():
-        # torch.jit's deprecation notices are for segnest's maintainers, not its users.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, example, check_trace=False)
-        traced.save(str(path))
+class CeilAvgPool(nn.Module):
+    """``AvgPool2d(k, k, ceil_mode=True, count_include_pad=False)`` (ResNeSt's shortcut
+    pool) as sums over a zero-padded input divided by the count of real pixels: the same
+    values up to float rounding. torch 2.x's AOTInductor miscompiles the ceil-mode pool for
+    dynamic odd sizes (it reads past the input: 1e31 logits at 33 x 61), so programs for
+    torch.export carry this one instead."""
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, (height, width) = self.kernel, x.shape[-2:]
+        pads = (0, (-width) % k, 0, (-height) % k)
+        sums = F.avg_pool2d(F.pad(x, pads), k, k)
+        counts = F.avg_pool2d(F.pad(x.new_ones(1, 1, height, width), pads), k, k)
+        return sums / counts
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool) -> None:
-    # The TorchScript-based exporter (dynamo=False) needs no extra package; the dynamo
-    # exporter needs onnxscript and is only the fallback for a torch without the former.
-    axes = {2: "height", 3: "width"}
-    kwargs: dict[str, Any] = dict(
-        input_names=["image"], output_names=["logits"], opset_version=ONNX_OPSET,
-        dynamic_axes={"image": axes, "logits": axes} if dynamic else None,
-    )
-    with warnings.catch_warnings():
+def _square(value: int | tuple[int, ...]) -> int | None:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    return pair[0] if len(pair) == 2 and pair[0] == pair[1] else None
+
+
+def without_ceil_pools(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ceil-mode average pools (kernel = stride > 1, no padding,
+    padding not counted) are :class:`CeilAvgPool`."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.AvgPool2d) and module.ceil_mode
+                and not module.count_include_pad and _square(module.padding) == 0):
+            continue
+        kernel = _square(module.kernel_size)
+        if kernel is None or kernel < 2 or _square(module.stride) != kernel:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, CeilAvgPool(kernel))
+    return model
+
+
+def working_size(image: torch.Tensor, base_size: int) -> tuple[Any, Any]:
+    """The size ``segnest predict`` resizes an NHWC ``image`` to at scale 1.0: long side =
+    ``base_size``, each side ``max(1, int(side * ratio + 0.5))`` in float64, as
+    ``strategies._scaled_size`` computes it (integer arithmetic would round differently on
+    exact halves). Written so that it stays symbolic: SymInt arithmetic for torch.export,
+    float64 tensor arithmetic for the ONNX tracer (1-element tensors: the exporter would
+    compute 0-dim ones in float32)."""
+    if torch.jit.is_tracing():
+        sides = torch._shape_as_tensor(image)[1:3].to(torch.float64)
+        ratio = torch.tensor([float(base_size)], dtype=torch.float64) / sides.amax(0, keepdim=True)
+        half = torch.tensor([0.5], dtype=torch.float64)
+        size = torch.floor(sides * ratio + half).clamp(min=1).to(torch.int64)
+        return size[0], size[1]
+    height, width = image.shape[1], image.shape[2]
+    ratio = float(base_size) / torch.sym_max(height, width)
+    return (torch.sym_max(1, torch.sym_int(height * ratio + 0.5)),
+            torch.sym_max(1, torch.sym_int(width * ratio + 0.5)))
+
+
+def _resize(x: torch.Tensor, size: tuple[Any, Any]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class EndToEnd(nn.Module):
+    """uint8 NHWC images -> uint8 label maps at their size, as ``segnest predict`` runs by
+    default (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 base_size: int | None) -> None:
+        super().__init__()
+        self.model = LogitsOnly(model)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.base_size = base_size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = (image.permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std
+        if self.base_size is not None:
+            x = _resize(x, working_size(image, self.base_size))
+        probs = self.model(x).softmax(dim=1)
+        return _resize(probs, (image.shape[1], image.shape[2])).argmax(dim=1).to(torch.uint8)
+
+
+def export_metadata(predictor: Predictor, checkpoint: dict[str, Any], fmt: str,
+                    end_to_end: bool) -> dict[str, Any]:
+    """The JSON object stored in an export (keys: see the module docstring)."""
+    from segnest import __version__
+
+    settings, channels = predictor.settings, predictor.in_channels
+    if end_to_end:
+        inputs = {"name": "image", "dtype": "uint8", "layout": "NHWC",
+                  "shape": ["N", "H", "W", channels], "range": [0, 255]}
+        if fmt in ("pt2", "aoti") and settings.base_size:
+            inputs["max_aspect_ratio"] = round(settings.base_size / MIN_WORKING_SIDE, 2)
+        outputs = {"name": "labels", "dtype": "uint8", "layout": "NHW", "shape": ["N", "H", "W"],
+                   "meaning": "train id of each pixel (an index into classes) at the input's "
+                              "size"}
+        inference = ("in the graph: /255, mean/std, bilinear resize to long side base_size, "
+                     "model, softmax resized back, argmax; single scale, whole image, no flip "
+                     "(segnest predict's defaults)")
+    else:
+        inputs = {"name": "image", "dtype": "float32", "layout": "NCHW",
+                  "shape": ["N", channels, "H", "W"], "min_side": MIN_INPUT_SIZE,
+                  "range": "(pixel / 255 - mean) / std per channel (uint16: pixel / 65535)"}
+        outputs = {"name": "logits", "dtype": "float32", "layout": "NCHW",
+                   "shape": ["N", predictor.num_classes, "H", "W"],
+                   "meaning": "class scores at the input's size: argmax over dim 1 = train "
+                              "id, softmax over dim 1 = probabilities"}
+        inference = ("none in the graph; segnest predict resizes the image to long side "
+                     "base_size (bilinear), runs the model, resizes the softmax back, argmax")
+    return {
+        "segnest_version": __version__, "format": fmt,
+        "graph": "end_to_end" if end_to_end else "logits",
+        "classes": list(predictor.classes), "palette": predictor.palette.tolist(),
+        "mean": [float(v) for v in settings.mean], "std": [float(v) for v in settings.std],
+        "in_channels": channels, "input": inputs, "output": outputs,
+        "base_size": settings.base_size, "inference": inference,
+        "model": checkpoint.get("model_name"), "dataset": checkpoint.get("dataset"),
+        "iteration": checkpoint.get("iteration"),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata JSON of a file written by ``segnest export`` (any format)."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.endswith(f"/extra/{METADATA_FILE}"):
+                        return json.loads(archive.read(name))
+                    if name.endswith("wrapper_metadata.json"):  # an AOTI package
+                        entries = json.loads(archive.read(name))
+                        if METADATA_KEY in entries:
+                            return json.loads(entries[METADATA_KEY])
+        elif _is_onnx_file(path):
+            found = _onnx_metadata(path)
+            if found is not None:
+                return json.loads(found)
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+        raise SegnestError(f"cannot read the export metadata of {path}: {error}; export the "
+                           "model again with segnest export") from None
+    raise SegnestError(f"{path} holds no segnest export metadata; pass a file written by "
+                       "segnest export (older exports have none: export again)")
+
+
+def _onnx_metadata(path: Path) -> str | None:
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        model = onnx.load(str(path), load_external_data=False)
+        return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SegnestError("reading ONNX metadata needs the onnx or onnxruntime package; "
+                           "install one with 'pip install onnx'") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+
+
+# ---------------------------------------------------------------- writing each format
+
+
+def _dynamic_dims(end_to_end: bool) -> dict[int, Any]:
+    from torch.export import Dim
+
+    # DYNAMIC, not a named Dim with a range: the backbone's ceil-mode pooling yields guards
+    # (2 * ((h - 1) // 8) < 1 + (h - 1) // 4) true for every h that torch.export cannot
+    # prove, which a named Dim turns into an error.
+    batch = height = width = Dim.DYNAMIC
+    return {0: batch, 1: height, 2: width} if end_to_end else {0: batch, 2: height, 3: width}
+
+
+def exported_program(module: nn.Module, example: torch.Tensor,
+                     end_to_end: bool) -> torch.export.ExportedProgram:
+    """``module`` traced by ``torch.export`` with dynamic batch, height and width."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.export.export(module, (example,),
+                                   dynamic_shapes=(_dynamic_dims(end_to_end),))
+
+
+def export_pt2(module: nn.Module, example: torch.Tensor, path: Path, *, end_to_end: bool,
+               metadata: dict[str, Any]) -> None:
+    program = exported_program(module, example, end_to_end)
+    # A file object: torch warns about a path not ending in .pt2, as the temporary one.
+    with open(path, "wb") as handle:
+        torch.export.save(program, handle, extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def export_aoti(module: nn.Module, example: torch.Tensor, path: Path, *, end_to_end: bool,
+                metadata: dict[str, Any]) -> None:
+    from torch._inductor import aoti_compile_and_package
+
+    program = exported_program(module, example, end_to_end)
+    configs = {"aot_inductor.metadata": {METADATA_KEY: json.dumps(metadata)}}
+    # A file object, because a package path must end in .pt2 and the temporary one does not.
+    with open(path, "wb") as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        aoti_compile_and_package(program, package_path=handle, inductor_configs=configs)
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, end_to_end: bool,
+                metadata: dict[str, Any] | None = None) -> None:
+    """``module`` (a :class:`LogitsOnly` or :class:`EndToEnd`) as an ONNX model at ``path``
+    with dynamic batch, height and width and ``metadata`` under ``metadata_props``.
+
+    The TorchScript-based exporter (dynamo=False) needs no extra package; the dynamo
+    exporter needs onnxscript and is only the fallback for a torch without the former."""
+    if end_to_end:
+        names = (["image"], ["labels"])
+        axes = {"image": {0: "batch", 1: "height", 2: "width"},
+                "labels": {0: "batch", 1: "height", 2: "width"}}
+    else:
+        names = (["image"], ["logits"])
+        axes = {"image": {0: "batch", 2: "height", 3: "width"},
+                "logits": {0: "batch", 2: "height", 3: "width"}}
+    kwargs: dict[str, Any] = dict(input_names=names[0], output_names=names[1],
+                                  opset_version=ONNX_OPSET, dynamic_axes=axes)
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         try:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, **kwargs)
-            return
+            torch.onnx.export(module, (example,), str(path), dynamo=False, **kwargs)
         except TypeError:
-            pass
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError:
-            raise SegnestError(
-                "ONNX export with this torch version needs the onnxscript package; install "
-                "it with 'pip install onnxscript onnx onnxruntime' or use --format torchscript"
-            ) from None
-        torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                          **kwargs)
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise SegnestError(
+                    "ONNX export with this torch version needs the onnxscript package; "
+                    "install it with 'pip install onnxscript onnx onnxruntime' or use "
+                    "--format pt2") from None
+            torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
+                              **kwargs)
+    if metadata is not None:
+        _add_onnx_metadata(path, metadata)
 
 
-def _run_exported(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor | None:
-    """The exported model's output on ``x``; None when no runtime is installed (ONNX)."""
+def _add_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise SegnestError("ONNX export needs the onnx package to store the classes, palette "
+                           "and normalisation in the model; install it with 'pip install "
+                           "onnx onnxruntime'") from None
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.save(model, str(path))
+
+
+def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, *,
+                       end_to_end: bool, metadata: dict[str, Any]) -> None:
+    assert not end_to_end, "validate_config refuses --end-to-end for torchscript"
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit's deprecation notices are for segnest's maintainers, not its users.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+EXPORTERS = {"pt2": export_pt2, "aoti": export_aoti, "onnx": export_onnx,
+             "torchscript": export_torchscript}
+
+
+def load_exported(fmt: str, path: Path) -> Runner | None:
+    """A function running the export at ``path`` on a tensor; None when the format's runtime
+    is not installed (onnxruntime)."""
+    if fmt == "pt2":
+        with open(path, "rb") as handle:
+            module = torch.export.load(handle).module()
+        return lambda x: module(x)
+    if fmt == "aoti":
+        from torch._inductor import aoti_load_package
+
+        with open(path, "rb") as handle:
+            return aoti_load_package(handle)
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            loaded = torch.jit.load(str(path), map_location="cpu")
-        with torch.inference_mode():
-            return loaded(x)
+            return torch.jit.load(str(path), map_location="cpu")
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
 
 
-def _check_sizes(size: int) -> list[tuple[int, int]]:
-    """The example size and a second, non-square one, to prove H and W are not baked in."""
+# ---------------------------------------------------------------- the command
+
+
+def check_sizes(size: int) -> list[tuple[int, int]]:
+    """(height, width) of the check images: the example size, a non-square one and an odd
+    one, to prove H and W are not baked in."""
     other = max(MIN_INPUT_SIZE, (size * 3 // 4) // 8 * 8)
-    return [(size, size), (other, size + 8)]
+    return [(size, size), (other, size + 8),
+            (max(MIN_INPUT_SIZE + 1, size * 5 // 8) | 1, (size + size // 4) | 1)]
+
+
+def check_images(height: int, width: int, channels: int, seed: int) -> torch.Tensor:
+    """A seeded uint8 batch ``(CHECK_BATCH, H, W, C)`` of smooth blobs plus a little
+    noise: a photograph's statistics more than white noise's, whose labels would flip at
+    every near-tie."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(CHECK_BATCH, channels, max(2, height // 8), max(2, width // 8),
+                        generator=generator)
+    smooth = _resize(coarse, (height, width)) * 235
+    noise = torch.rand(CHECK_BATCH, channels, height, width, generator=generator) * 20
+    return (smooth + noise).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def normalized(images: torch.Tensor, predictor: Predictor) -> torch.Tensor:
+    """NHWC uint8 images as the logits graph takes them (what predict feeds its model)."""
+    mean = torch.tensor(predictor.settings.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(predictor.settings.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def verify(run: Runner, reference: nn.Module, predictor: Predictor, images: torch.Tensor,
+           end_to_end: bool) -> tuple[float, float | None]:
+    """(share of pixels whose label equals segnest predict's, max abs difference of the
+    logits to ``reference``'s (PyTorch) or None for an end-to-end graph) on one batch of
+    NHWC uint8 images.
+    A runtime failure or a wrong output shape counts as no agreement."""
+    expected = np.stack(predictor([image.numpy() for image in images]))
+    try:
+        with torch.inference_mode():
+            if end_to_end:
+                labels, difference = run(images), None
+            else:
+                x = normalized(images, predictor)
+                logits = run(x)
+                difference = (float((logits - reference(x)).abs().max())
+                              if logits.shape == (x.shape[0], predictor.num_classes,
+                                                  *x.shape[2:]) else math.inf)
+                labels = infer(run, x, predictor.num_classes, predictor.settings).argmax(dim=1)
+    except Exception:  # onnxruntime and AOTI raise their own types: the graph is wrong
+        return 0.0, None if end_to_end else math.inf
+    if tuple(labels.shape) != expected.shape:
+        return 0.0, difference
+    return float((labels.numpy() == expected).mean()), difference
 
 
 def run_export(cfg: ExportConfig) -> Path:
     """Export the checkpoint's model; raises SegnestError when the check fails."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
-    fmt = cfg.format
+    fmt, end_to_end = cfg.format, cfg.end_to_end
     source = Path(cfg.checkpoint)
-    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIXES[fmt])
+    suffix = (END_TO_END_SUFFIX if end_to_end else "") + SUFFIXES[fmt]
+    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + suffix)
     _check_target(target, source, fmt)
+    if fmt == "aoti" and not has_cxx():
+        raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
+                           "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
+                           "or use --format pt2")
     checkpoint = load_checkpoint(cfg.checkpoint)
-    model = LogitsOnly(model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))).eval()
+    predictor = Predictor.from_checkpoint(checkpoint, validate_config(InferenceFlags(
+        device="cpu")), source=str(source))
+    settings = predictor.settings
+    reference = LogitsOnly(predictor.model)
+    model = without_ceil_pools(predictor.model) if fmt in ("pt2", "aoti") else predictor.model
+    module = (EndToEnd(model, settings.mean, settings.std, settings.base_size) if end_to_end
+              else LogitsOnly(model)).eval()
+    metadata = export_metadata(predictor, checkpoint, fmt, end_to_end)
+    channels = predictor.in_channels
+    batches = [check_images(h, w, channels, seed) for seed, (h, w) in
+               enumerate(check_sizes(cfg.size))]
+    example = batches[0] if end_to_end else normalized(batches[0], predictor)
 
-    generator = torch.Generator().manual_seed(0)
-    channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
-    inputs = [torch.randn(1, channels, h, w, generator=generator)
-              for h, w in _check_sizes(cfg.size)]
     with atomic_path(target) as temp:
-        _export(fmt, model, inputs[0], temp, dynamic=True)
-        differences = _differences(fmt, model, temp, inputs)
-        dynamic = differences is None or differences[1] <= TOLERANCE
-        if not dynamic:
-            # The graph baked in the example size somewhere: keep a fixed-size export.
-            if fmt == "onnx":
-                _export(fmt, model, inputs[0], temp, dynamic=False)
-            differences = _differences(fmt, model, temp, inputs[:1])
-        if differences is not None and differences[0] > TOLERANCE:
-            raise SegnestError(
-                f"exported {fmt} model differs from PyTorch by up to {differences[0]:.2e} "
-                f"(tolerance {TOLERANCE:g}); the export is not faithful, not writing {target}"
-            )
+        EXPORTERS[fmt](module, example, temp, end_to_end=end_to_end, metadata=metadata)
+        run = load_exported(fmt, temp)
+        results = (None if run is None else
+                   [verify(run, reference, predictor, batch, end_to_end) for batch in batches])
+        if results is not None:
+            _refuse_unfaithful(results, batches, fmt, target)
 
-    if differences is None:
-        check = "not verified: onnxruntime is not installed (pip install onnxruntime)"
-    else:
-        check = f"max abs difference to PyTorch {max(differences):.2e}"
-    shape = ("any H and W" if dynamic
-             else f"fixed input size {cfg.size}x{cfg.size} only (re-export with --size)")
-    print(f"exported {fmt} to {target}: normalized image (1,{channels},H,W) -> logits (1,C,H,W), "
-          f"{shape}; {check}")
+    graph = (f"uint8 image (N,H,W,{channels}) -> uint8 labels (N,H,W)" if end_to_end else
+             f"normalized image (N,{channels},H,W) -> logits (N,{predictor.num_classes},H,W)")
+    print(f"exported {fmt} to {target}: {graph}, any N, H and W; "
+          f"{_describe_check(results, batches)}")
     return target
+
+
+def _describe_sizes(batches: list[torch.Tensor]) -> str:
+    return ", ".join(f"{b.shape[0]}x{b.shape[1]}x{b.shape[2]}" for b in batches)
+
+
+def _describe_check(results: list[tuple[float, float | None]] | None,
+                    batches: list[torch.Tensor]) -> str:
+    if results is None:
+        return "not verified: onnxruntime is not installed (pip install onnxruntime)"
+    shares = ", ".join(f"{100 * share:.3f}%" for share, _ in results)
+    text = (f"labels equal to segnest predict's on {shares} of the pixels at "
+            f"{_describe_sizes(batches)} (N x H x W)")
+    differences = [d for _, d in results if d is not None]
+    if differences:
+        text += f"; logits within {max(differences):.1e} of PyTorch"
+    return text
+
+
+def _refuse_unfaithful(results: list[tuple[float, float | None]], batches: list[torch.Tensor],
+                       fmt: str, target: Path) -> None:
+    worst = min(share for share, _ in results)
+    differences = [d for _, d in results if d is not None]
+    if worst < AGREEMENT:
+        raise SegnestError(
+            f"exported {fmt} model's labels equal segnest predict's on only "
+            f"{100 * worst:.3f}% of the pixels (at least {100 * AGREEMENT:g}% needed; "
+            f"{_describe_check(results, batches)}); the export is not faithful, not "
+            f"writing {target}")
+    if differences and max(differences) > TOLERANCE:
+        raise SegnestError(
+            f"exported {fmt} model's logits differ from PyTorch by up to "
+            f"{max(differences):.2e} (tolerance {TOLERANCE:g}); the export is not faithful, "
+            f"not writing {target}")
 
 
 def _check_target(target: Path, checkpoint: Path, fmt: str) -> None:
@@ -155,56 +539,37 @@ def _check_target(target: Path, checkpoint: Path, fmt: str) -> None:
                            f"--out {target / ('model' + SUFFIXES[fmt])}")
     refuse_input_file(target, identities({checkpoint: f"the checkpoint {checkpoint}"}),
                       "--out")
-    if target.exists() and not _is_export(target, fmt):
+    if target.exists() and not is_export(target, fmt):
         raise SegnestError(f"--out {target} exists and is not a {fmt} export; choose another "
                            "file name or delete that file yourself")
     prepare_folder(resolved(target).parent, "--out's folder")
 
 
-def _is_export(path: Path, fmt: str) -> bool:
-    """Whether ``path`` holds an earlier export in ``fmt``: a TorchScript archive is a zip
-    with ``constants.pkl`` and ``code/``, which a torch.save checkpoint lacks; an ONNX model
-    is a protobuf starting with its ir_version field (byte 0x08), where a torch.save file
-    starts with a zip or pickle header."""
+def is_export(path: Path, fmt: str) -> bool:
+    """Whether ``path`` holds an earlier export in ``fmt``, by its content: a TorchScript
+    archive is a zip with ``constants.pkl`` and ``code/``; a pt2 archive (torch.export.save)
+    a zip with ``archive_format`` and ``models/``, an AOTI package one with
+    ``archive_format`` and ``data/aotinductor/``, which a torch.save checkpoint lacks; an
+    ONNX model is a protobuf starting with its ir_version field."""
     try:
-        if fmt == "torchscript":
-            if not zipfile.is_zipfile(path):
-                return False
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-            return (any(name.endswith("/constants.pkl") for name in names)
-                    and any("/code/" in name for name in names))
-        with open(path, "rb") as handle:
-            return handle.read(1) == b"\x08"
+        if fmt == "onnx":
+            return _is_onnx_file(path)
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
     except (OSError, zipfile.BadZipFile):
         return False
+    if fmt == "torchscript":
+        return (any(name.endswith("/constants.pkl") for name in names)
+                and any("/code/" in name for name in names))
+    packaged = any(name.endswith("/archive_format") for name in names)
+    compiled = any("/data/aotinductor/" in name for name in names)
+    if fmt == "aoti":
+        return packaged and compiled
+    return packaged and not compiled and any("/models/" in name for name in names)
 
 
-def _export(fmt: str, model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool) -> None:
-    with torch.no_grad():
-        if fmt == "torchscript":
-            _export_torchscript(model, example, path)
-        else:
-            _export_onnx(model, example, path, dynamic)
-
-
-def _differences(fmt: str, model: nn.Module, path: Path,
-                 inputs: list[torch.Tensor]) -> list[float] | None:
-    """Max abs difference to PyTorch per input (inf on a shape mismatch or a runtime
-    failure); None when the format's runtime is not installed."""
-    differences = []
-    for x in inputs:
-        try:
-            exported = _run_exported(fmt, path, x)
-        except Exception:  # a runtime failure (onnxruntime raises its own types): wrong size
-            differences.append(math.inf)
-            continue
-        if exported is None:
-            return None
-        with torch.inference_mode():
-            reference = model(x)
-        if exported.shape != reference.shape:
-            differences.append(math.inf)
-        else:
-            differences.append(float((exported - reference).abs().max()))
-    return differences
+def _is_onnx_file(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x08"

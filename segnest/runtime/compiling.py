@@ -23,7 +23,8 @@ from segnest.errors import SegnestError
 CXX_NAMES = ("g++", "c++", "clang++")
 
 
-def _has_cxx() -> bool:
+def has_cxx() -> bool:
+    """Whether a C++ compiler for inductor (CXX, else g++, c++ or clang++) is on PATH."""
     configured = os.environ.get("CXX")
     if configured:
         return shutil.which(configured) is not None
@@ -56,7 +57,7 @@ def compile_model(model: nn.Module, *, frozen: bool = False) -> nn.Module:
     does not see later weight updates) and ``model`` is moved to channels_last in place,
     in which oneDNN's frozen convolutions run faster (inputs may keep any layout)."""
     on_cpu = any(p.device.type == "cpu" for p in model.parameters())
-    if on_cpu and not _has_cxx():
+    if on_cpu and not has_cxx():
         raise SegnestError(
             "--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH, or CXX set "
             "to one; install one (e.g. 'apt install g++') or run without --compile"

@@ -6,10 +6,9 @@ import torch
 from conftest import save_tiny_checkpoint
 from PIL import Image
 
-from segnest.config import ExportConfig, PredictConfig
+from segnest.config import PredictConfig
 from segnest.data import generate_palette
 from segnest.errors import SegnestError
-from segnest.inference.export import run_export
 from segnest.inference.predict import run_predict
 
 NUM_CLASSES = 5
@@ -113,34 +112,6 @@ def test_predict_reports_bad_inputs(checkpoint: Path, tmp_path: Path):
     with pytest.raises(SegnestError, match="broken.png"):
         run_predict(PredictConfig(inputs=[str(broken)], checkpoint=str(checkpoint),
                                   out=str(tmp_path / "out"), device="cpu"))
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_matches_pytorch(checkpoint: Path, tmp_path: Path, fmt: str):
-    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(3))
-    if fmt == "onnx":
-        pytest.importorskip("onnx")
-        ort = pytest.importorskip("onnxruntime")
-    path = run_export(ExportConfig(checkpoint=str(checkpoint), format=fmt, size=48,
-                                   out=str(tmp_path / f"model.{fmt}")))
-    assert path == tmp_path / f"model.{fmt}" and path.is_file()
-    assert not list(tmp_path.glob(".*partial"))
-    if fmt == "torchscript":
-        exported = torch.jit.load(str(path))(x)
-    else:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        exported = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
-    expected = reference_logits(checkpoint, x)
-    assert isinstance(exported, torch.Tensor) and exported.shape == (1, NUM_CLASSES, 40, 56)
-    assert (exported - expected).abs().max() <= 1e-4
-
-
-def test_export_default_path_and_bad_format(checkpoint: Path):
-    with pytest.raises(SegnestError, match="--format"):
-        run_export(ExportConfig(checkpoint=str(checkpoint), format="tflite"))
-    path = run_export(ExportConfig(checkpoint=str(checkpoint), size=32))
-    assert path == checkpoint.with_name("best.torchscript.pt") and path.is_file()
 
 
 def test_a_confidence_map_name_never_collides_with_another_inputs_mask(checkpoint: Path,
