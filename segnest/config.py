@@ -75,6 +75,9 @@ PRETRAIN_DATASETS = ("imagenet", "mini")
 INFERENCE_MODES = ("whole", "slide")
 EVAL_SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("torchscript", "onnx")
+# Convolution types ``segnest quantize`` tells apart (segnest.inference.quantize): 1x1,
+# dense kxk, grouped (Split-Attention's radix groups) and dilated dense (the ASPP's).
+QUANTIZE_LAYER_TYPES = ("pointwise", "dense", "grouped", "dilated")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
 OUTPUT_STRIDES = (8, 16, 32)
@@ -334,6 +337,37 @@ class ExportConfig:
     size: int = field(
         default=512,
         metadata=help_("example input side used for tracing/checks", min=MIN_INPUT_SIZE),
+    )
+
+
+@dataclass
+class QuantizeConfig:
+    """``segnest quantize``: an int8 ONNX model of a checkpoint for CPU inference."""
+
+    checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
+    out: str | None = field(
+        default=None, metadata=help_("output file (default next to checkpoint, .int8.onnx)")
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=help_("dataset of the calibration and check images (default: the "
+                       "checkpoint's)", choices=DATASETS),
+    )
+    data_root: str | None = field(
+        default=None, metadata=help_("dataset root (default: the checkpoint's)")
+    )
+    calibration_images: int = field(
+        default=16, metadata=help_("training images that calibrate the int8 ranges", min=1)
+    )
+    check_images: int = field(
+        default=16,
+        metadata=help_("validation images on which the int8 labels are compared with fp32",
+                       min=1),
+    )
+    layer_types: str = field(
+        default="pointwise,dense",
+        metadata=help_("comma-separated convolution types to quantize, of "
+                       + ",".join(QUANTIZE_LAYER_TYPES)),
     )
 
 
@@ -799,6 +833,20 @@ def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
     return scales
 
 
+def parse_layer_types(text: str, flag: str = "--layer-types") -> tuple[str, ...]:
+    """``"pointwise,dense"`` -> ``("pointwise", "dense")``, each one of QUANTIZE_LAYER_TYPES."""
+    types_ = tuple(dict.fromkeys(part.strip() for part in str(text).split(",") if part.strip()))
+    unknown = [t for t in types_ if t not in QUANTIZE_LAYER_TYPES]
+    if not types_ or unknown:
+        raise SegnestError(f"{flag} {text!r} must list one or more of "
+                           f"{','.join(QUANTIZE_LAYER_TYPES)}; write e.g. {flag} pointwise,dense")
+    return types_
+
+
+def _layer_types_parse(cfg: QuantizeConfig, names: _Names) -> None:
+    parse_layer_types(cfg.layer_types)
+
+
 def _scales_parse(cfg: InferenceFlags, names: _Names) -> None:
     if cfg.scales is not None:
         parse_scales(cfg.scales)
@@ -871,6 +919,7 @@ CHECKS: dict[type, tuple[Check, ...]] = {
     InferenceFlags: (_scales_parse, _stride_within_window),
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _backbone_fits),
     BenchConfig: (_known_model,),
+    QuantizeConfig: (_layer_types_parse,),
 }
 
 
