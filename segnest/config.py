@@ -365,7 +365,7 @@ class QuantizeConfig:
                        min=1),
     )
     layer_types: str = field(
-        default="pointwise,dense",
+        default=",".join(QUANTIZE_LAYER_TYPES),
         metadata=help_("comma-separated convolution types to quantize, of "
                        + ",".join(QUANTIZE_LAYER_TYPES)),
     )

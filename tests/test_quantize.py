@@ -84,7 +84,9 @@ def test_quantized_model_runs_and_its_logits_follow_fp32(checkpoint, folder_data
     # logits of an int8 model whose scales were wrong would not even correlate.
     correlation = np.corrcoef(logits.flatten().numpy(), expected.flatten().numpy())[0, 1]
     assert correlation > 0.95
-    assert 0.5 <= result["agreement"] <= 1.0 and result["images"] == 2
+    # The check's fp32 reference must stay in eval mode after the export (a model left
+    # training, dropout on, agreed on only 83% here).
+    assert result["agreement"] >= 0.97 and result["images"] == 2
 
 
 @pytest.mark.slow

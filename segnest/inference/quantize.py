@@ -221,7 +221,10 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="segnest-quantize-") as folder:
         fp32 = Path(folder) / "model.onnx"
         with torch.no_grad():
-            _export_onnx(LogitsOnly(model), calibration[0], fp32, dynamic=True)
+            # LogitsOnly must be in eval mode: the exporter restores the wrapper's mode
+            # on the whole model afterwards, and a model left training (dropout) would
+            # make the reference of the agreement check random.
+            _export_onnx(LogitsOnly(model).eval(), calibration[0], fp32, dynamic=True)
         with atomic_path(target) as temp:
             counts = quantize_onnx(fp32, temp, calibration, layer_types)
             agreement, images = label_agreement(model, OnnxModel(temp), val,
