@@ -37,6 +37,7 @@ from segnest.config import InferenceFlags, QuantizeConfig
 from segnest.data import build_dataset
 from segnest.inference.evaluate import evaluate
 from segnest.inference.export import LogitsOnly, _export_onnx
+from segnest.inference.metrics import percent
 from segnest.inference.quantize import OnnxModel, quantize_onnx, run_quantize
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import inference_model
@@ -145,12 +146,12 @@ def accuracy(args: argparse.Namespace) -> None:
             settings = InferenceSettings.from_flags(flags, checkpoint)
             for name, model in models.items():
                 metrics, _ = evaluate(model, dataset, settings, "cpu", progress=False)
-                rows.append((label, name, 100 * metrics["mIoU"], 100 * metrics["pixAcc"],
+                rows.append((label, name, percent(metrics["mIoU"]), percent(metrics["pixAcc"]),
                              metrics["timing"]["forward_s"]))
     print(f"\n{args.checkpoint} on {dataset_name} val ({len(dataset)} images)")
     print(f"{'setting':20s} {'precision':9s} {'mIoU':>7s} {'pixAcc':>7s} {'forward s':>9s}")
     for label, name, miou, pix, seconds in rows:
-        print(f"{label:20s} {name:9s} {miou:7.2f} {pix:7.2f} {seconds:9.2f}")
+        print(f"{label:20s} {name:9s} {miou:>7s} {pix:>7s} {seconds:9.2f}")
 
 
 def main() -> None:
