@@ -78,6 +78,9 @@ EVAL_SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("pt2", "aoti", "onnx", "torchscript")
 # The formats that take --end-to-end (uint8 image in, label map out).
 END_TO_END_FORMATS = ("pt2", "aoti", "onnx")
+# Convolution types ``segnest quantize`` tells apart (segnest.inference.quantize): 1x1,
+# dense kxk, grouped (Split-Attention's radix groups) and dilated dense (the ASPP's).
+QUANTIZE_LAYER_TYPES = ("pointwise", "dense", "grouped", "dilated")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
 # --precision: float32, bf16 or fp16 autocast, or the fastest native one (runtime/precision.py).
@@ -365,6 +368,37 @@ class ExportConfig:
     size: int = field(
         default=512,
         metadata=help_("example input side used for tracing and the checks", min=MIN_INPUT_SIZE),
+    )
+
+
+@dataclass
+class QuantizeConfig:
+    """``segnest quantize``: an int8 ONNX model of a checkpoint for CPU inference."""
+
+    checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
+    out: str | None = field(
+        default=None, metadata=help_("output file (default next to checkpoint, .int8.onnx)")
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=help_("dataset of the calibration and check images (default: the "
+                       "checkpoint's)", choices=DATASETS),
+    )
+    data_root: str | None = field(
+        default=None, metadata=help_("dataset root (default: the checkpoint's)")
+    )
+    calibration_images: int = field(
+        default=16, metadata=help_("training images that calibrate the int8 ranges", min=1)
+    )
+    check_images: int = field(
+        default=16,
+        metadata=help_("validation images on which the int8 labels are compared with fp32",
+                       min=1),
+    )
+    layer_types: str = field(
+        default=",".join(QUANTIZE_LAYER_TYPES),
+        metadata=help_("comma-separated convolution types to quantize, of "
+                       + ",".join(QUANTIZE_LAYER_TYPES)),
     )
 
 
@@ -839,6 +873,20 @@ def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
     return scales
 
 
+def parse_layer_types(text: str, flag: str = "--layer-types") -> tuple[str, ...]:
+    """``"pointwise,dense"`` -> ``("pointwise", "dense")``, each one of QUANTIZE_LAYER_TYPES."""
+    types_ = tuple(dict.fromkeys(part.strip() for part in str(text).split(",") if part.strip()))
+    unknown = [t for t in types_ if t not in QUANTIZE_LAYER_TYPES]
+    if not types_ or unknown:
+        raise SegnestError(f"{flag} {text!r} must list one or more of "
+                           f"{','.join(QUANTIZE_LAYER_TYPES)}; write e.g. {flag} pointwise,dense")
+    return types_
+
+
+def _layer_types_parse(cfg: QuantizeConfig, names: _Names) -> None:
+    parse_layer_types(cfg.layer_types)
+
+
 def _scales_parse(cfg: InferenceFlags, names: _Names) -> None:
     if cfg.scales is not None:
         parse_scales(cfg.scales)
@@ -950,6 +998,7 @@ CHECKS: dict[type, tuple[Check, ...]] = {
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _amp_alias, _backbone_fits),
     BenchConfig: (_known_model,),
     ExportConfig: (_end_to_end_format,),
+    QuantizeConfig: (_layer_types_parse,),
 }
 
 

@@ -463,7 +463,7 @@ def run_export(cfg: ExportConfig) -> Path:
     source = Path(cfg.checkpoint)
     suffix = (END_TO_END_SUFFIX if end_to_end else "") + SUFFIXES[fmt]
     target = Path(cfg.out) if cfg.out else source.with_name(source.stem + suffix)
-    _check_target(target, source, fmt)
+    check_target(target, source, fmt)
     if fmt == "aoti" and not has_cxx():
         raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
                            "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
@@ -531,7 +531,7 @@ def _refuse_unfaithful(results: list[tuple[float, float | None]], batches: list[
             f"not writing {target}")
 
 
-def _check_target(target: Path, checkpoint: Path, fmt: str) -> None:
+def check_target(target: Path, checkpoint: Path, fmt: str) -> None:
     """Refuse a target that is the checkpoint or an existing file other than an earlier
     ``fmt`` export; create its folder."""
     if target.is_dir():

@@ -1,0 +1,240 @@
+"""``segnest quantize``: int8 post-training quantization for CPU inference (ONNX Runtime).
+
+The checkpoint's model (batch norms folded) is exported to ONNX as ``segnest export`` does,
+then ONNX Runtime's static quantization rewrites chosen convolutions as int8 QDQ pairs:
+weights per output channel (symmetric int8), activations per tensor (uint8), their ranges
+calibrated on ``--calibration-images`` training images of the checkpoint's dataset, read,
+normalized and resized exactly as single-scale inference feeds the model. Everything
+else (attention, softmax, resizing, the remaining convolutions) stays fp32.
+
+Only the convolution types in ``--layer-types`` are quantized; the types
+(``QUANTIZE_LAYER_TYPES``) are told apart from the graph: ``pointwise`` (1x1), ``dense``
+(kxk, one group, no dilation: the stem, the head's 3x3), ``grouped`` (Split-Attention's
+radix groups, dilated or not) and ``dilated`` (dense with dilation: the ASPP). The default
+holds the types that ran faster in int8 than in fp32 (experiments/benchmarks/README.md).
+
+Before the file is written (atomically), the int8 model's labels are compared with the fp32
+model's on ``--check-images`` validation images, which calibration never saw; the agreement
+is printed, with a warning below ``AGREEMENT_WARNING``. ``--out`` follows the rules of
+``segnest export``: never the checkpoint, and only an earlier ONNX model may be replaced.
+
+:class:`OnnxModel` runs the result as a segnest model callable (normalized batch -> logits),
+so that :func:`segnest.inference.evaluate.evaluate` and ``infer`` take it as they take a
+PyTorch model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, validate_config
+from segnest.data import build_dataset
+from segnest.data.transforms import to_normalized_tensors
+from segnest.errors import SegnestError
+from segnest.inference.export import LogitsOnly, check_target, export_onnx
+from segnest.inference.settings import InferenceSettings
+from segnest.inference.strategies import _resize, _scaled_size, infer, inference_model
+from segnest.models import model_from_checkpoint
+from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.files import atomic_path
+
+SUFFIX = ".int8.onnx"
+# Below this share of equal labels the int8 model is reported as suspect.
+AGREEMENT_WARNING = 0.95
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError:
+        raise SegnestError("segnest quantize needs ONNX Runtime; install it with "
+                           "'pip install onnx onnxruntime'") from None
+    return onnxruntime
+
+
+class OnnxModel:
+    """An ONNX segmentation model (normalized image (B, N, H, W) -> logits (B, C, H, W), as
+    ``segnest export``/``quantize`` write it) called like a PyTorch model: a CPU batch
+    (B, N, H, W) in, logits (B, C, H, W) out (the exported graph has a dynamic batch)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        onnxruntime = _onnxruntime()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
+
+
+def conv_layer_types(model: Any) -> dict[str, str]:
+    """Conv node name -> its type in QUANTIZE_LAYER_TYPES, for an ``onnx.ModelProto``."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    types_ = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        group = attrs["group"].i if "group" in attrs else 1
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else []
+        kernel = (list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs
+                  else list(shapes.get(node.input[1], (0, 0, 1, 1))[2:]))
+        if group > 1 and any(k > 1 for k in kernel):
+            types_[node.name] = "grouped"
+        elif all(k == 1 for k in kernel):
+            types_[node.name] = "pointwise"
+        elif any(d > 1 for d in dilations):
+            types_[node.name] = "dilated"
+        else:
+            types_[node.name] = "dense"
+    return types_
+
+
+def calibration_batches(dataset: Any, count: int, settings: InferenceSettings
+                        ) -> Iterator[torch.Tensor]:
+    """``count`` images spread evenly over ``dataset``, each as single-scale inference
+    feeds it to the model: normalized with the checkpoint's mean/std, long side resized to
+    the base size, (1, N, h, w)."""
+    positions = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset)))
+    for index in sorted({int(round(p)) for p in positions}):
+        image, mask = dataset.load(index)
+        tensor, _ = to_normalized_tensors(image, mask, settings.mean, settings.std)
+        batch = tensor.unsqueeze(0)
+        height, width = batch.shape[-2:]
+        size = _scaled_size(height, width, 1.0, settings.base_size)
+        yield batch if size == (height, width) else _resize(batch, size)
+
+
+def _reader(batches: Sequence[torch.Tensor], input_name: str) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.items, None)
+            return None if batch is None else {input_name: batch.numpy()}
+
+    return Reader()
+
+
+def quantize_onnx(source: Path, target: Path, batches: Sequence[torch.Tensor],
+                  layer_types: Sequence[str]) -> dict[str, int]:
+    """Write ``source`` (an fp32 ONNX model) to ``target`` with the convolutions of
+    ``layer_types`` quantized to int8, calibrated on ``batches``; returns the number of
+    convolutions quantized per type (0 for types left in fp32)."""
+    _onnxruntime()
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # ONNX Runtime's recommended preparation: shapes inferred, constants folded (the
+    # exporter shares equal tensors through Identity nodes, which would hide a convolution's
+    # bias from the quantizer), so that every convolution is seen as it will run.
+    prepared = source.with_name(source.stem + ".prepared.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    source = prepared
+    types_ = conv_layer_types(onnx.load(str(source)))
+    chosen = [name for name, kind in types_.items() if kind in layer_types]
+    counts = {kind: sum(1 for name in chosen if types_[name] == kind) for kind in layer_types}
+    if not chosen:
+        raise SegnestError(f"the model has no convolution of the types {','.join(layer_types)}; "
+                           "choose others with --layer-types")
+    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(source), str(target), _reader(batches, input_name),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv"], nodes_to_quantize=chosen,
+        )
+    return counts
+
+
+def label_agreement(reference: Any, candidate: Any, dataset: Any, count: int,
+                    settings: InferenceSettings) -> tuple[float, int]:
+    """Share of pixels where ``candidate``'s labels equal ``reference``'s under
+    ``settings``, over the first ``count`` images of ``dataset``; and the images used."""
+    equal = total = images = 0
+    num_classes = int(dataset.num_classes)
+    with torch.inference_mode():
+        for index in range(min(count, len(dataset))):
+            image, mask = dataset.load(index)
+            tensor, _ = to_normalized_tensors(image, mask, settings.mean, settings.std)
+            batch = tensor.unsqueeze(0)
+            expected = infer(reference, batch, num_classes, settings).argmax(1)
+            got = infer(candidate, batch, num_classes, settings).argmax(1)
+            equal += int((expected == got).sum())
+            total += expected.numel()
+            images += 1
+    return equal / max(total, 1), images
+
+
+def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any:
+    trained = checkpoint.get("dataset")
+    name = cfg.dataset or trained
+    if not name:
+        raise SegnestError(f"checkpoint {cfg.checkpoint} does not name its dataset; pass "
+                           "--dataset (and --data-root) for the calibration images")
+    trained_config = checkpoint.get("config") or {}
+    same = name == trained
+    root = cfg.data_root or (trained_config.get("data_root") if same else None)
+    return build_dataset(name, root, split,
+                         label_map=trained_config.get("label_map") if same else None,
+                         in_channels=int(checkpoint.get("model_kwargs", {}).get("in_chans", 3)))
+
+
+def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
+    """``segnest quantize``; returns the target, the quantized counts and the agreement."""
+    cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    layer_types = parse_layer_types(cfg.layer_types)
+    _onnxruntime()
+    source = Path(cfg.checkpoint)
+    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIX)
+    check_target(target, source, "onnx")
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    model = inference_model(model_from_checkpoint(checkpoint, source=str(source)))
+    settings = InferenceSettings.from_flags(InferenceFlags(), checkpoint, cfg.dataset)
+    calibration = list(calibration_batches(_dataset(cfg, checkpoint, "train"),
+                                           cfg.calibration_images, settings))
+    val = _dataset(cfg, checkpoint, "val")
+
+    with tempfile.TemporaryDirectory(prefix="segnest-quantize-") as folder:
+        fp32 = Path(folder) / "model.onnx"
+        with torch.no_grad():
+            # LogitsOnly must be in eval mode: the exporter restores the wrapper's mode
+            # on the whole model afterwards, and a model left training (dropout) would
+            # make the reference of the agreement check random.
+            export_onnx(LogitsOnly(model).eval(), calibration[0], fp32, end_to_end=False)
+        with atomic_path(target) as temp:
+            counts = quantize_onnx(fp32, temp, calibration, layer_types)
+            agreement, images = label_agreement(model, OnnxModel(temp), val,
+                                                cfg.check_images, settings)
+
+    kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    print(f"quantized {sum(counts.values())} convolutions to int8 ({kinds}; calibrated on "
+          f"{len(calibration)} training images) -> {target}: normalized image (1,N,H,W) -> "
+          f"logits (1,C,H,W), run with onnxruntime")
+    print(f"int8 labels agree with fp32 on {100 * agreement:.2f}% of the pixels of {images} "
+          f"validation images ({settings.describe()})")
+    if agreement < AGREEMENT_WARNING:
+        print(f"warning: int8 labels differ from fp32 on more than "
+              f"{100 * (1 - AGREEMENT_WARNING):.0f}% of the pixels; measure the mIoU of "
+              f"{target} before using it, or quantize fewer --layer-types")
+    return {"target": target, "counts": counts, "agreement": agreement, "images": images}
