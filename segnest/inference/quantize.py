@@ -229,8 +229,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
 
     kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     print(f"quantized {sum(counts.values())} convolutions to int8 ({kinds}; calibrated on "
-          f"{len(calibration)} training images) -> {target}: normalized image (1,N,H,W) -> "
-          f"logits (1,C,H,W), run with onnxruntime")
+          f"{len(calibration)} training images) -> {target}: normalized image (N,C,H,W) -> "
+          f"logits (N,classes,H,W), run with onnxruntime")
     print(f"int8 labels agree with fp32 on {100 * agreement:.2f}% of the pixels of {images} "
           f"validation images ({settings.describe()})")
     if agreement < AGREEMENT_WARNING:
