@@ -4,8 +4,8 @@ Part ``speed``: DeepLabV3-ResNeSt-50 (150 classes, seeded weights), one 512x512 
 timed in turns in one process after warm-up (medians of ``--runs``):
 
 - ``fp32 compiled``: segnest's compiled path, ``inference_model(model, compile=True)``;
-- ``bf16 compiled``: the same frozen compiled BN-folded channels_last model, called under
-  ``torch.autocast('cpu', torch.bfloat16)`` (weights folded to bf16 constants);
+- ``bf16 compiled``: ``segnest eval --precision bf16 --compile``'s path,
+  ``inference_model(model, compile=True, precision=torch.bfloat16)``;
 - ``ort fp32``: the ONNX export in ONNX Runtime, unquantized;
 - ``inductor int8 (torchao PT2E)`` with ``--pt2e`` and torchao importable: PT2E with
   the x86 inductor quantizer (all convolutions), frozen compiled;
@@ -14,7 +14,7 @@ timed in turns in one process after warm-up (medians of ``--runs``):
   the calibration).
 
 Part ``accuracy``: the demo checkpoint (``segnest demo``'s ``train/last.pt``) on the mini
-val set with segnest's ``evaluate``: fp32 (BN folded), bf16 (autocast over the same) and
+val set with segnest's ``evaluate``: fp32 (BN folded), bf16 (``--precision bf16``'s path) and
 int8 (``segnest quantize`` with its default layer types, calibrated on 16 training images),
 single scale and multi-scale + flip.
 
@@ -43,18 +43,6 @@ from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import inference_model
 from segnest.models import create_model, model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
-
-
-class Bf16:
-    """A model called under CPU bf16 autocast, logits back in fp32."""
-
-    def __init__(self, model: Callable) -> None:
-        self.model = model
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = self.model(x)
-        return (out["out"] if isinstance(out, dict) else out).float()
 
 
 def pt2e_int8(model: torch.nn.Module, x: torch.Tensor,
@@ -90,7 +78,7 @@ def speed(args: argparse.Namespace) -> None:
     paths: dict[str, Callable] = {}
     started = time.perf_counter()
     paths["fp32 compiled"] = inference_model(model, compile=True)
-    paths["bf16 compiled"] = Bf16(inference_model(model, compile=True))
+    paths["bf16 compiled"] = inference_model(model, compile=True, precision=torch.bfloat16)
     with tempfile.TemporaryDirectory(prefix="int8-bench-") as folder:
         fp32 = Path(folder) / "model.onnx"
         with torch.no_grad():
@@ -136,7 +124,9 @@ def accuracy(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="int8-acc-") as folder:
         result = run_quantize(QuantizeConfig(checkpoint=args.checkpoint,
                                              out=str(Path(folder) / "model.int8.onnx")))
-        models = {"fp32": fp32, "bf16": Bf16(fp32), "int8": OnnxModel(result["target"])}
+        bf16 = inference_model(model_from_checkpoint(checkpoint, source=args.checkpoint),
+                               precision=torch.bfloat16)
+        models = {"fp32": fp32, "bf16": bf16, "int8": OnnxModel(result["target"])}
         dataset_name = checkpoint["dataset"]
         root = (checkpoint.get("config") or {}).get("data_root")
         dataset = build_dataset(dataset_name, root, "val")
