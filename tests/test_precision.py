@@ -259,3 +259,9 @@ def test_compiled_bf16_inference_is_close_to_fp32():
             inference_model(model, compile=True, precision=torch.bfloat16), x)
     assert compiled.dtype == torch.float32
     torch.testing.assert_close(compiled.softmax(1), reference, atol=0.05, rtol=0)
+
+
+def test_the_flag_choices_are_the_precisions_runtime_resolves():
+    from segnest.runtime.precision import PRECISION_DTYPES
+
+    assert set(PRECISIONS) == {*PRECISION_DTYPES, "auto"}

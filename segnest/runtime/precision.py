@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from segnest.config import PRECISIONS
 from segnest.errors import SegnestError
 
 # The autocast dtype of each precision name; None computes in float32.
@@ -81,9 +80,11 @@ def resolve_precision(name: str, device: torch.device, *, amp: bool = False
     """The autocast dtype for precision ``name`` on ``device`` (None: float32), or a
     one-line SegnestError when ``device`` does not run it natively. ``amp`` names the
     request ``--amp`` in that line."""
-    if name not in PRECISIONS:
-        raise SegnestError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}; "
-                           "pick one of those")
+    # Config validation already allows only these (config.PRECISIONS: the names, without
+    # importing torch); runtime code sits below config and does not import it.
+    if name != "auto" and name not in PRECISION_DTYPES:
+        raise SegnestError(f"--precision {name!r} is not one of "
+                           f"{', '.join((*PRECISION_DTYPES, 'auto'))}; pick one of those")
     flag = _flag(name, amp)
     if device.type == "cuda":
         bf16 = cuda_bf16(device)
