@@ -11,8 +11,9 @@ costs in mIoU.
     (bf16: channels_last): fp32 eager vs bf16 eager.
 (c) mIoU of a checkpoint (the demo's: ``segnest demo`` writes runs/demo/train/last.pt) on
     its validation split with segnest's own ``evaluate()``, single-scale and multi-scale +
-    flip, for each row of :data:`ACCURACY_VARIANTS` (fp32, bf16; int8 is the place left
-    for issue #17 item 3).
+    flip, for each row of :data:`ACCURACY_VARIANTS` (fp32, bf16). int8 needs the checkpoint
+    file and calibration images (``segnest quantize``): ``int8.py --parts accuracy`` gives
+    fp32, bf16 and int8 side by side.
 
 Speed: the variants take turns (a, b, c, a, b, c, ...) after warm-up and medians are
 compared, so a shared machine's load falls on all alike. It prints the CPU and the flags
@@ -51,8 +52,7 @@ CPU = torch.device("cpu")
 BF16 = torch.bfloat16
 
 # Accuracy rows: name -> function(fp32 model in eval mode, device) -> the callable that
-# evaluate() runs (logits or {'out': logits}). int8 (#17 item 3) adds its row here, e.g.
-#   "int8": lambda model, device: quantize_model(model, ...)  # segnest.inference.quantize
+# evaluate() runs (logits or {'out': logits}). int8's rows: int8.py --parts accuracy.
 ACCURACY_VARIANTS: dict[str, Callable[[nn.Module, torch.device], Model]] = {
     "fp32": lambda model, device: inference_model(model),
     "bf16": lambda model, device: inference_model(model, precision=BF16),
