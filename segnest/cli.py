@@ -101,8 +101,8 @@ COMMANDS = {
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(
         prog="segnest",
-        description="Semantic segmentation with ResNeSt + DeepLabV3 (train, eval, predict, "
-                    "pretrain, demo, bench).",
+        description="Semantic segmentation with ResNeSt + DeepLabV3: train, evaluate and use "
+                    "models; the commands are listed below.",
     )
     parser.add_argument("--version", action="version", version=f"segnest {segnest.__version__}")
     parser.add_argument("--debug", action="store_true",
