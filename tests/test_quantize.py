@@ -87,6 +87,12 @@ def test_quantized_model_runs_and_its_logits_follow_fp32(checkpoint, folder_data
     # The check's fp32 reference must stay in eval mode after the export (a model left
     # training, dropout on, agreed on only 83% here).
     assert result["agreement"] >= 0.97 and result["images"] == 2
+    from segnest.inference.export import read_metadata
+
+    metadata = read_metadata(out)
+    assert len(metadata["classes"]) == NUM_CLASSES and metadata["graph"] == "logits"
+    assert metadata["quantization"]["dtype"] == "int8"
+    assert sorted(metadata["quantization"]["layer_types"]) == sorted(QUANTIZE_LAYER_TYPES)
 
 
 @pytest.mark.slow

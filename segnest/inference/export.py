@@ -345,10 +345,11 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, end_to_
             torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
                               **kwargs)
     if metadata is not None:
-        _add_onnx_metadata(path, metadata)
+        add_onnx_metadata(path, metadata)
 
 
-def _add_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
+def add_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Store ``metadata`` (see :func:`export_metadata`) in the ONNX model at ``path``."""
     try:
         import onnx
     except ImportError:

@@ -39,7 +39,14 @@ from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, va
 from segnest.data import build_dataset
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
-from segnest.inference.export import LogitsOnly, check_target, export_onnx
+from segnest.inference.export import (
+    LogitsOnly,
+    add_onnx_metadata,
+    check_target,
+    export_metadata,
+    export_onnx,
+)
+from segnest.inference.predictor import Predictor
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import _resize, _scaled_size, infer, inference_model
 from segnest.models import model_from_checkpoint
@@ -224,6 +231,16 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
             export_onnx(LogitsOnly(model).eval(), calibration[0], fp32, end_to_end=False)
         with atomic_path(target) as temp:
             counts = quantize_onnx(fp32, temp, calibration, layer_types)
+            # The classes, palette and normalisation travel with the model, as in every
+            # segnest export (read them with segnest.inference.export.read_metadata).
+            predictor = Predictor.from_checkpoint(checkpoint, InferenceFlags(device="cpu"),
+                                                  source=str(source))
+            metadata = export_metadata(predictor, checkpoint, "onnx", end_to_end=False)
+            metadata["quantization"] = {
+                "dtype": "int8", "method": "onnxruntime static QDQ, per-channel weights",
+                "layer_types": list(layer_types), "convolutions": counts,
+                "calibration_images": len(calibration)}
+            add_onnx_metadata(temp, metadata)
             agreement, images = label_agreement(model, OnnxModel(temp), val,
                                                 cfg.check_images, settings)
 
