@@ -74,7 +74,7 @@ from segnest.config import MIN_INPUT_SIZE, ExportConfig, InferenceFlags, validat
 from segnest.errors import SegnestError
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.inference.predictor import Predictor
-from segnest.inference.strategies import infer
+from segnest.inference.strategies import _resize, infer
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
@@ -163,10 +163,6 @@ def working_size(image: torch.Tensor, base_size: int) -> tuple[Any, Any]:
     ratio = float(base_size) / torch.sym_max(height, width)
     return (torch.sym_max(1, torch.sym_int(height * ratio + 0.5)),
             torch.sym_max(1, torch.sym_int(width * ratio + 0.5)))
-
-
-def _resize(x: torch.Tensor, size: tuple[Any, Any]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class EndToEnd(nn.Module):

@@ -37,7 +37,6 @@ import torch
 
 from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, validate_config
 from segnest.data import build_dataset
-from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
 from segnest.inference.export import (
     LogitsOnly,
@@ -48,7 +47,13 @@ from segnest.inference.export import (
 )
 from segnest.inference.predictor import Predictor
 from segnest.inference.settings import InferenceSettings
-from segnest.inference.strategies import _resize, _scaled_size, infer, inference_model
+from segnest.inference.strategies import (
+    _scaled_size,
+    _working_image,
+    image_size,
+    inference_model,
+    segment,
+)
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
@@ -116,12 +121,9 @@ def calibration_batches(dataset: Any, count: int, settings: InferenceSettings
     the base size, (1, N, h, w)."""
     positions = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset)))
     for index in sorted({int(round(p)) for p in positions}):
-        image, mask = dataset.load(index)
-        tensor, _ = to_normalized_tensors(image, mask, settings.mean, settings.std)
-        batch = tensor.unsqueeze(0)
-        height, width = batch.shape[-2:]
-        size = _scaled_size(height, width, 1.0, settings.base_size)
-        yield batch if size == (height, width) else _resize(batch, size)
+        image, _ = dataset.load(index)
+        size = _scaled_size(*image_size(image), 1.0, settings.base_size)
+        yield _working_image(image, size, settings).unsqueeze(0)
 
 
 def _reader(batches: Sequence[torch.Tensor], input_name: str) -> Any:
@@ -182,11 +184,10 @@ def label_agreement(reference: Any, candidate: Any, dataset: Any, count: int,
     num_classes = int(dataset.num_classes)
     with torch.inference_mode():
         for index in range(min(count, len(dataset))):
-            image, mask = dataset.load(index)
-            tensor, _ = to_normalized_tensors(image, mask, settings.mean, settings.std)
-            batch = tensor.unsqueeze(0)
-            expected = infer(reference, batch, num_classes, settings).argmax(1)
-            got = infer(candidate, batch, num_classes, settings).argmax(1)
+            image, _ = dataset.load(index)
+            # The banded labels eval and predict give (segment), for both models.
+            (_, expected, _), = segment(reference, [(index, image)], num_classes, settings)
+            (_, got, _), = segment(candidate, [(index, image)], num_classes, settings)
             equal += int((expected == got).sum())
             total += expected.numel()
             images += 1
