@@ -126,3 +126,12 @@ def test_a_confidence_map_name_never_collides_with_another_inputs_mask(checkpoin
     assert len(set(written)) == 2
     assert (out / "photo_confidence.png").is_file()  # the first input's confidence map
     assert out / "photo_confidence.png" not in written
+
+
+def test_predict_refuses_a_float_npy_on_a_0_255_scale(checkpoint: Path, tmp_path: Path):
+    photo = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", photo)
+    with pytest.raises(SegnestError, match=r"x\.npy is float with values from .* 0-1 scale"):
+        run_predict(PredictConfig(inputs=[str(tmp_path / "x.npy")], checkpoint=str(checkpoint),
+                                  out=str(tmp_path / "out"), device="cpu"))
+    assert not (tmp_path / "out" / "x.png").exists()

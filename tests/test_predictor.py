@@ -179,3 +179,24 @@ def test_predict_confidence_png_is_the_predictors_confidence_rounded(
 def test_a_batch_size_below_one_is_one_line(checkpoint: Path):
     with pytest.raises(segnest.SegnestError, match="--batch-size"):
         segnest.load_model(checkpoint, device="cpu", batch_size=0)
+
+
+@pytest.mark.parametrize("scale", [255.0, 1.5])
+def test_a_float_array_off_the_0_1_scale_is_one_line_not_a_prediction(predictor, scale):
+    photo = (np.random.default_rng(0).random((32, 32, 3)) * scale).astype(np.float32)
+    with pytest.raises(segnest.SegnestError, match="0-1 scale") as error:
+        predictor(photo)
+    assert "divide a 0-255 image by 255" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_float_array_on_the_0_1_scale_predicts_as_its_uint8_twin(predictor):
+    photo = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert np.array_equal(predictor(photo.astype(np.float32) / 255), predictor(photo))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_array_holding_nan_or_infinity_is_one_line(predictor, bad):
+    photo = np.full((32, 32, 3), 0.5, np.float32)
+    photo[3, 4, 1] = bad
+    with pytest.raises(segnest.SegnestError, match="NaN or infinite"):
+        predictor(photo)

@@ -119,7 +119,29 @@ def _read_array(path: Path) -> np.ndarray:
                            "image arrays are HxWxN numbers (uint8, uint16 or float)")
     if array.dtype not in (np.uint8, np.uint16):
         array = array.astype(np.float32)
+        check_unit_range(array, f"array {path}")
     return np.ascontiguousarray(array)
+
+
+# Float images hold 0-1 values; rounding and resampling may overshoot by less than one
+# 8-bit step, while a 0-255 image (np.float32(photo), cv2's astype) goes far beyond.
+UNIT_RANGE_SLACK = 1.0 / 255.0
+
+
+def check_unit_range(image: np.ndarray, where: str) -> None:
+    """Refuse a float image that is not finite or not on the 0-1 scale float images are
+    read on (:func:`~segnest.data.transforms.pixel_scale`): a 0-255 float image would be
+    taken as 255 times too bright and predicted without a word."""
+    if image.dtype.kind != "f" or image.size == 0:
+        return
+    low, high = float(np.min(image)), float(np.max(image))
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise SegnestError(f"{where} holds NaN or infinite values; replace them (e.g. "
+                           "np.nan_to_num) before predicting or training")
+    if low < -UNIT_RANGE_SLACK or high > 1.0 + UNIT_RANGE_SLACK:
+        raise SegnestError(f"{where} is float with values from {low:g} to {high:g}, but float "
+                           "images must lie on a 0-1 scale; divide a 0-255 image by 255 (or "
+                           "pass it as uint8), or rescale the values to 0-1")
 
 
 def read_image(path: str | os.PathLike, in_channels: int = 3) -> np.ndarray:

@@ -10,7 +10,9 @@ command are the same array.
 Images are read as :func:`segnest.data.base.read_image` reads files: a path goes through
 it, a Pillow image of any mode is converted the same way (grey and palette images to RGB,
 transparency dropped, 16-bit grey kept at 16 bits), and an array must already be what it
-returns: ``H x W x in_channels`` uint8, uint16 or float32 on a 0-1 scale.
+returns: ``H x W x in_channels`` uint8, uint16 or float32 on a 0-1 scale. A float array
+outside 0-1 (a 0-255 image converted with ``np.float32``) or holding NaN or infinities is
+refused with one line rather than predicted as a much brighter image.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 
 from segnest.config import InferenceFlags, validate_config
-from segnest.data.base import image_array, read_image
+from segnest.data.base import check_unit_range, image_array, read_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
@@ -129,6 +131,7 @@ class Predictor:
             raise SegnestError(
                 f"image array has shape {array.shape} and dtype {array.dtype}; the model takes "
                 f"H x W x {self.in_channels} uint8 (or uint16, or float32 on a 0-1 scale)")
+        check_unit_range(array, "image array")
         return array
 
     def __call__(self, images: ImageInput | list[ImageInput],
