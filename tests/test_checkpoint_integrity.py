@@ -336,3 +336,44 @@ def test_a_writer_that_reports_a_full_disk_in_its_own_words_is_one_line(tmp_path
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage(10, 0, 1 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         save_checkpoint({"weight": torch.zeros(2), "iteration": 2}, target)
+
+
+def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_keeps_the_old_one(tmp_path):
+    """Past ``ulimit -f`` torch.save raises RuntimeError ('unexpected pos'), not OSError,
+    with free space left; the file system's own answer (EFBIG) names the cause."""
+    resource = pytest.importorskip("resource")  # POSIX only
+    target = tmp_path / "last.pt"
+    save_checkpoint({"weight": torch.ones(2), "iteration": 1}, target)
+    before = target.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(SegnestError, match=r"file-size limit \(ulimit -f\)") as excinfo:
+            save_checkpoint({"weight": torch.zeros(100_000), "iteration": 2}, target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    one_line_error(excinfo, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_quota_refusal_reported_as_runtimeerror_is_one_line(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+
+    def quota_save(obj, handle, **kwargs):
+        handle.write(b"x" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
+
+    real_open = open
+
+    def quota_open(path, mode="r", *args, **kwargs):
+        if "a" in mode and str(path).endswith(".partial"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", quota_save)
+    monkeypatch.setattr("builtins.open", quota_open)
+    with pytest.raises(SegnestError, match="disk quota is exceeded") as excinfo:
+        save_checkpoint({"weight": torch.zeros(2), "iteration": 2}, target)
+    one_line_error(excinfo, target)
+    assert list(tmp_path.iterdir()) == []

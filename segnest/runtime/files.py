@@ -51,8 +51,9 @@ FULL_DISK_BYTES = 1 << 20
 _WRITE_FAILURES = {
     errno.ENOSPC: ("no space left on the device",
                    "free some space or choose another location (--work-dir / --out / --export)"),
-    errno.EFBIG: ("the file is too large for this file system",
-                  "choose another location (--work-dir / --out / --export)"),
+    errno.EFBIG: ("the file is larger than this file system or the file-size limit "
+                  "(ulimit -f) allows",
+                  "raise the limit or choose another location (--work-dir / --out / --export)"),
     errno.EROFS: ("the file system is read-only",
                   "choose a writable location (--work-dir / --out / --export)"),
     errno.EACCES: ("permission denied",
@@ -94,6 +95,23 @@ def _disk_full(folder: Path) -> bool:
         return False
 
 
+def _write_refusal(temp: Path) -> OSError | None:
+    """The error the file system gives for one more byte appended to ``temp`` (the file a
+    writer failed on), when it is one a user can act on; None when the write would pass
+    (then the writer failed for a reason of its own). A nearly full disk counts as full."""
+    try:
+        with open(temp, "ab") as handle:
+            handle.write(b"\0")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if error.errno in _WRITE_FAILURES:
+            return error
+    if _disk_full(temp.parent):
+        return OSError(errno.ENOSPC, "no space left on the device")
+    return None
+
+
 def _host_label() -> str:
     # Host names may contain dots, which separate the parts of a temp name; '_' never
     # occurs in a valid host name, so the label stays unambiguous.
@@ -125,11 +143,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             raise
         raise user_error from error
     except Exception as error:
-        # Some writers report a full disk in their own words (torch.save: "unexpected
-        # pos"); the file system says what happened, while the partial file still fills it.
-        if not _disk_full(target.parent):
+        # Some writers report a refused write in their own words (torch.save raises
+        # RuntimeError "unexpected pos" for a full disk, a file-size limit or a quota);
+        # the file system says what happened: ask it with one more byte on the temp file.
+        refusal = _write_refusal(temp)
+        if refusal is None:
             raise
-        raise write_error(target, OSError(errno.ENOSPC, str(error))) from error
+        raise write_error(target, refusal) from error
     finally:
         with suppress(OSError):
             temp.unlink(missing_ok=True)
