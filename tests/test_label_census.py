@@ -203,3 +203,38 @@ def test_classes_txt_that_is_not_utf8_is_one_line(tmp_path):
         FolderDataset(root)
     assert "not UTF-8" in str(error.value) and "classes.txt" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_mask_rewritten_with_the_same_size_and_mtime_is_counted_again(tmp_path):
+    """cp -p, rsync -a, tar x and touch -r keep size and mtime; the cache keys on content."""
+    root = _write(tmp_path, "a\nb\n", [_halves(0, 1), _halves(0, 1)])
+    assert take_census(FolderDataset(root)).raw_counts == {0: 64, 1: 64}
+    mask = root / "masks" / "train" / "m1.png"
+    stat = mask.stat()
+    Image.fromarray(_halves(0, 255)).save(mask)  # re-exported as 0/255
+    assert mask.stat().st_size == stat.st_size  # this pattern compresses to the same size
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mask.stat().st_mtime_ns == stat.st_mtime_ns
+    recount = take_census(FolderDataset(root))
+    assert not recount.cached and recount.raw_counts.get(255) == 32
+
+
+@pytest.mark.parametrize("obstruction", ["file", "read-only"])
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(
+        tmp_path, monkeypatch, capsys, obstruction):
+    root = _write(tmp_path / "data", "a\nb\n", [_halves(0, 1)])
+    cache = tmp_path / "cache-here"
+    if obstruction == "file":
+        cache.write_text("not a folder")
+    else:
+        from segnest.runtime import files
+
+        def refuse(*args, **kwargs):
+            raise OSError(30, "Read-only file system")  # EROFS; root ignores chmod
+        monkeypatch.setattr(files.os, "open", refuse)
+    monkeypatch.setenv("SEGNEST_CACHE", str(cache))
+    census = check_train_labels(FolderDataset(root))
+    assert census.raw_counts == {0: 32, 1: 32} and not census.cached
+    err = capsys.readouterr().err
+    assert "cannot cache the census" in err and "SEGNEST_CACHE" in err
+    assert "--work-dir" not in err

@@ -5,9 +5,14 @@ Masks are read through the dataset's own reading path (``SegmentationDataset.rea
 so raw ids become train ids exactly as training will see them (ADE20K's 0 -> ignore,
 Cityscapes' label ids, a folder's ``label_map`` or colours). Decoding runs in a small
 thread pool (Pillow releases the GIL while it inflates a PNG). The result is cached as JSON
-in ``$SEGNEST_CACHE/census`` (default ``~/.cache/segnest/census``) under a hash of the
-split, the label mapping and every mask's path, size and modification time: a second run
-costs one ``stat`` per mask, and touching or replacing any mask counts again.
+in ``$SEGNEST_CACHE/census`` (default ``~/.cache/segnest/census``) under a key
+(:func:`census_key`) made of the census format, the split, the label mapping (``label_map``,
+colours) and every mask's absolute path and a hash of its bytes: any change to a mask's
+content counts again, even one that keeps its size and modification time (``cp -p``,
+``rsync -a``, ``touch -r``), while a second run over unchanged masks reads their bytes
+once (hashing is many times faster than decoding) and decodes none. A cache folder that
+cannot be written (read-only home, a file in its place) costs a warning and a recount on
+the next run, never the run itself.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from segnest.runtime.console import progress_bar
 from segnest.runtime.files import write_text_atomic
 
 # Part of the cache key: a change to what a census holds makes old cache files unused.
-CENSUS_VERSION = 1
+CENSUS_VERSION = 2  # 2: masks keyed on their content hash (1: on size and mtime)
+HASH_BLOCK_BYTES = 1 << 20
 MAX_THREADS = 8
 # Below this many masks a progress bar would only flicker.
 PROGRESS_MIN_MASKS = 200
@@ -76,14 +82,28 @@ def census_cache_dir() -> Path:
 
 
 def census_key(dataset: SegmentationDataset) -> str:
-    """A hash of everything the census of ``dataset`` depends on."""
-    files = []
-    for _, mask_path in dataset.samples:
-        if mask_path is not None:
-            stat = os.stat(mask_path)
-            files.append((os.path.abspath(mask_path), stat.st_mtime_ns, stat.st_size))
-    identity = [CENSUS_VERSION, dataset.label_mapping_id(), dataset.split, sorted(files)]
+    """A hash of everything the census of ``dataset`` depends on: :data:`CENSUS_VERSION`,
+    the label mapping, the split, and each mask's absolute path and content hash."""
+    mask_paths = [mask_path for _, mask_path in dataset.samples if mask_path is not None]
+    threads = max(1, min(MAX_THREADS, os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads) as pool:
+        digests = list(pool.map(_content_hash, mask_paths))
+    files = sorted(zip((os.path.abspath(path) for path in mask_paths), digests, strict=True))
+    identity = [CENSUS_VERSION, dataset.label_mapping_id(), dataset.split, files]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+
+
+def _content_hash(path: str | os.PathLike) -> str:
+    """BLAKE2b of the file's bytes (hashlib releases the GIL, so threads overlap); a file
+    that cannot be read keys on its error, and counting then names it."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+                digest.update(block)
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    return digest.hexdigest()
 
 
 def take_census(dataset: SegmentationDataset, progress: bool = False,
@@ -99,8 +119,13 @@ def take_census(dataset: SegmentationDataset, progress: bool = False,
         census = count_labels(dataset, progress)
         try:
             write_text_atomic(cache_file, census.to_json())
-        except OSError:
-            pass  # a read-only cache only costs the next run the same count
+        except (OSError, SegnestError) as err:
+            # A read-only or obstructed cache only costs the next run the same count.
+            cause = err.__cause__ if isinstance(err.__cause__, OSError) else err
+            reason = getattr(cause, "strerror", None) or str(cause)
+            print(f"warning: labels: cannot cache the census in {cache_file.parent} "
+                  f"({reason}), so the next run counts the masks again; set SEGNEST_CACHE "
+                  "to a writable folder to keep it", file=sys.stderr)
     census.seconds = time.perf_counter() - start
     return census
 
