@@ -354,3 +354,47 @@ def test_eval_batches_give_the_metrics_of_batch_one(ade_root: Path, mode: str):
     assert batched["timing"]["forward_calls"] < single["timing"]["forward_calls"]
     assert 0 < single["pixAcc"] < 100
     assert _counts(batched) == _counts(single)
+
+
+def _folder_checkpoint(tmp_path: Path, classes: list[str]) -> Path:
+    from conftest import save_tiny_checkpoint as save_folder_checkpoint
+
+    from segnest.data import generate_palette
+
+    return save_folder_checkpoint(tmp_path / "ck.pt", dict(num_classes=len(classes),
+                                                           stage_width=8, stem_width=8,
+                                                           head_channels=16),
+                                  generate_palette(len(classes)), classes=classes)
+
+
+@pytest.mark.parametrize("listed", ["right\nleft\nsquare\n", "cat\ndog\nbird\n"],
+                         ids=["reordered", "renamed"])
+def test_eval_refuses_a_class_list_other_than_the_models(folder_dataset, tmp_path, listed):
+    checkpoint = _folder_checkpoint(tmp_path, ["left", "right", "square"])
+    (folder_dataset / "classes.txt").write_text(listed)
+    with pytest.raises(SegnestError, match="class 0 is 'left' in the model") as error:
+        run_eval(EvalConfig(checkpoint=str(checkpoint), dataset="folder",
+                            data_root=str(folder_dataset), out=str(tmp_path / "m"),
+                            device="cpu"))
+    assert "classes.txt" in str(error.value) and "\n" not in str(error.value)
+    assert ("another order" in str(error.value)) == listed.startswith("right")
+    assert not (tmp_path / "m").exists()
+
+
+def test_eval_warns_in_metrics_about_colour_mask_pixels_of_no_class(folder_dataset,
+                                                                      tmp_path, capsys):
+    checkpoint = _folder_checkpoint(tmp_path, ["left", "right", "square"])
+    (folder_dataset / "classes.txt").write_text("left 200 0 0\nright 0 200 0\nsquare 0 0 200\n")
+    colours = np.array([[200, 0, 0], [0, 200, 0], [0, 0, 200]], np.uint8)
+    for mask_file in (folder_dataset / "masks" / "val").glob("*.png"):
+        rgb = colours[np.asarray(Image.open(mask_file))]
+        rgb[0, :5] = (100, 100, 0)  # an anti-aliased edge: a colour of no class
+        Image.fromarray(rgb).save(mask_file)
+    results = run_eval(EvalConfig(checkpoint=str(checkpoint), dataset="folder",
+                                  data_root=str(folder_dataset), out=str(tmp_path / "m"),
+                                  device="cpu"))
+    expected = "15 pixels of colours not in classes.txt are ignored in the val masks"
+    assert any(expected in warning for warning in results["warnings"])
+    assert expected in capsys.readouterr().out
+    saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert any(expected in warning for warning in saved["warnings"])

@@ -198,6 +198,15 @@ def _listed(items: list[str], shown: int = SHOWN) -> str:
                                        else "")
 
 
+def unknown_colours_warning(census: LabelCensus) -> str:
+    """How many pixels of colour masks have a colour no class has (they become ignore)."""
+    pixels = sum(census.unknown_colours.values())
+    top = [f"({code >> 16}, {(code >> 8) & 255}, {code & 255}) x{count}"
+           for code, count in list(census.unknown_colours.items())[:SHOWN]]
+    return (f"{pixels} pixels of colours not in classes.txt are ignored in the "
+            f"{census.split} masks; most common: {', '.join(top)}")
+
+
 def judge_labels(census: LabelCensus, dataset: SegmentationDataset,
                  skip_bad_samples: bool = False) -> tuple[list[str], str]:
     """Raise a SegnestError for labels training cannot use; return the warnings and the
@@ -250,11 +259,7 @@ def judge_labels(census: LabelCensus, dataset: SegmentationDataset,
         warnings.append(f"{len(names)} {split} mask(s) are entirely ignore (255) and teach "
                         f"nothing: {_listed(names)}")
     if census.unknown_colours:
-        pixels = sum(census.unknown_colours.values())
-        top = [f"({code >> 16}, {(code >> 8) & 255}, {code & 255}) x{count}"
-               for code, count in list(census.unknown_colours.items())[:SHOWN]]
-        warnings.append(f"{pixels} pixels of colours not in classes.txt are ignored; most "
-                        f"common: {', '.join(top)}")
+        warnings.append(unknown_colours_warning(census))
     total = sum(counts.values())
     ignored = 100.0 * counts.get(IGNORE_INDEX, 0) / total if total else 0.0
     how = "census cached" if census.cached else f"census took {census.seconds:.1f} s"

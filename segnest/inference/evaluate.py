@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
+from segnest.data.census import take_census, unknown_colours_warning
 from segnest.errors import SegnestError
 from segnest.inference.metrics import (
     ConfusionMatrix,
@@ -353,6 +354,41 @@ def _prepare_outputs(cfg: EvalConfig, out_dir: Path, dataset: Any) -> None:
     prepare_folder(out_dir, "--out")
 
 
+def check_same_classes(trained: Sequence[str] | None, dataset: Any, source: str) -> None:
+    """Refuse a dataset whose class list differs from the one the model was trained on
+    (names and order): every IoU would be printed under another class's name. A model
+    that records no class names has nothing to compare."""
+    if not trained:
+        return
+    trained, listed = [str(name) for name in trained], [str(name) for name in dataset.classes]
+    if trained == listed:
+        return
+    where = getattr(dataset, "classes_path", None) or f"the {type(dataset).__name__} dataset"
+    if len(trained) != len(listed):
+        raise SegnestError(
+            f"{source} was trained on {len(trained)} classes but {where} lists {len(listed)}; "
+            "evaluate on data labelled with the model's classes")
+    index = next(i for i, (a, b) in enumerate(zip(trained, listed, strict=True)) if a != b)
+    order = (" (the same names in another order)" if sorted(trained) == sorted(listed)
+             else "")
+    raise SegnestError(
+        f"{source} was trained on other classes than {where} lists{order}: class {index} is "
+        f"{trained[index]!r} in the model but {listed[index]!r} in the dataset, so every IoU "
+        f"would carry the wrong name; list the classes as the model has them "
+        f"({', '.join(trained[:8])}{' ...' if len(trained) > 8 else ''}) with the masks "
+        "using those ids")
+
+
+def _colour_mask_warnings(dataset: Any) -> list[str]:
+    """Colour masks turn pixels of colours no class has into ignore, so the metrics would
+    cover a subset of the pixels (anti-aliased edges, JPEG damage); the label census
+    (cached, as training's) counts them."""
+    if getattr(dataset, "mask_colours", None) is None:
+        return []
+    census = take_census(dataset)
+    return [unknown_colours_warning(census)] if census.unknown_colours else []
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
@@ -378,6 +414,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
     dataset = build_dataset(dataset_name, data_root, cfg.split, label_map=label_map,
                             in_channels=in_channels)
+    check_same_classes(checkpoint.get("classes"), dataset, f"checkpoint {cfg.checkpoint}")
+    data_warnings = _colour_mask_warnings(dataset)
     out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
     _prepare_outputs(cfg, out_dir, dataset)
     runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
@@ -391,7 +429,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     )
     if info.is_main:
         timing = results["timing"]
-        results["warnings"] = metric_warnings(results, dataset.classes)
+        results["warnings"] = data_warnings + metric_warnings(results, dataset.classes)
         print(format_table(results, dataset.classes))
         for warning in results["warnings"]:
             print(f"warning: {warning}")
