@@ -232,14 +232,26 @@ def _zip(path: Path, members: list[str]) -> Path:
     return path
 
 
+def tiny_onnx(path: Path) -> Path:
+    """A real (one-node) ONNX model: what the onnx guard must parse to accept."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["logits"])], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 4, 4])])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
 def test_each_format_recognises_only_its_own_earlier_exports(tmp_path):
     # Members as torch.export.save and aoti_compile_and_package write them.
     pt2 = _zip(tmp_path / "a.pt2", ["a/archive_format", "a/models/model.json",
                                     "a/data/weights/weight_0"])
     aoti = _zip(tmp_path / "b.pt2", ["b/archive_format", "b/data/aotinductor/model/x.so",
                                      "b/data/aotinductor/model/x.wrapper_metadata.json"])
-    onnx_like = tmp_path / "c.onnx"
-    onnx_like.write_bytes(b"\x08\x09\x12\x07pytorch")
+    onnx_like = tiny_onnx(tmp_path / "c.onnx")
     checkpoint_like = _zip(tmp_path / "d.pt", ["d/data.pkl", "d/data/0"])
     found = {(path.name, fmt): export.is_export(path, fmt)
              for path in (pt2, aoti, onnx_like, checkpoint_like)
@@ -287,3 +299,38 @@ def test_aoti_package_runs_at_any_batch_and_size(checkpoint, tmp_path, end_to_en
             x = normalized(images)
             exported = run_in_own_runtime("aoti", path, x)
             assert (exported - reference_logits(checkpoint, x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("content", [b"\x08\x09\x12\x07pytorch", b"\x08" + b"\xff" * 64],
+                         ids=["onnx-header-without-graph", "first-byte-only"])
+def test_an_onnx_export_replaces_only_a_file_that_parses_as_onnx(checkpoint, tmp_path,
+                                                                  content):
+    """The guard reads the file as ONNX; its first byte (0x08) proves nothing."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(content)
+    assert not export.is_export(target, "onnx")
+    with pytest.raises(SegnestError, match="exists and is not a onnx export"):
+        run_export(ExportConfig(checkpoint=str(checkpoint), out=str(target), format="onnx",
+                                size=32))
+    assert target.read_bytes() == content
+
+
+def test_read_metadata_of_a_truncated_onnx_file_is_one_line(checkpoint, tmp_path):
+    path = run_export(ExportConfig(checkpoint=str(checkpoint), out=str(tmp_path / "m.onnx"),
+                                   format="onnx", size=32))
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SegnestError, match="cut.onnx is not a readable ONNX model") as error:
+        read_metadata(truncated)
+    assert "\n" not in str(error.value)
+
+
+def test_onnx_export_without_the_onnx_package_names_the_extra_before_any_work(
+        checkpoint, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(SegnestError, match=r"pip install 'segnest\[export\]'") as error:
+        run_export(ExportConfig(checkpoint=str(tmp_path / "missing.pt"), format="onnx",
+                                out=str(tmp_path / "m.onnx")))
+    assert "--format pt2" in str(error.value) and not (tmp_path / "m.onnx").exists()

@@ -57,6 +57,7 @@ folder that cannot be written.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import warnings
@@ -224,6 +225,21 @@ def export_metadata(predictor: Predictor, checkpoint: dict[str, Any], fmt: str,
     }
 
 
+def require_extra(module: str, what: str, alternative: str = "") -> None:
+    """Refuse ``what`` in one line, before any work, when ``module`` (a package of the
+    ``export`` extra: onnx, onnxruntime) is not installed. They stay an extra rather than
+    core: pt2, the default format, needs neither, and ONNX Runtime alone is larger than
+    the rest of a CPU install's own dependencies besides torch."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken one
+        found = False
+    if not found:
+        raise SegnestError(f"{what} needs the {module} package, which a plain 'pip install "
+                           f"segnest' leaves out; install the export extra with "
+                           f"pip install 'segnest[export]'{alternative}")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata JSON of a file written by ``segnest export`` (any format)."""
     path = Path(path)
@@ -237,7 +253,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                         entries = json.loads(archive.read(name))
                         if METADATA_KEY in entries:
                             return json.loads(entries[METADATA_KEY])
-        elif _is_onnx_file(path):
+        elif path.suffix.lower() == ".onnx" or _starts_like_onnx(path):
             found = _onnx_metadata(path)
             if found is not None:
                 return json.loads(found)
@@ -249,20 +265,42 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _onnx_metadata(path: Path) -> str | None:
+    model = parse_onnx(path)
+    if model is not None:
+        return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    require_extra("onnxruntime", f"reading the metadata of {path}")
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise _corrupt_onnx(path, error) from None
+    return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+
+
+def parse_onnx(path: Path) -> Any:
+    """The ONNX ``ModelProto`` at ``path`` (weights in external files not loaded), or None
+    when the onnx package is missing; a file that does not parse as a model with a graph
+    is one line naming it."""
     try:
         import onnx
     except ImportError:
-        onnx = None
-    if onnx is not None:
-        model = onnx.load(str(path), load_external_data=False)
-        return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+        return None
     try:
-        import onnxruntime
-    except ImportError:
-        raise SegnestError("reading ONNX metadata needs the onnx or onnxruntime package; "
-                           "install one with 'pip install onnx'") from None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as error:  # protobuf's DecodeError and its kin
+        raise _corrupt_onnx(path, error) from None
+    if model.ir_version <= 0 or not model.graph.node:
+        raise _corrupt_onnx(path, ValueError("no graph"))
+    return model
+
+
+def _corrupt_onnx(path: Path, error: Exception) -> SegnestError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return SegnestError(f"{path} is not a readable ONNX model ({reason}); it is truncated or "
+                        "not ONNX: export it again with segnest export")
 
 
 # ---------------------------------------------------------------- writing each format
@@ -460,6 +498,8 @@ def run_export(cfg: ExportConfig) -> Path:
     source = Path(cfg.checkpoint)
     suffix = (END_TO_END_SUFFIX if end_to_end else "") + SUFFIXES[fmt]
     target = Path(cfg.out) if cfg.out else source.with_name(source.stem + suffix)
+    if fmt == "onnx":
+        require_extra("onnx", "--format onnx", alternative=" or use --format pt2")
     check_target(target, source, fmt)
     if fmt == "aoti" and not has_cxx():
         raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
@@ -547,7 +587,7 @@ def is_export(path: Path, fmt: str) -> bool:
     archive is a zip with ``constants.pkl`` and ``code/``; a pt2 archive (torch.export.save)
     a zip with ``archive_format`` and ``models/``, an AOTI package one with
     ``archive_format`` and ``data/aotinductor/``, which a torch.save checkpoint lacks; an
-    ONNX model is a protobuf starting with its ir_version field."""
+    ONNX model must parse as one, with a graph of at least one node."""
     try:
         if fmt == "onnx":
             return _is_onnx_file(path)
@@ -567,6 +607,24 @@ def is_export(path: Path, fmt: str) -> bool:
     return packaged and not compiled and any("/models/" in name for name in names)
 
 
-def _is_onnx_file(path: Path) -> bool:
+def _starts_like_onnx(path: Path) -> bool:
+    """The first byte of an ONNX protobuf (its ir_version field); only a hint, never
+    enough to replace a file (:func:`_is_onnx_file` parses it)."""
     with open(path, "rb") as handle:
         return handle.read(1) == b"\x08"
+
+
+def _is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model with a graph (with onnx, else onnxruntime
+    loads it; with neither nothing counts as ONNX, so nothing is replaced)."""
+    try:
+        if parse_onnx(path) is not None:
+            return True
+        import onnxruntime
+    except (SegnestError, ImportError):
+        return False
+    try:
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime's own exception types: not a model it can run
+        return False
+    return True

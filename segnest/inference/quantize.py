@@ -44,6 +44,7 @@ from segnest.inference.export import (
     check_target,
     export_metadata,
     export_onnx,
+    require_extra,
 )
 from segnest.inference.predictor import Predictor
 from segnest.inference.settings import InferenceSettings
@@ -64,12 +65,10 @@ AGREEMENT_WARNING = 0.95
 
 
 def _onnxruntime() -> Any:
-    try:
-        import onnxruntime
-        import onnxruntime.quantization  # noqa: F401
-    except ImportError:
-        raise SegnestError("segnest quantize needs ONNX Runtime; install it with "
-                           "'pip install onnx onnxruntime'") from None
+    for module in ("onnx", "onnxruntime"):
+        require_extra(module, "segnest quantize")
+    import onnxruntime
+    import onnxruntime.quantization  # noqa: F401
     return onnxruntime
 
 
