@@ -238,3 +238,16 @@ def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(
     err = capsys.readouterr().err
     assert "cannot cache the census" in err and "SEGNEST_CACHE" in err
     assert "--work-dir" not in err
+
+
+@pytest.mark.parametrize("spec", ["²:1", "1:¹", "٣:1"])
+def test_a_label_map_with_non_ascii_digits_is_one_line(tmp_path, spec):
+    root = _write(tmp_path, "a\nb\n", [_halves(0, 1)])
+    with pytest.raises(SegnestError, match="cannot read") as error:
+        build_dataset("folder", root, label_map=spec)
+    assert "\n" not in str(error.value)
+
+
+def test_a_class_named_with_superscript_digits_is_a_name_not_a_colour(tmp_path):
+    root = _write(tmp_path, "m² ³ ¹ ²\nb\n", [_halves(0, 1)])
+    assert FolderDataset(root).classes == ["m² ³ ¹ ²", "b"]

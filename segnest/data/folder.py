@@ -68,7 +68,7 @@ def read_classes_file(path: Path) -> tuple[list[str], np.ndarray | None]:
             continue
         tokens = text.split()
         color = None
-        if len(tokens) >= 4 and all(token.isdigit() for token in tokens[-3:]):
+        if len(tokens) >= 4 and all(_is_number(token) for token in tokens[-3:]):
             values = tuple(int(token) for token in tokens[-3:])
             if max(values) > 255:
                 raise SegnestError(
@@ -96,6 +96,11 @@ def read_classes_file(path: Path) -> tuple[list[str], np.ndarray | None]:
     return names, None
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_label_map(spec: str | Mapping | None, num_classes: int) -> dict[int, int]:
     """``"255:1,128:2"`` or ``{255: 1, 128: 2}`` -> {raw value: train id}, checked: raw
     values 0..65535, train ids 0..num_classes-1 or 255 (ignore)."""
@@ -108,7 +113,7 @@ def parse_label_map(spec: str | Mapping | None, num_classes: int) -> dict[int, i
                  for item in str(spec).replace(" ", "").split(",") if item]
     mapping: dict[int, int] = {}
     for raw_text, id_text in pairs:
-        if not (raw_text.isdigit() and id_text.isdigit()):
+        if not (_is_number(raw_text) and _is_number(id_text)):
             raise SegnestError(f"--label-map {spec!r}: cannot read '{raw_text}:{id_text}'; "
                                f"write {LABEL_MAP_FORMAT}")
         raw, train_id = int(raw_text), int(id_text)
