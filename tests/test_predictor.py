@@ -200,3 +200,28 @@ def test_a_float_array_holding_nan_or_infinity_is_one_line(predictor, bad):
     photo[3, 4, 1] = bad
     with pytest.raises(segnest.SegnestError, match="NaN or infinite"):
         predictor(photo)
+
+
+@pytest.mark.parametrize("output", ["labels", "probs"])
+def test_a_working_size_beyond_the_memory_available_is_one_line_before_allocating(
+        checkpoint, monkeypatch, output):
+    """--scales 1000 or --base-size 100000 would ask the allocator for tens of GB."""
+    from segnest.inference import strategies
+
+    resized = []
+    monkeypatch.setattr(strategies, "_resize", lambda *a: resized.append(a) or a[0])
+    monkeypatch.setattr(strategies, "resize_image", lambda *a: resized.append(a) or a[0])
+    monkeypatch.setattr(strategies, "available_bytes", lambda: 2**30)
+    huge = segnest.load_model(checkpoint, device="cpu", scales=[1000])
+    with pytest.raises(segnest.SegnestError, match=r"working resolution .* lower --base-size"):
+        huge(np.zeros((40, 40, 3), np.uint8), output=output)
+    assert not resized
+
+
+def test_a_working_size_that_fits_the_memory_available_is_predicted(checkpoint, monkeypatch):
+    from segnest.inference import strategies
+
+    # 64 x 64 working pixels x (3 channels + 5 classes) x 4 bytes = 131072 bytes.
+    monkeypatch.setattr(strategies, "available_bytes", lambda: 64 * 64 * (3 + NUM_CLASSES) * 4)
+    small = segnest.load_model(checkpoint, device="cpu", base_size=64)
+    assert small(np.zeros((40, 40, 3), np.uint8)).shape == (40, 40)

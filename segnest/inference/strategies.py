@@ -48,6 +48,7 @@ from segnest.inference.settings import InferenceSettings
 from segnest.models.fuse import fuse_bn
 from segnest.models.pixelwise import channel_softmax
 from segnest.runtime.compiling import compile_model
+from segnest.runtime.memory import available_bytes
 from segnest.runtime.precision import Autocast
 
 Model = Callable[[torch.Tensor], Any]
@@ -215,6 +216,25 @@ def _slide_geometry(crop_size: int | Sequence[int] | None,
     return _window_geometry(crop_size, stride)
 
 
+def check_working_size(size: tuple[int, int], channels: int, num_classes: int) -> None:
+    """Refuse a working resolution whose input and class maps alone (float32, one view)
+    exceed the memory available, before they are allocated: ``--scales 1000`` or
+    ``--base-size 100000`` would otherwise die in the allocator with a traceback. A lower
+    bound (the model's own activations come on top), so it never refuses a size that
+    would fit."""
+    needed = size[0] * size[1] * 4 * (channels + num_classes)
+    available = available_bytes()
+    if available is not None and needed > available:
+        raise SegnestError(
+            f"the working resolution {size[0]} x {size[1]} (long side = --base-size x scale) "
+            f"needs at least {_amount(needed)} for its input and {num_classes} class maps "
+            f"but {_amount(available)} are available; lower --base-size or --scales")
+
+
+def _amount(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def multi_scale_inference(
     model: Model,
     image: torch.Tensor,
@@ -250,6 +270,7 @@ def multi_scale_inference(
         if scale <= 0:
             raise SegnestError(f"inference scales must be positive, got {scale}")
         size = _scaled_size(height, width, scale, base_size)
+        check_working_size(size, image.shape[1], num_classes)
         scaled = image if size == (height, width) else _resize(image, size)
         if flip:
             probs = run(torch.cat([scaled, scaled.flip(-1)], dim=0))
@@ -308,6 +329,10 @@ ImageLike = np.ndarray | torch.Tensor
 def image_size(image: ImageLike) -> tuple[int, int]:
     """(H, W) of an image file's array (H x W x C) or a normalized tensor (C x H x W)."""
     return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
+
+
+def _channels(image: ImageLike) -> int:
+    return int(image.shape[2] if isinstance(image, np.ndarray) else image.shape[0])
 
 
 def _working_image(image: ImageLike, size: tuple[int, int],
@@ -413,9 +438,11 @@ def segment(model: Model, images: Iterable[tuple[Any, ImageLike]], num_classes: 
         sizes = [image_size(image) for _, image in chunk]
         per_image: list[list[torch.Tensor]] = [[] for _ in chunk]
         for scale in settings.scales:
-            inputs = [_working_image(image, _scaled_size(*size, scale, settings.base_size),
-                                     settings)
-                      for (_, image), size in zip(chunk, sizes, strict=True)]
+            working = [_scaled_size(*size, scale, settings.base_size) for size in sizes]
+            for (_, image), size in zip(chunk, working, strict=True):
+                check_working_size(size, _channels(image), num_classes)
+            inputs = [_working_image(image, size, settings)
+                      for (_, image), size in zip(chunk, working, strict=True)]
             probs = _scale_probabilities(model, inputs, num_classes, settings, batch_size,
                                          device)
             del inputs
