@@ -10,7 +10,15 @@ from PIL import Image
 from torch import nn
 
 from segnest.config import EvalConfig, PredictConfig
-from segnest.data import ADE20K, ADE20K_CLASSES, ADE20K_PALETTE, MEAN, STD, Cityscapes
+from segnest.data import (
+    ADE20K,
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    CITYSCAPES_CLASSES,
+    MEAN,
+    STD,
+    Cityscapes,
+)
 from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate, run_eval
 from segnest.inference.settings import InferenceSettings
@@ -100,7 +108,8 @@ def save_tiny_checkpoint(path: Path, data_root: Path, num_classes: int = 150) ->
         "model_name": "deeplabv3_resnest14",
         "model_kwargs": kwargs,
         "dataset": "ade20k",
-        "classes": list(ADE20K_CLASSES),
+        # The class names of the dataset with that many classes, as training records them.
+        "classes": list(ADE20K_CLASSES if num_classes == 150 else CITYSCAPES_CLASSES),
         "palette": ADE20K_PALETTE.tolist(),
         "config": {"base_size": WIDTH, "crop_size": 48, "data_root": str(data_root)},
         "iteration": 7,

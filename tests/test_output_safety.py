@@ -56,7 +56,7 @@ def _forbid_work(monkeypatch) -> None:
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output check")
 
-    for module in ("predict", "evaluate", "export"):
+    for module in ("predictor", "evaluate", "export"):
         monkeypatch.setattr(f"segnest.inference.{module}.load_checkpoint", no_work)
 
 

@@ -45,6 +45,7 @@ from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
 from segnest.data.census import take_census, unknown_colours_warning
 from segnest.errors import SegnestError
+from segnest.inference.backends import exported_model_device, is_onnx_model, load_onnx_model
 from segnest.inference.metrics import (
     ConfusionMatrix,
     format_table,
@@ -393,8 +394,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
+    if is_onnx_model(cfg.checkpoint):
+        model, checkpoint = load_onnx_model(cfg.checkpoint)
+        exported_model_device(cfg, str(cfg.checkpoint))
+    else:
+        checkpoint = load_checkpoint(cfg.checkpoint)
+        model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
     trained_dataset = checkpoint.get("dataset")
     dataset_name = cfg.dataset or trained_dataset
     if not dataset_name:
@@ -418,8 +423,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     data_warnings = _colour_mask_warnings(dataset)
     out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
     _prepare_outputs(cfg, out_dir, dataset)
-    runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
-                             precision=precision)
+    runner = (model if "exported" in checkpoint else
+              inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
+                              precision=precision))
 
     results, panels = evaluate(
         runner, dataset, settings, info.device, samples=cfg.samples,
@@ -440,6 +446,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
         extra = {
             "checkpoint": str(Path(cfg.checkpoint).resolve()),
+            **({"exported": checkpoint["exported"]} if "exported" in checkpoint else {}),
             "iteration": checkpoint.get("iteration"),
             "dataset": dataset_name,
             "data_root": str(dataset.root) if hasattr(dataset, "root") else data_root,

@@ -57,7 +57,6 @@ folder that cannot be written.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import warnings
@@ -73,6 +72,13 @@ from torch import nn
 
 from segnest.config import MIN_INPUT_SIZE, ExportConfig, InferenceFlags, validate_config
 from segnest.errors import SegnestError
+from segnest.inference.backends import (
+    METADATA_FILE,
+    METADATA_KEY,
+    parse_onnx,
+    require_extra,
+)
+from segnest.inference.backends import read_metadata as read_metadata  # its public place
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.inference.predictor import Predictor
 from segnest.inference.strategies import _resize, infer
@@ -89,8 +95,6 @@ AGREEMENT = 0.999  # share of pixels whose label equals segnest predict's
 CHECK_BATCH = 2
 # The shortest side a torch.export end-to-end graph takes at the working size (see above).
 MIN_WORKING_SIDE = 9
-METADATA_KEY = "segnest"  # ONNX metadata_props key, AOTI metadata key
-METADATA_FILE = "segnest.json"  # extra file of a pt2 or TorchScript archive
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -223,84 +227,6 @@ def export_metadata(predictor: Predictor, checkpoint: dict[str, Any], fmt: str,
         "model": checkpoint.get("model_name"), "dataset": checkpoint.get("dataset"),
         "iteration": checkpoint.get("iteration"),
     }
-
-
-def require_extra(module: str, what: str, alternative: str = "") -> None:
-    """Refuse ``what`` in one line, before any work, when ``module`` (a package of the
-    ``export`` extra: onnx, onnxruntime) is not installed. They stay an extra rather than
-    core: pt2, the default format, needs neither, and ONNX Runtime alone is larger than
-    the rest of a CPU install's own dependencies besides torch."""
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken one
-        found = False
-    if not found:
-        raise SegnestError(f"{what} needs the {module} package, which a plain 'pip install "
-                           f"segnest' leaves out; install the export extra with "
-                           f"pip install 'segnest[export]'{alternative}")
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata JSON of a file written by ``segnest export`` (any format)."""
-    path = Path(path)
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():
-                    if name.endswith(f"/extra/{METADATA_FILE}"):
-                        return json.loads(archive.read(name))
-                    if name.endswith("wrapper_metadata.json"):  # an AOTI package
-                        entries = json.loads(archive.read(name))
-                        if METADATA_KEY in entries:
-                            return json.loads(entries[METADATA_KEY])
-        elif path.suffix.lower() == ".onnx" or _starts_like_onnx(path):
-            found = _onnx_metadata(path)
-            if found is not None:
-                return json.loads(found)
-    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as error:
-        raise SegnestError(f"cannot read the export metadata of {path}: {error}; export the "
-                           "model again with segnest export") from None
-    raise SegnestError(f"{path} holds no segnest export metadata; pass a file written by "
-                       "segnest export (older exports have none: export again)")
-
-
-def _onnx_metadata(path: Path) -> str | None:
-    model = parse_onnx(path)
-    if model is not None:
-        return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
-    require_extra("onnxruntime", f"reading the metadata of {path}")
-    import onnxruntime
-
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise _corrupt_onnx(path, error) from None
-    return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-
-
-def parse_onnx(path: Path) -> Any:
-    """The ONNX ``ModelProto`` at ``path`` (weights in external files not loaded), or None
-    when the onnx package is missing; a file that does not parse as a model with a graph
-    is one line naming it."""
-    try:
-        import onnx
-    except ImportError:
-        return None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except OSError:
-        raise
-    except Exception as error:  # protobuf's DecodeError and its kin
-        raise _corrupt_onnx(path, error) from None
-    if model.ir_version <= 0 or not model.graph.node:
-        raise _corrupt_onnx(path, ValueError("no graph"))
-    return model
-
-
-def _corrupt_onnx(path: Path, error: Exception) -> SegnestError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return SegnestError(f"{path} is not a readable ONNX model ({reason}); it is truncated or "
-                        "not ONNX: export it again with segnest export")
 
 
 # ---------------------------------------------------------------- writing each format
@@ -605,13 +531,6 @@ def is_export(path: Path, fmt: str) -> bool:
     if fmt == "aoti":
         return packaged and compiled
     return packaged and not compiled and any("/models/" in name for name in names)
-
-
-def _starts_like_onnx(path: Path) -> bool:
-    """The first byte of an ONNX protobuf (its ir_version field); only a hint, never
-    enough to replace a file (:func:`_is_onnx_file` parses it)."""
-    with open(path, "rb") as handle:
-        return handle.read(1) == b"\x08"
 
 
 def _is_onnx_file(path: Path) -> bool:

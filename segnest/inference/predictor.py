@@ -32,6 +32,7 @@ from segnest.data.base import check_unit_range, image_array, read_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
+from segnest.inference.backends import exported_model_device, is_onnx_model, load_onnx_model
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, infer, inference_model, segment
 from segnest.inference.visualize import colorize, display_rgb, overlay
@@ -80,15 +81,28 @@ class Predictor:
         return len(self.classes)
 
     @classmethod
+    def load(cls, path: str | os.PathLike, flags: InferenceFlags) -> Predictor:
+        """The predictor of a checkpoint file or an exported ONNX model
+        (:mod:`segnest.inference.backends`), with ``flags`` (validated)."""
+        if is_onnx_model(path):
+            model, record = load_onnx_model(path)
+            return cls.from_checkpoint(record, flags, source=str(path), model=model)
+        return cls.from_checkpoint(load_checkpoint(path), flags, source=str(path))
+
+    @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], flags: InferenceFlags,
-                        source: str = "checkpoint") -> Predictor:
+                        source: str = "checkpoint", model: Model | None = None) -> Predictor:
         """The predictor a loaded checkpoint dict describes, with ``flags`` (validated)
-        overriding its inference settings; ``source`` names the file in errors."""
-        model = model_from_checkpoint(checkpoint, source=source)
+        overriding its inference settings; ``source`` names the file in errors. ``model``:
+        a runnable exported model the dict describes (run on the CPU as it is)."""
         settings = InferenceSettings.from_flags(flags, checkpoint)
-        device = resolve_device(flags.device)
-        model = inference_model(model.to(device), fuse=flags.fuse_bn, compile=flags.compile,
-                                precision=resolve_precision(flags.precision, device))
+        if model is None:
+            device = resolve_device(flags.device)
+            model = inference_model(model_from_checkpoint(checkpoint, source=source).to(device),
+                                    fuse=flags.fuse_bn, compile=flags.compile,
+                                    precision=resolve_precision(flags.precision, device))
+        else:
+            device = exported_model_device(flags, source)
         num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
                           or len(checkpoint.get("classes") or ()))
         if not num_classes:
@@ -187,7 +201,8 @@ class Predictor:
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None = None,
                **settings: Any) -> Predictor:
-    """A :class:`Predictor` for a checkpoint written by ``segnest train``.
+    """A :class:`Predictor` for a checkpoint written by ``segnest train``, or a logits ONNX
+    model written by ``segnest export --format onnx`` or ``segnest quantize``.
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
@@ -206,5 +221,4 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
         settings["scales"] = str(scales)
     flags = validate_config(InferenceFlags(
         **settings, device=None if device is None else str(device)))
-    return Predictor.from_checkpoint(load_checkpoint(checkpoint), flags,
-                                     source=str(checkpoint))
+    return Predictor.load(checkpoint, flags)

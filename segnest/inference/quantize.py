@@ -18,14 +18,12 @@ model's on ``--check-images`` validation images, which calibration never saw; th
 is printed, with a warning below ``AGREEMENT_WARNING``. ``--out`` follows the rules of
 ``segnest export``: never the checkpoint, and only an earlier ONNX model may be replaced.
 
-:class:`OnnxModel` runs the result as a segnest model callable (normalized batch -> logits),
-so that :func:`segnest.inference.evaluate.evaluate` and ``infer`` take it as they take a
-PyTorch model.
+``segnest eval --checkpoint best.int8.onnx`` measures the result on a whole split
+(:mod:`segnest.inference.backends`).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,6 +36,7 @@ import torch
 from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, validate_config
 from segnest.data import build_dataset
 from segnest.errors import SegnestError
+from segnest.inference.backends import OnnxModel
 from segnest.inference.export import (
     LogitsOnly,
     add_onnx_metadata,
@@ -70,24 +69,6 @@ def _onnxruntime() -> Any:
     import onnxruntime
     import onnxruntime.quantization  # noqa: F401
     return onnxruntime
-
-
-class OnnxModel:
-    """An ONNX segmentation model (normalized image (B, N, H, W) -> logits (B, C, H, W), as
-    ``segnest export``/``quantize`` write it) called like a PyTorch model: a CPU batch
-    (B, N, H, W) in, logits (B, C, H, W) out (the exported graph has a dynamic batch)."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        onnxruntime = _onnxruntime()
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        images = x.detach().cpu().float().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
 
 
 def conv_layer_types(model: Any) -> dict[str, str]:
@@ -252,6 +233,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
           f"validation images ({settings.describe()})")
     if agreement < AGREEMENT_WARNING:
         print(f"warning: int8 labels differ from fp32 on more than "
-              f"{100 * (1 - AGREEMENT_WARNING):.0f}% of the pixels; measure the mIoU of "
-              f"{target} before using it, or quantize fewer --layer-types")
+              f"{100 * (1 - AGREEMENT_WARNING):.0f}% of the pixels; measure its mIoU with "
+              f"'segnest eval --checkpoint {target}' before using it, or quantize fewer "
+              "--layer-types")
     return {"target": target, "counts": counts, "agreement": agreement, "images": images}

@@ -1,0 +1,214 @@
+"""Exported ONNX models as eval and predict run them: ``segnest eval``/``predict`` and
+``segnest.load_model`` take a logits ONNX file written by ``segnest export --format onnx``
+or ``segnest quantize`` (int8) in place of a checkpoint, so a user measures the model they
+will deploy through the same pipeline (resize, views, bands, metrics).
+
+Everything else a checkpoint records comes from the file's export metadata
+(:func:`read_metadata`, which reads that of every format): classes, palette, mean/std, input
+channels, base size and the dataset. The graph runs on the CPU with ONNX Runtime, as it is
+(no batch-norm folding, compilation or autocast). An end-to-end graph (uint8 image ->
+labels) has its own resize and argmax inside and takes no part in multi-scale or banded
+inference; it is refused with the way to measure it. The model refuses inputs outside
+the limits its metadata documents (channels, the smallest side) instead of returning
+labels for them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segnest.errors import SegnestError
+
+ONNX_SUFFIX = ".onnx"
+METADATA_KEY = "segnest"  # ONNX metadata_props key, AOTI metadata key
+METADATA_FILE = "segnest.json"  # extra file of a pt2 or TorchScript archive
+
+
+def require_extra(module: str, what: str, alternative: str = "") -> None:
+    """Refuse ``what`` in one line, before any work, when ``module`` (a package of the
+    ``export`` extra: onnx, onnxruntime) is not installed. They stay an extra rather than
+    core: pt2, the default format, needs neither, and ONNX Runtime alone is larger than
+    the rest of a CPU install's own dependencies besides torch."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken one
+        found = False
+    if not found:
+        raise SegnestError(f"{what} needs the {module} package, which a plain 'pip install "
+                           f"segnest' leaves out; install the export extra with "
+                           f"pip install 'segnest[export]'{alternative}")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata JSON of a file written by ``segnest export`` (any format)."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.endswith(f"/extra/{METADATA_FILE}"):
+                        return json.loads(archive.read(name))
+                    if name.endswith("wrapper_metadata.json"):  # an AOTI package
+                        entries = json.loads(archive.read(name))
+                        if METADATA_KEY in entries:
+                            return json.loads(entries[METADATA_KEY])
+        elif path.suffix.lower() == ".onnx" or _starts_like_onnx(path):
+            found = _onnx_metadata(path)
+            if found is not None:
+                return json.loads(found)
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+        raise SegnestError(f"cannot read the export metadata of {path}: {error}; export the "
+                           "model again with segnest export") from None
+    raise SegnestError(f"{path} holds no segnest export metadata; pass a file written by "
+                       "segnest export (older exports have none: export again)")
+
+
+def _onnx_metadata(path: Path) -> str | None:
+    model = parse_onnx(path)
+    if model is not None:
+        return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    require_extra("onnxruntime", f"reading the metadata of {path}")
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise _corrupt_onnx(path, error) from None
+    return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+
+
+def parse_onnx(path: Path) -> Any:
+    """The ONNX ``ModelProto`` at ``path`` (weights in external files not loaded), or None
+    when the onnx package is missing; a file that does not parse as a model with a graph
+    is one line naming it."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as error:  # protobuf's DecodeError and its kin
+        raise _corrupt_onnx(path, error) from None
+    if model.ir_version <= 0 or not model.graph.node:
+        raise _corrupt_onnx(path, ValueError("no graph"))
+    return model
+
+
+def _corrupt_onnx(path: Path, error: Exception) -> SegnestError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return SegnestError(f"{path} is not a readable ONNX model ({reason}); it is truncated or "
+                        "not ONNX: export it again with segnest export")
+
+
+def _starts_like_onnx(path: Path) -> bool:
+    """The first byte of an ONNX protobuf (its ir_version field); only a hint, never
+    enough to replace a file (:func:`_is_onnx_file` parses it)."""
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x08"
+
+
+
+
+def is_onnx_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an ONNX model (by its suffix: what the user asked for; its
+    content is then parsed, and a file that is not ONNX is one line)."""
+    return Path(path).suffix.lower() == ONNX_SUFFIX
+
+
+class OnnxModel:
+    """An ONNX segmentation model (normalized image (B, N, H, W) -> logits (B, C, H, W), as
+    ``segnest export``/``quantize`` write it) called like a PyTorch model: a CPU batch
+    (B, N, H, W) in, logits (B, C, H, W) out (the exported graph has a dynamic batch).
+    With the file's ``metadata``, an input of other channels or a side below the
+    documented ``min_side`` is a SegnestError."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        require_extra("onnxruntime", f"running {path}")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own exception types
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise SegnestError(f"ONNX Runtime cannot load {path} ({reason}); export the "
+                               "model again with segnest export") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.path = Path(path)
+        graph_input = (metadata or {}).get("input") or {}
+        self.in_channels = (metadata or {}).get("in_channels")
+        self.min_side = int(graph_input.get("min_side") or 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or (self.in_channels is not None and x.shape[1] != self.in_channels):
+            raise SegnestError(f"{self.path} takes (N, {self.in_channels}, H, W) images, got "
+                               f"shape {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.min_side:
+            raise SegnestError(
+                f"{self.path} takes images of at least {self.min_side} pixels a side (its "
+                f"metadata's min_side), got {x.shape[-2]} x {x.shape[-1]} at the working "
+                "resolution; raise --base-size or the scales")
+        images = x.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
+
+
+def load_onnx_model(path: str | os.PathLike) -> tuple[OnnxModel, dict[str, Any]]:
+    """The model in the ONNX file at ``path`` and the checkpoint-like record of its
+    metadata (classes, palette, ``model_kwargs``, ``inference``, ``dataset``) that
+    :class:`~segnest.inference.predictor.Predictor` and ``segnest eval`` read."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegnestError(f"model {path} does not exist; pass a checkpoint (.pt) or a "
+                           "model written by segnest export --format onnx")
+    require_extra("onnxruntime", f"running {path}")
+    metadata = read_metadata(path)
+    if metadata.get("graph") != "logits":
+        raise SegnestError(
+            f"{path} is an end-to-end graph (image -> labels, its own resize inside), which "
+            "eval and predict cannot run through their pipeline; export a logits graph "
+            "(segnest export --format onnx without --end-to-end) to measure it, or run it "
+            "with onnxruntime")
+    classes = list(metadata.get("classes") or ())
+    if not classes:
+        raise SegnestError(f"{path} records no classes in its metadata; export it again "
+                           "with segnest export")
+    record = {
+        "classes": classes,
+        "palette": metadata.get("palette"),
+        "dataset": metadata.get("dataset"),
+        "iteration": metadata.get("iteration"),
+        "model_name": metadata.get("model"),
+        "model_kwargs": {"num_classes": len(classes),
+                         "in_chans": int(metadata.get("in_channels") or 3)},
+        "inference": {"base_size": metadata.get("base_size"), "mean": metadata.get("mean"),
+                      "std": metadata.get("std")},
+        "config": {},
+        "exported": {"format": metadata.get("format"),
+                     "quantization": metadata.get("quantization")},
+    }
+    return OnnxModel(path, metadata=metadata), record
+
+
+def exported_model_device(flags: Any, source: str) -> torch.device:
+    """The CPU, where ONNX Runtime runs an exported model; flags that only apply to a
+    PyTorch model are refused rather than ignored."""
+    if flags.device not in (None, "cpu"):
+        raise SegnestError(f"{source} runs on the CPU with ONNX Runtime; drop --device "
+                           f"{flags.device} or pass the checkpoint it was exported from")
+    for flag, given in (("--compile", flags.compile), ("--precision", flags.precision)):
+        if given and given not in ("auto", "fp32"):
+            raise SegnestError(f"{flag} applies to PyTorch checkpoints, not to the ONNX "
+                               f"model {source}; drop it")
+    return torch.device("cpu")
