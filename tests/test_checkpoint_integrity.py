@@ -377,3 +377,28 @@ def test_a_quota_refusal_reported_as_runtimeerror_is_one_line(tmp_path, monkeypa
         save_checkpoint({"weight": torch.zeros(2), "iteration": 2}, target)
     one_line_error(excinfo, target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_checkpoint_without_its_checksum_is_named_when_loaded(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({**training_state(), "config": {"lr": 0.01}, "optimizer": {"state": {}}}, path)
+    with pytest.warns(UserWarning, match="training checkpoint .* without the checksum"):
+        load_checkpoint(path)
+
+
+def test_a_checksum_of_an_unknown_algorithm_is_named_when_loaded(tmp_path):
+    path = tmp_path / "last.pt"
+    state = training_state()
+    state[CHECKSUM_KEY] = {"algorithm": "blake3-v9", "digest": "00"}
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="unknown kind \\('blake3-v9'"):
+        load_checkpoint(path)
+
+
+def test_checksummed_and_foreign_weight_files_load_without_a_warning(tmp_path, recwarn):
+    save_checkpoint({**training_state(), "config": {"lr": 0.01}, "optimizer": {}},
+                    tmp_path / "a.pt")
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "b.pt")
+    load_checkpoint(tmp_path / "a.pt")
+    load_checkpoint(tmp_path / "b.pt")
+    assert not [w for w in recwarn if "checksum" in str(w.message)]

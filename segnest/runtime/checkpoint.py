@@ -12,7 +12,9 @@ Bit rot: ``torch.load`` does not notice a changed byte inside a tensor's storage
 ``save_checkpoint`` stores a SHA-256 over every tensor and scalar of the dict under
 ``"checksum"`` and ``load_checkpoint`` recomputes it. A bare state dict (all values tensors,
 e.g. ``segnest pretrain --export``) is written without one, so other tools can still pass it
-straight to ``load_state_dict``; files without a checksum load as before.
+straight to ``load_state_dict``; files without a checksum load as before, except that a
+training checkpoint (config and optimizer) without one, or a checksum of an unknown
+algorithm, loads with a warning that names it.
 
 What a training run stores in a checkpoint, and how it resumes, is
 :mod:`segnest.training.run_state`'s business.
@@ -95,14 +97,31 @@ def load_checkpoint(
         )
     state = dict(state)
     stored = state.pop(CHECKSUM_KEY, None)
-    if verify and isinstance(stored, Mapping) and stored.get("algorithm") == CHECKSUM_ALGORITHM:
+    if not verify:
+        return state
+    algorithm = stored.get("algorithm") if isinstance(stored, Mapping) else None
+    if algorithm == CHECKSUM_ALGORITHM:
         if state_checksum(state) != stored.get("digest"):
             raise SegnestError(
                 f"checkpoint {path} fails its checksum: its tensors changed since it was "
                 f"written (disk or copy error); use an earlier checkpoint{_siblings(path)} "
                 "or --resume auto"
             )
+    elif stored is not None:
+        warnings.warn(f"checkpoint {path} carries a checksum of unknown kind ({algorithm!r}; "
+                      f"this segnest checks {CHECKSUM_ALGORITHM!r}), so it loads unverified; "
+                      "a newer segnest may have written it", stacklevel=2)
+    elif is_training_checkpoint(state):
+        warnings.warn(f"checkpoint {path} is a segnest training checkpoint (config and "
+                      "optimizer) without the checksum segnest writes, so it was saved by "
+                      "another tool or altered since, and loads unverified", stacklevel=2)
     return state
+
+
+def is_training_checkpoint(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` claims to be a segnest training checkpoint: it carries the run's
+    config and its optimizer state, which only ``segnest train``/``pretrain`` write."""
+    return isinstance(state.get("config"), Mapping) and "optimizer" in state
 
 
 def state_checksum(state: Mapping[str, Any]) -> str:
