@@ -402,3 +402,26 @@ def test_checksummed_and_foreign_weight_files_load_without_a_warning(tmp_path, r
     load_checkpoint(tmp_path / "a.pt")
     load_checkpoint(tmp_path / "b.pt")
     assert not [w for w in recwarn if "checksum" in str(w.message)]
+
+
+def test_a_bare_state_dict_target_is_decided_by_loading_what_is_there(tmp_path):
+    from segnest.runtime.checkpoint import check_state_dict_target
+
+    bare = tmp_path / "backbone.pth"
+    torch.save({"conv.weight": torch.ones(2)}, bare)
+    check_state_dict_target(bare, "--export", {})  # an earlier export may be replaced
+    check_state_dict_target(tmp_path / "new.pth", "--export", {})
+    trained = tmp_path / "best.pt"  # named like a weights file, holds a training run
+    save_checkpoint({**training_state(), "config": {}, "optimizer": {}}, trained)
+    fake = tmp_path / "weights.pth"
+    fake.write_text("not a checkpoint")
+    reserved = tmp_path / "run" / "last.pt"
+    for target, says in ((trained, "segnest training checkpoint"),
+                         (fake, "not a PyTorch checkpoint"),
+                         (tmp_path, "is a folder"),
+                         (fake / "x.pth", "is a file, not a folder"),
+                         (reserved, "this run's last.pt")):
+        with pytest.raises(SegnestError, match=says) as excinfo:
+            check_state_dict_target(target, "--export", {reserved.resolve(): "this run's last.pt"})
+        assert "\n" not in str(excinfo.value)
+    assert fake.read_text() == "not a checkpoint"

@@ -124,6 +124,40 @@ def is_training_checkpoint(state: Mapping[str, Any]) -> bool:
     return isinstance(state.get("config"), Mapping) and "optimizer" in state
 
 
+def check_state_dict_target(target: str | os.PathLike, flag: str,
+                            reserved: Mapping[Path, str]) -> None:
+    """Refuse, before any work, a place a bare state dict cannot be written: a folder, a
+    path below a file, one of the ``reserved`` paths (resolved path -> what it is, e.g. the
+    run's own checkpoints, which exist only later) or an existing file other than an
+    earlier bare state dict. What the file is is decided by loading it (lazily, its
+    tensors not read), never by its name."""
+    target = Path(target)
+    if target.is_dir():
+        raise SegnestError(f"{flag} {target} is a folder; give a file name, e.g. "
+                           f"{flag} {target / 'backbone.pth'}")
+    blocking = next((parent for parent in target.parents if parent.is_file()), None)
+    if blocking is not None:
+        raise SegnestError(f"{flag} {target}: {blocking} is a file, not a folder; choose "
+                           "another location")
+    resolved = target.resolve()
+    if resolved in reserved:
+        raise SegnestError(f"{flag} {target} is {reserved[resolved]}, which this run writes "
+                           "itself; choose another file name")
+    if not target.exists():
+        return
+    try:
+        state = load_checkpoint(target, mmap=True, verify=False)
+    except SegnestError:
+        what = "it is not a PyTorch checkpoint that loads"
+    else:
+        if state and all(isinstance(value, torch.Tensor) for value in state.values()):
+            return
+        what = ("it is a segnest training checkpoint" if is_training_checkpoint(state)
+                else "it holds more than tensors")
+    raise SegnestError(f"{flag} {target} exists and is not an earlier bare state dict ({what}); "
+                       "choose another file name or delete that file yourself")
+
+
 def state_checksum(state: Mapping[str, Any]) -> str:
     """SHA-256 over every tensor (dtype, shape, bytes) and scalar of ``state``, nested dicts
     and lists included, in the dict's own order (which ``torch.save`` keeps); the
