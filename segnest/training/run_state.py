@@ -384,36 +384,57 @@ class StopRequest:
 
 
 def find_resume_checkpoint(work_dir: str | os.PathLike) -> Path | None:
-    """The newest intact checkpoint in ``work_dir`` for ``--resume auto``, or None.
+    """The newest intact checkpoint in ``work_dir`` for ``--resume auto``, or None when the
+    folder holds no checkpoint.
 
-    Candidates are ``last.pt`` and ``iter_<N>.pt``, ordered by the iteration stored inside
-    (else the number in the name) and then by modification time; they are read lazily
-    (memory-mapped, unverified) to order them, and the newest is then verified in full
-    (its checksum included). Unreadable or corrupt files of any kind are skipped with a
-    warning, and the next newest is taken.
+    Candidates are ``last.pt``, ``iter_<N>.pt`` and ``best.pt`` (it holds the full training
+    state too), ordered by the iteration stored inside (else the number in the name), then
+    ``best.pt`` after the others at the same iteration, then by modification time; they are
+    read lazily (memory-mapped, unverified) to order them, and the newest is then verified
+    in full (its checksum included). Unreadable or corrupt files of any kind are skipped
+    with a warning, and the next newest is taken. Resuming from ``best.pt`` is said in a
+    warning (the iterations after it are trained again), and a folder whose checkpoints
+    are all damaged is refused: starting a new run would replace them, ``best.pt`` first.
     """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         return None
-    candidates: list[tuple[tuple[float, float], Path]] = []
+    candidates: list[tuple[tuple[float, int, float], Path]] = []
+    found: list[Path] = []
     for candidate in work_dir.iterdir():
-        if not (candidate.is_file() and (candidate.name == LAST_CHECKPOINT_NAME
+        if not (candidate.is_file() and (candidate.name in (LAST_CHECKPOINT_NAME,
+                                                            BEST_CHECKPOINT_NAME)
                                          or _PERIODIC_NAME.match(candidate.name))):
             continue
+        found.append(candidate)
         try:
             state = load_checkpoint(candidate, mmap=True, verify=False)
-            key = (_stored_iteration(candidate, state), candidate.stat().st_mtime)
+            key = (_stored_iteration(candidate, state),
+                   int(candidate.name != BEST_CHECKPOINT_NAME), candidate.stat().st_mtime)
         except (SegnestError, OSError) as error:
             warnings.warn(f"skipping checkpoint for resume: {error}", stacklevel=2)
             continue
         candidates.append((key, candidate))
-    for _, candidate in sorted(candidates, key=lambda item: item[0], reverse=True):
+    for key, candidate in sorted(candidates, key=lambda item: item[0], reverse=True):
         try:
             load_checkpoint(candidate, mmap=True)
         except SegnestError as error:
             warnings.warn(f"skipping checkpoint for resume: {error}", stacklevel=2)
             continue
+        if candidate.name == BEST_CHECKPOINT_NAME:
+            warnings.warn(
+                f"--resume auto: no intact {LAST_CHECKPOINT_NAME} or iter_<N>.pt in "
+                f"{work_dir}; resuming from {BEST_CHECKPOINT_NAME} (iteration "
+                f"{key[0]:.0f}), the newest intact checkpoint, so the iterations after it "
+                "are trained again", stacklevel=2)
         return candidate
+    if found:
+        names = ", ".join(sorted(path.name for path in found))
+        raise SegnestError(
+            f"--resume auto: every checkpoint in {work_dir} ({names}) is damaged or "
+            "unreadable (see the warnings above), and a new run would replace them; pass "
+            "--resume with a checkpoint you trust, or start a new run in another --work-dir "
+            "(or there with --overwrite instead of --resume)")
     return None
 
 
