@@ -294,3 +294,29 @@ def test_seeded_samples_depend_on_seed_epoch_and_index_only(image_folder):
     assert torch.equal(torch.get_rng_state(), state), "the caller's generator is untouched"
     seeded.set_epoch(2)
     assert not torch.equal(seeded[5][0], first), "a new epoch gives new augmentations"
+
+
+def test_pretrain_export_onto_a_checkpoint_or_a_folder_is_refused_before_pretraining(
+        tmp_path, image_folder, monkeypatch):
+    """segnest pretrain --export runs/f1/best.pt would replace a segmentation checkpoint
+    with a bare backbone after the whole pretraining (#25 item 2)."""
+    from segnest.runtime.checkpoint import save_checkpoint
+
+    segmentation = tmp_path / "runs" / "f1" / "best.pt"
+    save_checkpoint({"iteration": 5, "config": {"lr": 0.1}, "optimizer": {},
+                     "model": {"w": torch.ones(2)}}, segmentation)
+    before = segmentation.read_bytes()
+    folder = tmp_path / "exports"
+    folder.mkdir()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("pretraining started before --export was checked")
+
+    monkeypatch.setattr(train_cls, "build_classification_dataset", no_work)
+    for target, says in ((segmentation, "segnest training checkpoint"),
+                         (folder, "is a folder"),
+                         (tmp_path / "work" / "best.pt", "this run's best.pt")):
+        with pytest.raises(SegnestError, match=says):
+            run_pretrain(tiny_config(image_folder, tmp_path / "work", export=str(target)))
+    assert segmentation.read_bytes() == before
+    assert not (tmp_path / "work" / "last.pt").exists()

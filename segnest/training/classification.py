@@ -32,7 +32,7 @@ from segnest.errors import SegnestError
 from segnest.inference.tensorboard import PRETRAIN_RUN, TB_FOLDER
 from segnest.inference.visualize import denormalize
 from segnest.models import create_model
-from segnest.runtime.checkpoint import save_checkpoint
+from segnest.runtime.checkpoint import check_state_dict_target, save_checkpoint
 from segnest.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -221,6 +221,13 @@ def check_config(cfg: PretrainConfig, dist: DistInfo) -> PretrainConfig:
     flag's own rules, :func:`segnest.config.validate_config`, for callers from Python too)."""
     cfg = validate_config(cfg)
     check_run_flags(cfg, dist.device)
+    if cfg.export:
+        # Checked now, not after the pretraining: --export naming a folder, a checkpoint
+        # or this run's own files would otherwise fail or replace it at the very end.
+        work_dir = default_work_dir(cfg).resolve()
+        check_state_dict_target(cfg.export, "--export", {
+            work_dir / name: f"this run's {name}"
+            for name in (LAST_CHECKPOINT_NAME, BEST_CHECKPOINT_NAME)})
     return cfg
 
 
