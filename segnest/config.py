@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib.resources
 import math
+import os
 import re
 import sys
 import types
@@ -674,14 +675,39 @@ def find_recipe(name: str | Path) -> tuple[str, str]:
     one-line error listing the packaged names."""
     path = Path(name)
     if path.is_file():
-        return str(path), path.read_text()
+        return str(path), _recipe_text(path.read_bytes(), path)
     packaged = packaged_recipes()
     stem = str(name)[: -len(".yaml")] if str(name).endswith(".yaml") else str(name)
     if stem in packaged:
-        return stem, packaged[stem].read_text()
+        return stem, _recipe_text(packaged[stem].read_bytes(), stem)
     raise SegnestError(f"recipe {name} not found: no such file and no packaged recipe of that "
                        f"name; packaged recipes: {', '.join(packaged)} ('segnest recipes' "
                        "describes them)")
+
+
+def _recipe_text(data: bytes, label: str | Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SegnestError(
+            f"recipe {label} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8, or 'Save as UTF-8' in an editor)") from err
+
+
+def _note_unused_copy(name: str | Path) -> None:
+    """``--config NAME`` means the packaged recipe even beside a ``NAME.yaml``; say so,
+    so that an edited copy of that name never goes unused in silence."""
+    _note_unused_copy_once(str(name), os.getcwd())
+
+
+@functools.cache
+def _note_unused_copy_once(name: str, folder: str) -> None:
+    # Once per name and working folder (where the copy is looked for) in a process:
+    # segnest train resolves its flags twice, the first time for its presets.
+    copy = Path(f"{name}.yaml")
+    if not Path(name).is_file() and str(name) in packaged_recipes() and copy.is_file():
+        print(f"recipe: using the packaged recipe {name}, not your copy {copy}; pass "
+              f"--config {copy} to use the copy", file=sys.stderr)
 
 
 def read_recipe(name: str | Path) -> tuple[str, dict[str, Any]]:
@@ -1040,6 +1066,8 @@ def resolve_config(
         sources.update({k: f"the {dataset} preset" for k in merged})
     merged.update(recipe)
     recipe_label = find_recipe(recipe_path)[0] if recipe_path else None
+    if recipe_path:
+        _note_unused_copy(recipe_path)
     sources.update({k: f"recipe {recipe_label}" for k in recipe})
     merged.update(cli)
     for k in cli:

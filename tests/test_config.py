@@ -121,3 +121,26 @@ def test_every_train_field_is_a_flag():
     flags = {opt for action in train._actions for opt in action.option_strings}
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in flags
+
+
+def test_a_bare_recipe_name_beside_a_copy_of_that_name_says_which_file_it_used(
+        tmp_path, monkeypatch, capsys):
+    """--config NAME means the packaged recipe; a local NAME.yaml must not go unused in
+    silence (#25 item 7)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deeplabv3_resnest14_mini.yaml").write_text("dataset: mini\niters: 5\n")
+    cfg = resolve_config(TrainConfig, {"config": "deeplabv3_resnest14_mini"}, DATASET_PRESETS)
+    assert cfg.iters == 900
+    err = capsys.readouterr().err
+    assert err.count("using the packaged recipe deeplabv3_resnest14_mini, not your copy") == 1
+    assert "--config deeplabv3_resnest14_mini.yaml" in err
+    resolve_config(TrainConfig, {"config": "deeplabv3_resnest14_mini.yaml"}, DATASET_PRESETS)
+    assert "packaged" not in capsys.readouterr().err  # the copy, named as a file: no note
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes("dataset: folder\n# café\n".encode("latin-1"))
+    with pytest.raises(SegnestError, match=r"r\.yaml is not UTF-8 text") as error:
+        resolve_config(TrainConfig, {"config": str(recipe)}, DATASET_PRESETS)
+    assert "\n" not in str(error.value)
