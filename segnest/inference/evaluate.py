@@ -219,6 +219,7 @@ def evaluate(
     panels: int = 0,
     save_pred: str | Path | None = None,
     progress: bool = True,
+    keep_bar: bool = True,
     skip_bad_samples: bool = False,
     workers: int = 0,
     batch_size: int = 1,
@@ -234,7 +235,8 @@ def evaluate(
     ``num_classes``, ``palette`` and ``ignore_index``; ``workers`` load images in parallel.
     ``batch_size`` is that of :func:`segnest.inference.strategies.segment` (the results
     do not depend on it); ``save_confidence`` writes confidence maps beside ``save_pred``
-    (:func:`confidence_folder`).
+    (:func:`confidence_folder`). ``keep_bar=False`` clears the finished bar (a
+    validation inside training, whose own bar and result line follow).
     """
     device = torch.device(device)
     rank, world = get_rank(), get_world_size()
@@ -256,7 +258,7 @@ def evaluate(
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            bar = progress_bar(loader, desc="eval", unit="img",
+            bar = progress_bar(loader, desc="eval", unit="img", leave=keep_bar,
                                enabled=progress and rank == 0)
 
             def readable() -> Iterator[tuple[tuple, Any]]:
