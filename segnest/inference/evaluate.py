@@ -89,6 +89,7 @@ from segnest.runtime.distributed import (
     init_distributed,
 )
 from segnest.runtime.precision import precision_name, resolve_precision
+from segnest.runtime.threads import threads_beside_workers
 
 EVAL_PANELS = 4
 
@@ -385,12 +386,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
                              precision=precision)
 
-    results, panels = evaluate(
-        runner, dataset, settings, info.device, samples=cfg.samples,
-        panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
-        progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
-        batch_size=cfg.batch_size, save_confidence=cfg.save_confidence,
-    )
+    with threads_beside_workers(info.device, cfg.workers):
+        results, panels = evaluate(
+            runner, dataset, settings, info.device, samples=cfg.samples,
+            panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
+            progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
+            batch_size=cfg.batch_size, save_confidence=cfg.save_confidence,
+        )
     if info.is_main:
         timing = results["timing"]
         results["warnings"] = metric_warnings(results, dataset.classes)
