@@ -126,3 +126,18 @@ def test_a_confidence_map_name_never_collides_with_another_inputs_mask(checkpoin
     assert len(set(written)) == 2
     assert (out / "photo_confidence.png").is_file()  # the first input's confidence map
     assert out / "photo_confidence.png" not in written
+
+
+def test_predict_says_which_file_holds_what_and_the_working_size(checkpoint: Path,
+                                                                 tmp_path: Path, capsys):
+    write_inputs(tmp_path / "images")
+    out = tmp_path / "out"
+    run_predict(PredictConfig(inputs=[str(tmp_path / "images")], checkpoint=str(checkpoint),
+                              out=str(out), overlay=True, base_size=24, device="cpu"))
+    said = capsys.readouterr().out
+    assert f"wrote 4 prediction(s) to {out}:" in said
+    assert "<name>.png" in said and f"colours named in {out / 'legend.png'}" in said
+    assert f"<name>_mask.png        class ids 0-{NUM_CLASSES - 1}" in said
+    assert "<name>_overlay.jpg" in said and "<name>_confidence.png" not in said
+    assert f"knows {NUM_CLASSES} classes" in said
+    assert "segmented at long side 24 px and the labels resized" in said
