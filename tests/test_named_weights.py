@@ -213,3 +213,31 @@ def test_a_failed_download_is_one_line_with_each_reason(monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.count("name resolution") == 2
     assert "put it at" in message
+
+
+def test_train_takes_timm_weights_by_name_from_the_cache_and_says_what_it_loaded(
+        caches, folder_dataset, capsys):
+    from segnest.cli import main
+
+    state = classifier_state()
+    cached = put_in_hf_cache(caches / "hf" / "hub", "timm/resnest14d.gluon_in1k",
+                             "pytorch_model.bin", state)
+    flags = ["train", "--dataset", "folder", "--data-root", str(folder_dataset),
+             "--pretrained", TIMM_14, "--iters", "1", "--batch-size", "2", "--base-size", "48",
+             "--crop-size", "32", "--workers", "0", "--device", "cpu", "--head-channels", "16",
+             "--no-tensorboard", "--work-dir", str(caches / "run")]
+    assert main(flags) == 0
+    said = capsys.readouterr().out
+    assert f"loaded {len(state) - 2} backbone tensors from {TIMM_14} ({cached})" in said
+    assert "from scratch" not in said
+
+    # Offline without the file: one line, no run folder.
+    shutil.rmtree(caches / "hf")
+    os_env = {"HF_HUB_OFFLINE": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in os_env.items():
+            patch.setenv(key, value)
+        assert main(flags[:-1] + [str(caches / "run2")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HF_HUB_OFFLINE" in err[0] and "resnest14d.gluon_in1k" in err[0]
+    assert not (caches / "run2").exists()  # refused before the work folder was made

@@ -60,13 +60,16 @@ from segnest.inference.outputs import (
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import inference_model, segment
 from segnest.inference.tensorboard import (
+    HEADLINE_METRICS,
     METRIC_TAGS,
     eval_run_name,
     log_config,
     log_hparams,
+    log_results_card,
     log_segmentation_results,
     run_dir,
     segmentation_hparams,
+    session_name,
     write_run_atomically,
 )
 from segnest.inference.visualize import (
@@ -356,6 +359,13 @@ def _prepare_outputs(cfg: EvalConfig, out_dir: Path, dataset: Any) -> None:
     prepare_folder(out_dir, "--out")
 
 
+def _trained_lr(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """``{"lr": base lr}`` the checkpoint's run trained with (its scheduler's, which holds
+    the default the run computed when no --lr was given), or nothing when not recorded."""
+    base = (checkpoint.get("scheduler") or {}).get("base_lrs")
+    return {"lr": float(base[0])} if base else {}
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
@@ -419,15 +429,21 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
         step = int(checkpoint.get("iteration") or 0)
 
+        tensorboard_run = _tensorboard_run(cfg, settings)
+
         def fill(writer: Any) -> None:
             log_config(writer, {**asdict(cfg), **extra}, step)
             log_segmentation_results(writer, results, dataset.classes, dataset.palette,
                                      panels, step)
-            evaluation = {k: v for k, v in extra.items() if k != "data_root"}
+            log_results_card(writer, f"{tensorboard_run.name} ({settings.describe()}, "
+                             f"iteration {step})", results, step)
+            evaluation = {**extra, **_trained_lr(checkpoint)}
             log_hparams(writer, segmentation_hparams(checkpoint.get("config") or {}, evaluation),
-                        [tag for tag in METRIC_TAGS if not math.isnan(results[tag[4:]])])
+                        [tag for tag, key in zip(METRIC_TAGS, HEADLINE_METRICS, strict=True)
+                         if not math.isnan(results[key])],
+                        name=session_name(tensorboard_run.name.replace("_", " "),
+                                          Path(cfg.checkpoint).resolve().parent))
 
-        tensorboard_run = _tensorboard_run(cfg, settings)
         write_run_atomically(tensorboard_run, fill)
         if results["skipped_samples"]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")

@@ -307,6 +307,19 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(to_unit_range(channels) * 255.0), 0, 255).astype(np.uint8)
 
 
+def text_card(lines: Sequence[str], size: int = 28, width: int = 640) -> np.ndarray:
+    """``lines`` drawn black on white, ``size`` px tall, as a uint8 ``H x W x 3`` card: big
+    enough to stay legible when TensorBoard shrinks an image to its card width."""
+    font = _font(size)
+    lines = [_drawable(font, line) for line in lines]
+    width = max([width] + [_text_width(font, line) + size for line in lines])
+    card = Image.new("RGB", (width, round(size * (1.4 * len(lines) + 0.6))), "white")
+    draw = ImageDraw.Draw(card)
+    for index, line in enumerate(lines):
+        draw.text((size // 2, round(size * (0.3 + 1.4 * index))), line, fill="black", font=font)
+    return np.asarray(card)
+
+
 def log_panels(writer: Any, tag: str, panels: Sequence[np.ndarray], step: int) -> None:
     """Writes each panel as image ``{tag}/{i}`` to a TensorBoard ``SummaryWriter``."""
     for index, panel in enumerate(panels):

@@ -38,7 +38,13 @@ from torch import nn
 
 from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.runtime.hub import cached_hf_file, cached_url_file, sha256_of
+from segnest.runtime.hub import (
+    cached_hf_file,
+    cached_url_file,
+    find_hf_file,
+    sha256_of,
+    torch_hub_checkpoint_dir,
+)
 
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
@@ -94,12 +100,21 @@ class NamedWeights:
     backbone: str  # the segnest backbone they fit, at its full (default) width
     origin: str  # who trained them, for messages
 
+    def _hub_file(self) -> tuple[str, tuple[str, ...]]:
+        files = TIMM_FILES if _has_safetensors() else TIMM_FILES[1:]
+        return f"timm/{self.name[len(TIMM_PREFIX):]}", files
+
+    def cached(self) -> Path | None:
+        """The file if it is in its cache already (nothing is downloaded or checked)."""
+        if self.name.startswith(TIMM_PREFIX):
+            return find_hf_file(*self._hub_file())
+        path = torch_hub_checkpoint_dir() / OFFICIAL_WEIGHTS[self.name]
+        return path if path.is_file() else None
+
     def fetch(self) -> Path:
         """The file in its cache, downloaded first if needed (see segnest.runtime.hub)."""
         if self.name.startswith(TIMM_PREFIX):
-            model = self.name[len(TIMM_PREFIX):]
-            files = TIMM_FILES if _has_safetensors() else TIMM_FILES[1:]
-            return cached_hf_file(f"timm/{model}", files, what=self.name)
+            return cached_hf_file(*self._hub_file(), what=self.name)
         file_name = OFFICIAL_WEIGHTS[self.name]
         return cached_url_file(tuple(f.format(file_name) for f in OFFICIAL_URL_FORMATS),
                                file_name, _HASH_IN_NAME.search(file_name).group(1),

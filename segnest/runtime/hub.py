@@ -109,6 +109,15 @@ def _cached_hf_path(repo_id: str, file_name: str, revision: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def find_hf_file(repo_id: str, file_names: tuple[str, ...], revision: str = "main"
+                 ) -> Path | None:
+    """The first of ``file_names`` of ``repo_id`` already in the cache, or None."""
+    for name in file_names:
+        if (path := _cached_hf_path(repo_id, name, revision)) is not None:
+            return path
+    return None
+
+
 def check_hf_blob(path: Path) -> None:
     """A cached hub file links to ``blobs/<sha256>`` (for weights, stored with Git LFS):
     the content must hash to that name. A copy without the link is not checked."""
@@ -142,10 +151,9 @@ def cached_hf_file(repo_id: str, file_names: tuple[str, ...], what: str,
     """The first of ``file_names`` of the hub repository ``repo_id`` found in the cache,
     else the first downloaded (with ``huggingface_hub``, unless offline); its blob hash is
     checked. ``what`` names it in errors."""
-    for name in file_names:
-        if (path := _cached_hf_path(repo_id, name, revision)) is not None:
-            check_hf_blob(path)
-            return path
+    if (path := find_hf_file(repo_id, file_names, revision)) is not None:
+        check_hf_blob(path)
+        return path
     url = f"https://huggingface.co/{repo_id}/resolve/{revision}/{file_names[0]}"
     put = (f"run once online with huggingface_hub installed ({HUB_INSTALL}; it fills "
            f"{hf_hub_cache_dir()}), or download {url} and pass its path to --pretrained")
