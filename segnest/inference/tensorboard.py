@@ -37,10 +37,10 @@ share a chart:
 ====================================  ======================================================
 
 HParams: each run holds one HParams session in its own folder (not the timestamped
-sub-run of ``SummaryWriter.add_hparams``), named by what it is and when it started
-(``train 12-05 18:03``, ``eval ms+flip 12-05 18:09``) so that rows differ, with the columns
-that tell runs apart (:data:`HPARAM_COLUMNS`: backbone, crop, lr, iterations, scales, flip,
-then the data, batch and pretrained weights) and the headline metrics.
+sub-run of ``SummaryWriter.add_hparams``), named by when it started and what it is
+(``18:03:12 train ...``, ``18:09:40 eval val ms flip ...``: :func:`session_name`) so that
+rows differ, with the columns that tell runs apart (:data:`HPARAM_COLUMNS`) and the
+headline metrics.
 """
 
 from __future__ import annotations
@@ -167,38 +167,39 @@ def hparams_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in _NOT_HYPERPARAMETERS}
 
 
-# HParams columns of a segmentation run, in this order: what tells runs apart first.
-HPARAM_COLUMNS = ("backbone", "crop_size", "lr", "iterations", "scales", "flip", "dataset",
-                  "split", "batch_size", "pretrained", "mode", "precision")
+# HParams columns of a segmentation run. TensorBoard's table sorts the columns by name and
+# shows the first five: these are the five that tell runs apart, named so that they sort
+# in this order; the pretrained weights come sixth (one click away), the rest of the
+# settings are in the run's ``config`` text.
+HPARAM_COLUMNS = ("backbone", "crop", "inference", "iters", "lr", "pretrained")
 
 
 def segmentation_hparams(training: Mapping[str, Any],
                          evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The HParams columns (:data:`HPARAM_COLUMNS`) of a training run or of an eval of its
     checkpoints: the model and recipe from ``training`` (its settings), the rest from
-    ``evaluation`` (``iteration``, ``dataset``, ``split``, ``inference`` settings,
-    ``precision``, and ``lr`` when it differs from the recipe's, e.g. a default the run
-    computed). TensorBoard takes the column list from one run, so every run of a work
-    folder declares the same columns."""
+    ``evaluation`` (``iteration``, the ``inference`` settings, and ``lr`` when it differs
+    from the recipe's, e.g. a default the run computed). TensorBoard takes the column list
+    from one run, so every run of a work folder declares the same columns."""
     inference = evaluation.get("inference") or {}
+    scales = ",".join(f"{s:g}" for s in inference.get("scales", ()))
     lr = evaluation.get("lr", training.get("lr"))
-    values = {
-        "backbone": training.get("backbone"), "crop_size": training.get("crop_size"),
-        "lr": "default" if lr is None else lr, "iterations": evaluation.get("iteration"),
-        "scales": ",".join(f"{s:g}" for s in inference.get("scales", ())),
-        "flip": bool(inference.get("flip")), "dataset": evaluation.get("dataset"),
-        "split": evaluation.get("split"), "batch_size": training.get("batch_size"),
-        "pretrained": training.get("pretrained") or "none", "mode": inference.get("mode"),
-        "precision": evaluation.get("precision", training.get("precision")),
+    return {
+        "backbone": training.get("backbone"),
+        "crop": training.get("crop_size"),
+        "inference": f"scales {scales}" + (" + flip" if inference.get("flip") else ""),
+        "iters": evaluation.get("iteration"),
+        "lr": "default" if lr is None else lr,
+        "pretrained": Path(training["pretrained"]).name if training.get("pretrained")
+        else "none",
     }
-    return {key: values[key] for key in HPARAM_COLUMNS}
 
 
 def session_name(kind: str, work_dir: str | os.PathLike) -> str:
-    """An HParams row's name: what the run is, when it started, and its work folder
-    (``train 12-05 18:03:12 folder_resnest14``); rows never share a name, and the part
-    that differs comes before the part TensorBoard cuts off."""
-    return f"{kind} {time.strftime('%m-%d %H:%M:%S')} {Path(work_dir).name}"
+    """An HParams row's name: when the run started, what it is and its work folder
+    (``18:03:12 train folder_resnest14 12-05``); the part that differs comes first, as
+    TensorBoard shows only the start of it, and rows never share a name."""
+    return f"{time.strftime('%H:%M:%S')} {kind} {Path(work_dir).name} {time.strftime('%m-%d')}"
 
 
 def hparam_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

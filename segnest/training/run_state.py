@@ -77,6 +77,7 @@ from segnest.runtime.distributed import (
 )
 from segnest.runtime.lock import FolderLock
 from segnest.runtime.precision import requested_precision, resolve_precision
+from segnest.runtime.threads import threads_beside_workers
 
 LAST_CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
@@ -96,20 +97,16 @@ def periodic_checkpoint_name(iteration: int) -> str:
 def training_process(device: str | None, workers: int) -> Iterator[DistInfo]:
     """Join torchrun's process group (if any) and pick the device; undo both on exit.
 
-    On a CPU, the compute threads leave the data workers their cores: OpenMP threads that
-    share a core with a busy worker spin-wait, and a 2-core machine then trains several
-    times slower.
+    On a CPU, the compute threads leave the data workers their cores
+    (:func:`segnest.runtime.threads.threads_beside_workers`, as ``segnest eval`` does).
     """
     dist = init_distributed(device)
-    threads = torch.get_num_threads()
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    elif workers > 0:
-        torch.set_num_threads(max(1, threads - workers))
     try:
-        yield dist
+        with threads_beside_workers(dist.device, workers):
+            yield dist
     finally:
-        torch.set_num_threads(threads)
         cleanup_distributed()
 
 
