@@ -45,7 +45,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,11 @@ def run_folder(work_dir: Path, dist: DistInfo, *, resume: str | None, overwrite:
     every rank raises if rank 0 refused."""
     lock = FolderLock(work_dir)
     log = ConsoleLog(work_dir / log_name)
+    # A run refused before it started (bad data, bad settings) leaves the folder as it was.
+    log_path = work_dir / log_name
+    folder_existed, log_existed = work_dir.exists(), log_path.exists()
+    log_size = log_path.stat().st_size if log_existed else 0
+    files_before = set(_run_files(work_dir, log_name)) if folder_existed else set()
     refusal: SegnestError | None = None
     if dist.is_main:
         try:
@@ -199,14 +204,29 @@ def run_folder(work_dir: Path, dist: DistInfo, *, resume: str | None, overwrite:
         refusal = SegnestError(f"rank 0 could not use the work folder {work_dir}")
     if refusal is not None:
         raise refusal
+    refused_before_start = False
     try:
         yield
     except SegnestError as err:
-        log.note(f"segnest: error: {err}")
+        started = set(_run_files(work_dir, log_name)) - files_before - {work_dir / log_name}
+        refused_before_start = dist.is_main and not started
+        if not refused_before_start:
+            log.note(f"segnest: error: {err}")
         raise
     finally:
         log.close()
+        if refused_before_start and not folder_existed:
+            lock.path.unlink(missing_ok=True)  # still held: the folder is this run's own
         lock.release()
+        if refused_before_start:
+            if log_existed:  # the earlier run's log, without this attempt's lines
+                os.truncate(log_path, log_size)
+            else:
+                log_path.unlink(missing_ok=True)
+            if not folder_existed:
+                _remove_empty_folders(work_dir)
+                with suppress(OSError):
+                    work_dir.rmdir()
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
