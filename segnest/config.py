@@ -144,7 +144,9 @@ class TrainConfig:
         default=None, metadata=help_("recipe YAML; its keys are these flags")
     )
     pretrained: str | None = field(
-        default=None, metadata=help_("local ImageNet/pretrain checkpoint for the backbone")
+        default=None, metadata=help_("backbone weights: a checkpoint file or ImageNet weights "
+                                     "by name (resnest50, timm:resnest14d.gluon_in1k, ...; "
+                                     "see docs/recipes.md)")
     )
     iters: int | None = field(
         default=None, metadata=help_("training iterations (overrides --epochs)", min=1)
@@ -411,8 +413,9 @@ class PretrainConfig:
         metadata=help_("imagenet (a folder via --data) or the bundled mini set",
                        choices=PRETRAIN_DATASETS),
     )
-    data: str | None = field(
-        default=None, metadata=help_("folder with train/<class>/ and val/<class>/")
+    data_root: str | None = field(
+        default=None, metadata=help_("folder with train/<class>/ and val/<class>/",
+                                     renamed_from="data")
     )
     backbone: str = field(default="resnest50", metadata=help_("backbone name"))
     config: str | None = field(default=None, metadata=help_("recipe YAML"))
@@ -597,7 +600,9 @@ def add_dataclass_arguments(
         if const is not None:
             kwargs.update(nargs="?", const=const)
         if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # --no-decay-norm, never --no-no-decay-norm: a negative flag only switches on.
+            kwargs["action"] = ("store_true" if f.name.startswith("no_")
+                                else argparse.BooleanOptionalAction)
         else:
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
@@ -854,8 +859,8 @@ def _warmup_within_epochs(cfg: PretrainConfig, names: _Names) -> None:
 
 
 def _imagenet_needs_data(cfg: PretrainConfig, names: _Names) -> None:
-    if cfg.dataset == "imagenet" and not cfg.data:
-        raise SegnestError("--dataset imagenet needs --data: a folder with train/<class>/ and "
+    if cfg.dataset == "imagenet" and not cfg.data_root:
+        raise SegnestError("--dataset imagenet needs --data-root: a folder with train/<class>/ and "
                            "val/<class>/ image folders (ImageNet layout)")
 
 

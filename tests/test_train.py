@@ -207,3 +207,13 @@ def test_two_process_ddp_with_syncbn_equals_one_process_with_double_batch(tmp_pa
     for name, param in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], param.grad, atol=1e-5, rtol=1e-4,
                                    msg=name)
+
+
+def test_a_relative_data_root_is_stored_absolute(folder_dataset, tmp_path, tiny_train_config,
+                                                 monkeypatch):
+    from segnest.runtime.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(folder_dataset.parent)
+    run_train(tiny_train_config(folder_dataset.name, tmp_path / "run", iters=1))
+    stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]["data_root"]
+    assert stored == str(folder_dataset.resolve())

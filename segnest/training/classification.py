@@ -165,15 +165,15 @@ def log_val_samples(writer: Any, model: nn.Module, dataset: Dataset, classes: li
 def build_datasets(cfg: PretrainConfig) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names) of ``--dataset`` with the recipe's transforms."""
     if cfg.dataset not in DATASETS:
-        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with --data) or mini")
+        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with --data-root) or mini")
     if cfg.dataset == "mini":
         root, crop_scale = ensure_mini_classification(), MINI_CROP_SCALE
     else:
-        if not cfg.data:
+        if not cfg.data_root:
             raise SegnestError(
-                "--dataset imagenet needs --data: a folder with train/<class>/ and "
+                "--dataset imagenet needs --data-root: a folder with train/<class>/ and "
                 "val/<class>/ image folders (ImageNet layout)")
-        root, crop_scale = Path(cfg.data), IMAGENET_CROP_SCALE
+        root, crop_scale = Path(cfg.data_root), IMAGENET_CROP_SCALE
     train_transform, eval_transform = build_transforms(
         cfg.crop_size, cfg.crop_pct, cfg.auto_augment, crop_scale)
     train_set = build_classification_dataset(root, "train", train_transform)

@@ -114,6 +114,8 @@ def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
     if cfg.photometric and cfg.in_channels != 3:
         raise SegnestError(f"--photometric works on RGB images only; drop it for "
                            f"--in-channels {cfg.in_channels}")
+    if cfg.data_root:  # stored absolute: eval and predict read it from other folders
+        cfg = dataclasses.replace(cfg, data_root=str(Path(cfg.data_root).expanduser().resolve()))
     return cfg
 
 
