@@ -572,13 +572,48 @@ def _bounds_text(meta: typing.Mapping[str, Any]) -> str | None:
     return " and ".join(parts) or None
 
 
+# --help sections, in this order; a field in none of them is listed under "other".
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("backbone", "pretrained", "output_stride", "aux", "aux_weight",
+              "head_channels", "stage_width", "stem_width", "dropblock_prob", "final_drop",
+              "last_gamma", "in_channels", "loss", "ohem_thresh", "ohem_min_kept",
+              "class_weights"),
+    "data": ("dataset", "data_root", "config", "crop_size", "base_size", "scale_min",
+             "scale_max", "cat_max_ratio", "photometric", "label_map", "mean", "std",
+             "skip_bad_samples", "crop_pct", "auto_augment", "mixup", "cutmix",
+             "label_smoothing", "workers"),
+    "optimisation": ("iters", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                     "no_decay_norm", "head_lr_mult", "poly_power", "min_lr", "warmup_iters",
+                     "warmup_epochs", "seed"),
+    "checkpoints": ("work_dir", "resume", "overwrite", "checkpoint_interval",
+                    "keep_checkpoints", "export", "val_interval", "val_samples"),
+    "logging": ("log_interval", "panels", "tensorboard"),
+    "hardware": ("device", "precision", "amp", "compile", "checkpoint_activations"),
+}
+
+
+def _help_sections(parser: argparse.ArgumentParser, names: list[str]
+                   ) -> dict[str, argparse._ArgumentGroup]:
+    """field name -> the --help section it is listed in (sections made in HELP_GROUPS'
+    order, only those with fields)."""
+    where: dict[str, argparse._ArgumentGroup] = {}
+    for title, members in (*HELP_GROUPS.items(), ("other", tuple(names))):
+        present = [name for name in names if name in members and name not in where]
+        if present:
+            group = parser.add_argument_group(title)
+            where.update(dict.fromkeys(present, group))
+    return where
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
 ) -> None:
     """One ``--flag-name`` per field. Defaults are suppressed so that only what the user
     typed overrides the recipe and the presets; a renamed field also takes its old flag.
     The help shows a field's allowed values; they are checked by :func:`validate_config`
-    (not by argparse), so that a flag and a recipe key fail alike, in one line."""
+    (not by argparse), so that a flag and a recipe key fail alike, in one line. Flags are
+    listed in the sections of :data:`HELP_GROUPS`."""
+    sections = _help_sections(parser, [f.name for f in fields(cls) if f.name not in skip])
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -608,7 +643,7 @@ def add_dataclass_arguments(
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
             if "choices" in f.metadata:
                 kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
-        parser.add_argument(_flag(f.name), **kwargs)
+        sections[f.name].add_argument(_flag(f.name), **kwargs)
         if old_name is not None and tp is not bool:
             parser.add_argument(_flag(old_name), dest=f.name, type=tp,
                                 default=argparse.SUPPRESS, action=_RenamedFlag,
@@ -637,13 +672,22 @@ def _default_text(f: dataclasses.Field, cls: type) -> str:
         shown = ",".join(map(str, value))
     else:
         shown = str(value)
-    presets = {TrainConfig: DATASET_PRESETS, PretrainConfig: PRETRAIN_PRESETS}.get(cls, {})
-    if value is None and any(f.name in preset for preset in presets.values()):
-        shown = "from the --dataset preset"
-    else:  # the presets that change it, e.g. "2; mini: 8"
-        shown = "; ".join([shown] + [f"{name}: {preset[f.name]}" for name, preset
-                                     in presets.items() if preset.get(f.name, value) != value])
+    presets = dict({TrainConfig: DATASET_PRESETS, PretrainConfig: PRETRAIN_PRESETS}.get(cls, {}))
+    if cls is TrainConfig:  # segnest.training.presets: the folder preset without a GPU
+        presets["folder without a GPU"] = CPU_MODEL
+    # The number each preset uses, e.g. "2; mini: 8" or, with no built-in value,
+    # "ade20k: 180; cityscapes: 240; folder: 50".
+    changed = [f"{name}: {_shown(preset[f.name])}" for name, preset in presets.items()
+               if preset.get(f.name, value) != value]
+    if value is None and changed:
+        shown = "; ".join(changed)
+    else:
+        shown = "; ".join([shown, *changed])
     return f" (default: {shown})".replace("%", "%%")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 class _RecipeLoader(yaml.SafeLoader):

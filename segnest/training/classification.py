@@ -165,7 +165,8 @@ def log_val_samples(writer: Any, model: nn.Module, dataset: Dataset, classes: li
 def build_datasets(cfg: PretrainConfig) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names) of ``--dataset`` with the recipe's transforms."""
     if cfg.dataset not in DATASETS:
-        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with --data-root) or mini")
+        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with "
+                           "--data-root) or mini")
     if cfg.dataset == "mini":
         root, crop_scale = ensure_mini_classification(), MINI_CROP_SCALE
     else:
