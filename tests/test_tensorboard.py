@@ -92,14 +92,14 @@ def test_each_eval_is_its_own_named_run_beside_training_and_replaced_on_rerun(
     assert "headline/segmentation_results" in events.Tags()["images"]
     assert events.Tensors("config/text_summary")
     hparams, metrics = _hparams(events)
-    assert hparams["inference"] == "scales 1" and set(metrics) == HEADLINE
+    assert hparams["inference"] == "1 scale" and set(metrics) == HEADLINE
     # TensorBoard takes the HParams columns from one run: every run declares the same ones,
     # the evals with the training settings of their checkpoint.
     train_hparams, _ = _hparams(_events(work / "tb" / "train"))
     assert set(train_hparams) == set(hparams)
     assert hparams["backbone"] == train_hparams["backbone"] == "resnest14"
-    assert train_hparams["inference"] == "scales 1"  # training validates single-scale
-    assert _hparams(_events(work / "tb" / "eval_val_flip"))[0]["inference"] == "scales 1 + flip"
+    assert train_hparams["inference"] == "1 scale"  # training validates single-scale
+    assert _hparams(_events(work / "tb" / "eval_val_flip"))[0]["inference"] == "1 scale+flip"
     assert train_hparams["lr"] == hparams["lr"] > 0  # the number the run used, not "default"
 
 

@@ -182,12 +182,14 @@ def segmentation_hparams(training: Mapping[str, Any],
     from the recipe's, e.g. a default the run computed). TensorBoard takes the column list
     from one run, so every run of a work folder declares the same columns."""
     inference = evaluation.get("inference") or {}
-    scales = ",".join(f"{s:g}" for s in inference.get("scales", ()))
+    count = len(inference.get("scales", ()))
+    # Short enough for the table's column ("3 scales+flip"); the scales are in the config.
+    views = f"{count} scale{'s' if count != 1 else ''}" + ("+flip" if inference.get("flip") else "")
     lr = evaluation.get("lr", training.get("lr"))
     return {
         "backbone": training.get("backbone"),
         "crop": training.get("crop_size"),
-        "inference": f"scales {scales}" + (" + flip" if inference.get("flip") else ""),
+        "inference": views,
         "iters": evaluation.get("iteration"),
         "lr": "default" if lr is None else lr,
         "pretrained": Path(training["pretrained"]).name if training.get("pretrained")
