@@ -129,3 +129,15 @@ def test_named_weights_pick_their_backbone_unless_one_is_given(tmp_path):
     assert cfg.backbone == "resnest101"
     cfg = _resolve(dataset="ade20k", pretrained="resnest101", backbone="resnest50")
     assert cfg.backbone == "resnest50"  # the user's choice stands (and fails to load, loudly)
+
+
+def test_named_cpu_weights_get_the_cpu_presets_batch_and_lr(tmp_path, capsys):
+    from segnest.config import CPU_MODEL
+
+    root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
+    cfg = _resolve(dataset="folder", data_root=str(root), device="cpu",
+                   pretrained="timm:resnest14d.gluon_in1k")
+    assert (cfg.backbone, cfg.batch_size, cfg.lr) == ("resnest14", CPU_MODEL["batch_size"],
+                                                      CPU_MODEL["lr"])
+    assert cfg.stage_width == TrainConfig.stage_width  # the width the weights fit
+    assert "from ImageNet weights (timm:resnest14d.gluon_in1k;" in capsys.readouterr().out

@@ -17,7 +17,8 @@ flag always wins over them (precedence: defaults < derived preset < recipe < com
   ``--pretrained`` (whose weights fit their own backbone) or a CUDA ``--device``. When
   timm's ImageNet ResNeSt-14 (``CPU_PRETRAINED``) is in the Hugging Face cache, the preset
   takes it instead: the same depth at the published width (slower per step, far better on
-  a few dozen images than random weights). Nothing is downloaded for a preset.
+  a few dozen images than random weights); ``--pretrained`` naming those weights gets the
+  same model and batch. Nothing is downloaded for a preset.
 - ``--pretrained NAME`` (named weights) without ``--backbone``: the backbone they fit.
 
 A crop much larger than the images (median long side below half the crop) is named once
@@ -108,20 +109,32 @@ def _without_gpu(user: dict[str, Any]) -> bool:
 CPU_PRETRAINED = "timm:resnest14d.gluon_in1k"
 
 
+def _names_cpu_weights(user: dict[str, Any]) -> bool:
+    """Whether ``--pretrained`` names ImageNet weights of CPU_MODEL's backbone."""
+    weights = named_weights(user["pretrained"]) if user.get("pretrained") else None
+    return weights is not None and weights.backbone == CPU_MODEL["backbone"]
+
+
 def cpu_model_applies(user: dict[str, Any]) -> bool:
-    """Whether the folder preset takes ``CPU_MODEL`` for the settings in ``user``."""
+    """Whether the folder preset takes ``CPU_MODEL`` (or its pretrained form) for the
+    settings in ``user``: a folder dataset without a GPU, no backbone chosen, and no
+    ``--pretrained`` other than weights named for that backbone."""
     return (user.get("dataset") == "folder" and "backbone" not in user
-            and not user.get("pretrained") and _without_gpu(user))
+            and (not user.get("pretrained") or _names_cpu_weights(user))
+            and _without_gpu(user))
 
 
-def cpu_pretrained_model() -> dict[str, Any] | None:
-    """``CPU_MODEL`` at the published width with ``CPU_PRETRAINED`` when those weights are
-    in their cache already, else None."""
-    weights = NAMED_WEIGHTS[CPU_PRETRAINED]
-    if weights.cached() is None:
+def cpu_pretrained_model(user: dict[str, Any]) -> dict[str, Any] | None:
+    """``CPU_MODEL`` at the published width with ImageNet weights: those the user named,
+    else ``CPU_PRETRAINED`` when it is in its cache already; None otherwise."""
+    if _names_cpu_weights(user):
+        name = user["pretrained"]
+    elif NAMED_WEIGHTS[CPU_PRETRAINED].cached() is not None:
+        name = CPU_PRETRAINED
+    else:
         return None
-    return {**CPU_MODEL, "backbone": weights.backbone, "stage_width": TrainConfig.stage_width,
-            "stem_width": None, "pretrained": CPU_PRETRAINED}
+    return {**CPU_MODEL, "stage_width": TrainConfig.stage_width, "stem_width": None,
+            "pretrained": name}
 
 
 def _named_backbone(user: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +171,7 @@ def resolve_train_config(cls: type, given: dict[str, Any],
     user = _user_values(given)
     cpu_model = None
     if cpu_model_applies(user):
-        cpu_model = cpu_pretrained_model() or CPU_MODEL
+        cpu_model = cpu_pretrained_model(user) or CPU_MODEL
     table, long_side = train_presets(user, cpu_model)
     cfg = resolve_config(cls, given, table)
     cores = os.cpu_count() or 1
@@ -182,8 +195,9 @@ def resolve_train_config(cls: type, given: dict[str, Any],
               f"{CPU_PRETRAINED} (downloaded once; the published width, slower per step); "
               "for the paper's model pass --backbone resnest50 --pretrained resnest50")
     elif cpu_model is not None:
+        found = "" if "pretrained" in user else " found in the cache"
         print(f"segnest: no GPU: the folder preset trains {cpu_model['backbone']} from "
-              f"ImageNet weights found in the cache ({CPU_PRETRAINED}; "
+              f"ImageNet weights{found} ({cfg.pretrained}; "
               + ", ".join(f"{k} {v}" for k, v in cpu_model.items()
                           if k not in user and k not in ("backbone", "pretrained")
                           and v is not None)
