@@ -145,7 +145,9 @@ class TrainConfig:
         default=None, metadata=help_("recipe YAML; its keys are these flags")
     )
     pretrained: str | None = field(
-        default=None, metadata=help_("local ImageNet/pretrain checkpoint for the backbone")
+        default=None, metadata=help_("backbone weights: a checkpoint file or ImageNet weights "
+                                     "by name (resnest50, timm:resnest14d.gluon_in1k, ...; "
+                                     "see docs/recipes.md)")
     )
     iters: int | None = field(
         default=None, metadata=help_("training iterations (overrides --epochs)", min=1)
@@ -412,8 +414,9 @@ class PretrainConfig:
         metadata=help_("imagenet (a folder via --data) or the bundled mini set",
                        choices=PRETRAIN_DATASETS),
     )
-    data: str | None = field(
-        default=None, metadata=help_("folder with train/<class>/ and val/<class>/")
+    data_root: str | None = field(
+        default=None, metadata=help_("folder with train/<class>/ and val/<class>/",
+                                     renamed_from="data")
     )
     backbone: str = field(default="resnest50", metadata=help_("backbone name"))
     config: str | None = field(default=None, metadata=help_("recipe YAML"))
@@ -570,13 +573,48 @@ def _bounds_text(meta: typing.Mapping[str, Any]) -> str | None:
     return " and ".join(parts) or None
 
 
+# --help sections, in this order; a field in none of them is listed under "other".
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("backbone", "pretrained", "output_stride", "aux", "aux_weight",
+              "head_channels", "stage_width", "stem_width", "dropblock_prob", "final_drop",
+              "last_gamma", "in_channels", "loss", "ohem_thresh", "ohem_min_kept",
+              "class_weights"),
+    "data": ("dataset", "data_root", "config", "crop_size", "base_size", "scale_min",
+             "scale_max", "cat_max_ratio", "photometric", "label_map", "mean", "std",
+             "skip_bad_samples", "crop_pct", "auto_augment", "mixup", "cutmix",
+             "label_smoothing", "workers"),
+    "optimisation": ("iters", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                     "no_decay_norm", "head_lr_mult", "poly_power", "min_lr", "warmup_iters",
+                     "warmup_epochs", "seed"),
+    "checkpoints": ("work_dir", "resume", "overwrite", "checkpoint_interval",
+                    "keep_checkpoints", "export", "val_interval", "val_samples"),
+    "logging": ("log_interval", "panels", "tensorboard"),
+    "hardware": ("device", "precision", "amp", "compile", "checkpoint_activations"),
+}
+
+
+def _help_sections(parser: argparse.ArgumentParser, names: list[str]
+                   ) -> dict[str, argparse._ArgumentGroup]:
+    """field name -> the --help section it is listed in (sections made in HELP_GROUPS'
+    order, only those with fields)."""
+    where: dict[str, argparse._ArgumentGroup] = {}
+    for title, members in (*HELP_GROUPS.items(), ("other", tuple(names))):
+        present = [name for name in names if name in members and name not in where]
+        if present:
+            group = parser.add_argument_group(title)
+            where.update(dict.fromkeys(present, group))
+    return where
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
 ) -> None:
     """One ``--flag-name`` per field. Defaults are suppressed so that only what the user
     typed overrides the recipe and the presets; a renamed field also takes its old flag.
     The help shows a field's allowed values; they are checked by :func:`validate_config`
-    (not by argparse), so that a flag and a recipe key fail alike, in one line."""
+    (not by argparse), so that a flag and a recipe key fail alike, in one line. Flags are
+    listed in the sections of :data:`HELP_GROUPS`."""
+    sections = _help_sections(parser, [f.name for f in fields(cls) if f.name not in skip])
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -598,13 +636,15 @@ def add_dataclass_arguments(
         if const is not None:
             kwargs.update(nargs="?", const=const)
         if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # --no-decay-norm, never --no-no-decay-norm: a negative flag only switches on.
+            kwargs["action"] = ("store_true" if f.name.startswith("no_")
+                                else argparse.BooleanOptionalAction)
         else:
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
             if "choices" in f.metadata:
                 kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
-        parser.add_argument(_flag(f.name), **kwargs)
+        sections[f.name].add_argument(_flag(f.name), **kwargs)
         if old_name is not None and tp is not bool:
             parser.add_argument(_flag(old_name), dest=f.name, type=tp,
                                 default=argparse.SUPPRESS, action=_RenamedFlag,
@@ -633,13 +673,22 @@ def _default_text(f: dataclasses.Field, cls: type) -> str:
         shown = ",".join(map(str, value))
     else:
         shown = str(value)
-    presets = {TrainConfig: DATASET_PRESETS, PretrainConfig: PRETRAIN_PRESETS}.get(cls, {})
-    if value is None and any(f.name in preset for preset in presets.values()):
-        shown = "from the --dataset preset"
-    else:  # the presets that change it, e.g. "2; mini: 8"
-        shown = "; ".join([shown] + [f"{name}: {preset[f.name]}" for name, preset
-                                     in presets.items() if preset.get(f.name, value) != value])
+    presets = dict({TrainConfig: DATASET_PRESETS, PretrainConfig: PRETRAIN_PRESETS}.get(cls, {}))
+    if cls is TrainConfig:  # segnest.training.presets: the folder preset without a GPU
+        presets["folder without a GPU"] = CPU_MODEL
+    # The number each preset uses, e.g. "2; mini: 8" or, with no built-in value,
+    # "ade20k: 180; cityscapes: 240; folder: 50".
+    changed = [f"{name}: {_shown(preset[f.name])}" for name, preset in presets.items()
+               if preset.get(f.name, value) != value]
+    if value is None and changed:
+        shown = "; ".join(changed)
+    else:
+        shown = "; ".join([shown, *changed])
     return f" (default: {shown})".replace("%", "%%")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -880,8 +929,8 @@ def _warmup_within_epochs(cfg: PretrainConfig, names: _Names) -> None:
 
 
 def _imagenet_needs_data(cfg: PretrainConfig, names: _Names) -> None:
-    if cfg.dataset == "imagenet" and not cfg.data:
-        raise SegnestError("--dataset imagenet needs --data: a folder with train/<class>/ and "
+    if cfg.dataset == "imagenet" and not cfg.data_root:
+        raise SegnestError("--dataset imagenet needs --data-root: a folder with train/<class>/ and "
                            "val/<class>/ image folders (ImageNet layout)")
 
 

@@ -75,6 +75,26 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _private_weight_caches(tmp_path_factory):
+    """Empty torch.hub and Hugging Face caches, offline: a test never sees the user's
+    downloaded weights nor downloads any (tests that need cached weights make them)."""
+    import os
+
+    names = ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and multi-process tests would
     oversubscribe the cores; one thread keeps the suite fast and steady."""

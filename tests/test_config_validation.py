@@ -256,7 +256,7 @@ def test_help_shows_the_allowed_values(command, shown):
 @pytest.mark.parametrize("cls,given", [
     *[(TrainConfig, {"dataset": name, "iters": 10}) for name in DATASET_PRESETS],
     (PretrainConfig, {"dataset": "mini"}),
-    (PretrainConfig, {"dataset": "imagenet", "data": "x"}),
+    (PretrainConfig, {"dataset": "imagenet", "data_root": "x"}),
     (EvalConfig, {"checkpoint": "x.pt"}),
     (PredictConfig, {"checkpoint": "x.pt", "inputs": ["a.png"]}),
     (ExportConfig, {"checkpoint": "x.pt"}),

@@ -236,3 +236,12 @@ def test_images_of_any_mode_load_as_rgb_and_16_bit_ones_keep_their_precision(tmp
         np.testing.assert_array_equal(image[..., 1].ravel(), np.arange(256) * 257)
     if mode == "RGBA":
         np.testing.assert_array_equal(image, rgb)
+
+
+def test_a_missing_folder_dataset_is_not_told_to_set_segnest_data(tmp_path):
+    from segnest.data import build_dataset
+    from segnest.errors import SegnestError
+
+    with pytest.raises(SegnestError) as err:
+        build_dataset("folder", str(tmp_path / "mine"), "train")
+    assert "SEGNEST_DATA" not in str(err.value) and "--data-root" in str(err.value)

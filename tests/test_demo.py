@@ -45,3 +45,14 @@ def test_a_stage_stopped_by_ctrl_c_ends_the_demo_before_the_next_stage(tmp_path,
     with pytest.raises(RunStopped) as stopped_later:
         run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), device="cpu"))
     assert (stopped.value.exit_code, stopped_later.value.exit_code) == (143, 130)
+
+
+def test_the_demo_ends_by_naming_its_classes_and_the_own_data_command(tmp_path):
+    from segnest.data.mini import MINI_CLASSES
+    from segnest.tools.demo import what_next
+
+    text = what_next(tmp_path / "train" / "last.pt")
+    assert f"knows only the mini set's {len(MINI_CLASSES)} synthetic classes" in text
+    assert all(name in text for name in MINI_CLASSES)
+    assert f"segnest predict PHOTO.jpg --checkpoint {tmp_path / 'train' / 'last.pt'}" in text
+    assert text.splitlines()[-1].strip() == "segnest train --dataset folder --data-root DIR"

@@ -407,3 +407,40 @@ def test_eval_warns_in_metrics_about_colour_mask_pixels_of_no_class(folder_datas
     assert expected in capsys.readouterr().out
     saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert any(expected in warning for warning in saved["warnings"])
+
+
+def test_run_eval_leaves_its_loader_workers_their_cores(checkpoint: Path, monkeypatch):
+    """Like training: OpenMP threads sharing cores with busy workers stall (item 8, #26)."""
+    import segnest.inference.evaluate as evaluate_module
+
+    seen = []
+    real = evaluate_module.evaluate
+
+    def recording(*args, **kwargs):
+        seen.append((torch.get_num_threads(), kwargs["workers"]))
+        return real(*args, **{**kwargs, "workers": 0})
+
+    monkeypatch.setattr(evaluate_module, "evaluate", recording)
+    torch.set_num_threads(4)
+    try:
+        run_eval(EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=3))
+        assert torch.get_num_threads() == 4  # restored after the run
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [(1, 3)]
+
+
+def test_threads_beside_workers_keeps_one_thread_per_free_core():
+    from segnest.runtime.threads import threads_beside_workers
+
+    torch.set_num_threads(6)
+    try:
+        with threads_beside_workers(torch.device("cpu"), 2) as inside:
+            assert inside == torch.get_num_threads() == 4
+        with threads_beside_workers(torch.device("cpu"), 0) as inside:
+            assert inside == 6
+        with threads_beside_workers(torch.device("cpu"), 9) as inside:
+            assert inside == 1
+        assert torch.get_num_threads() == 6
+    finally:
+        torch.set_num_threads(1)

@@ -135,3 +135,18 @@ def test_predict_refuses_a_float_npy_on_a_0_255_scale(checkpoint: Path, tmp_path
         run_predict(PredictConfig(inputs=[str(tmp_path / "x.npy")], checkpoint=str(checkpoint),
                                   out=str(tmp_path / "out"), device="cpu"))
     assert not (tmp_path / "out" / "x.png").exists()
+
+
+def test_predict_says_which_file_holds_what_and_the_working_size(checkpoint: Path,
+                                                                 tmp_path: Path, capsys):
+    write_inputs(tmp_path / "images")
+    out = tmp_path / "out"
+    run_predict(PredictConfig(inputs=[str(tmp_path / "images")], checkpoint=str(checkpoint),
+                              out=str(out), overlay=True, base_size=24, device="cpu"))
+    said = capsys.readouterr().out
+    assert f"wrote 4 prediction(s) to {out}:" in said
+    assert "<name>.png" in said and f"colours named in {out / 'legend.png'}" in said
+    assert f"<name>_mask.png        class ids 0-{NUM_CLASSES - 1}" in said
+    assert "<name>_overlay.jpg" in said and "<name>_confidence.png" not in said
+    assert f"knows {NUM_CLASSES} classes" in said
+    assert "segmented at long side 24 px and the labels resized" in said

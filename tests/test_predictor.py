@@ -225,3 +225,21 @@ def test_a_working_size_that_fits_the_memory_available_is_predicted(checkpoint, 
     monkeypatch.setattr(strategies, "available_bytes", lambda: 64 * 64 * (3 + NUM_CLASSES) * 4)
     small = segnest.load_model(checkpoint, device="cpu", base_size=64)
     assert small(np.zeros((40, 40, 3), np.uint8)).shape == (40, 40)
+
+
+def test_a_predictor_shows_its_model_classes_and_working_size(predictor):
+    shown = repr(predictor)
+    assert shown.startswith("Predictor(deeplabv3_resnest14, ")
+    assert f"{predictor.num_classes} classes: {predictor.classes[0]}" in shown
+    assert "segments at long side 36-60 px (2 scales) + flip;" in shown  # the fixture's settings
+
+
+def test_working_size_names_scales_flip_and_windows():
+    from segnest.inference.settings import InferenceSettings
+
+    assert InferenceSettings(base_size=112).working_size() == "long side 112 px"
+    assert (InferenceSettings(base_size=112, scales=(0.75, 1.0, 1.25), flip=True).working_size()
+            == "long side 84-140 px (3 scales) + flip")
+    assert InferenceSettings().working_size() == "the image's own size"
+    assert (InferenceSettings(base_size=64, mode="slide", window_size=32).working_size()
+            == "long side 64 px, in 32 px windows")

@@ -53,7 +53,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(data: Path, work_dir: Path, **overrides) -> PretrainConfig:
-    values = dict(dataset="imagenet", data=str(data), backbone="resnest14", stage_width=8,
+    values = dict(dataset="imagenet", data_root=str(data), backbone="resnest14", stage_width=8,
                   stem_width=8, crop_size=SIZE, crop_pct=1.0, batch_size=8, epochs=1,
                   warmup_epochs=0.5, workers=0, tensorboard=False, work_dir=str(work_dir),
                   device="cpu")
@@ -146,12 +146,12 @@ def test_mini_preset_fills_what_the_user_did_not_give():
     # A flag typed at its built-in default still wins over the preset.
     typed = resolve_config(PretrainConfig, {"dataset": "mini", "epochs": 270}, PRETRAIN_PRESETS)
     assert typed.epochs == 270
-    assert (resolve_config(PretrainConfig, {"data": "x"}, PRETRAIN_PRESETS)
-            == PretrainConfig(data="x"))
+    assert (resolve_config(PretrainConfig, {"data_root": "x"}, PRETRAIN_PRESETS)
+            == PretrainConfig(data_root="x"))
 
 
 def test_user_errors_are_segnest_errors(tmp_path, image_folder):
-    with pytest.raises(SegnestError, match="--data"):
+    with pytest.raises(SegnestError, match="--data-root"):
         run_pretrain(PretrainConfig(dataset="imagenet", device="cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(SegnestError, match="--amp"):
@@ -320,3 +320,22 @@ def test_pretrain_export_onto_a_checkpoint_or_a_folder_is_refused_before_pretrai
             run_pretrain(tiny_config(image_folder, tmp_path / "work", export=str(target)))
     assert segmentation.read_bytes() == before
     assert not (tmp_path / "work" / "last.pt").exists()
+
+
+def test_pretrain_data_is_now_data_root_and_the_old_flag_still_works(capsys):
+    from segnest.cli import build_parser
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["pretrain", "--data", "/x"])
+    assert args.data_root == "/x"
+    assert "flag '--data' is renamed '--data-root'" in capsys.readouterr().err
+
+
+def test_no_flag_is_spelled_no_no():
+    from segnest.cli import build_parser
+
+    parser, _ = build_parser()
+    for command in ("train", "pretrain"):
+        text = parser._subparsers._group_actions[0].choices[command].format_help()
+        assert "--no-no-" not in text
+    assert parser.parse_args(["train", "--no-decay-norm"]).no_decay_norm is True

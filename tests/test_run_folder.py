@@ -198,3 +198,23 @@ def test_without_a_terminal_long_work_prints_a_line_per_tenth(capsys, monkeypatc
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "eval: 5/50 (10%)" and lines[-1] == "eval: 50/50 (100%)"
     assert len(lines) == 10
+
+
+def test_a_refused_run_leaves_nothing_behind(folder_dataset, tmp_path, tiny_train_config):
+    work = tmp_path / "new" / "run"
+    with pytest.raises(SegnestError, match="--warmup-iters 50 is longer than the run"):
+        train_seg.run_train(tiny_train_config(folder_dataset, work, iters=None, epochs=2,
+                                              warmup_iters=50))
+    assert not work.exists()  # no lock, no log, no folder
+    # In a folder of an earlier run, its files stay as they were.
+    train_seg.run_train(tiny_train_config(folder_dataset, work, iters=2))
+
+    def contents():  # the lock file records its latest holder: it is not the run's
+        return {p: p.read_bytes() for p in work.rglob("*") if p.is_file()
+                and p.name != ".segnest.lock"}
+
+    before = contents()
+    with pytest.raises(SegnestError, match="--warmup-iters"):
+        train_seg.run_train(tiny_train_config(folder_dataset, work, iters=None, epochs=2,
+                                              warmup_iters=50, resume="auto"))
+    assert contents() == before

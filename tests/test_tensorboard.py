@@ -17,7 +17,8 @@ from segnest.inference.tensorboard import log_segmentation_results
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.training.segmentation import run_train
 
-HEADLINE = {"val/mIoU", "val/pixAcc", "val/mAcc"}
+HEADLINE = {"headline/segmentation_mIoU", "headline/segmentation_pixAcc",
+            "headline/segmentation_mAcc"}
 
 
 def _events(folder: Path) -> EventAccumulator:
@@ -43,12 +44,14 @@ def test_training_run_is_named_and_logs_the_shared_tag_scheme(folder_dataset, tm
     assert not list(work.glob("events.out.tfevents.*"))
     events = _events(work / "tb" / "train")
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr"} | HEADLINE <= scalars
-    assert {f"val_per_class/IoU/{name}" for name in ("left", "right", "square")} <= scalars
-    # per-class charts sort after the headline groups in TensorBoard's grouping
-    assert max(tag.split("/")[0] for tag in scalars) == "val_per_class"
+    assert {"segmentation/loss", "segmentation/lr"} | HEADLINE <= scalars
+    assert {f"segmentation_per_class/IoU/{name}" for name in ("left", "right", "square")
+            } <= scalars
+    # TensorBoard sorts groups by name: the headline first, the per-class charts last
+    groups = sorted({tag.split("/")[0] for tag in scalars})
+    assert groups[0] == "headline" and groups[-1] == "segmentation_per_class"
 
-    (matrix_image,) = events.Images("val_images/confusion_matrix")
+    (matrix_image,) = events.Images("segmentation_images/confusion_matrix")
     confusion = load_checkpoint(work / "last.pt")["metrics"]["confusion"]
     expected = confusion_image(confusion, ["left", "right", "square"])
     assert (matrix_image.step, matrix_image.height, matrix_image.width) == (
@@ -77,19 +80,49 @@ def test_each_eval_is_its_own_named_run_beside_training_and_replaced_on_rerun(
     assert len(list((work / "tb" / "eval_val").iterdir())) == 1
     events = _events(work / "tb" / "eval_val")
     scalars = set(events.Tags()["scalars"])
-    assert HEADLINE <= scalars and "val_per_class/IoU/left" in scalars
-    assert not any(tag.startswith("train/") for tag in scalars)
-    assert [e.step for e in events.Scalars("val/mIoU")] == [3]  # the checkpoint's iteration
-    assert "val_images/confusion_matrix" in events.Tags()["images"]
+    assert HEADLINE <= scalars and "segmentation_per_class/IoU/left" in scalars
+    assert not any(tag.startswith("segmentation/") for tag in scalars)  # no training scalars
+    # the checkpoint's iteration
+    assert [e.step for e in events.Scalars("headline/segmentation_mIoU")] == [3]
+    assert "segmentation_images/confusion_matrix" in events.Tags()["images"]
+    # the numbers as a table and as an image card in the headline group
+    (table,) = events.Tensors("segmentation/results/text_summary")
+    mIoU = events.Scalars("headline/segmentation_mIoU")[0].value
+    assert f"{mIoU:.2f}" in table.tensor_proto.string_val[0].decode()
+    assert "headline/segmentation_results" in events.Tags()["images"]
     assert events.Tensors("config/text_summary")
     hparams, metrics = _hparams(events)
-    assert hparams["split"] == "val" and set(metrics) == HEADLINE
+    assert hparams["inference"] == "1 scale" and set(metrics) == HEADLINE
     # TensorBoard takes the HParams columns from one run: every run declares the same ones,
     # the evals with the training settings of their checkpoint.
     train_hparams, _ = _hparams(_events(work / "tb" / "train"))
     assert set(train_hparams) == set(hparams)
     assert hparams["backbone"] == train_hparams["backbone"] == "resnest14"
-    assert train_hparams["inference.flip"] == "False"  # training validates single-scale
+    assert train_hparams["inference"] == "1 scale"  # training validates single-scale
+    assert _hparams(_events(work / "tb" / "eval_val_flip"))[0]["inference"] == "1 scale+flip"
+    assert train_hparams["lr"] == hparams["lr"] > 0  # the number the run used, not "default"
+
+
+def test_hparams_rows_are_named_apart_and_show_the_columns_that_matter(
+        folder_dataset, tmp_path, tiny_train_config):
+    work = tmp_path / "run"
+    run_train(tiny_train_config(folder_dataset, work, iters=2))
+    run_eval(EvalConfig(checkpoint=str(work / "best.pt"), device="cpu", workers=0, flip=True))
+    names, columns = [], []
+    for run in ("train", "eval_val_flip"):
+        content = _events(work / "tb" / run).PluginTagToContent("hparams")
+        data = plugin_data_pb2.HParamsPluginData
+        names.append(data.FromString(content["_hparams_/session_start_info"])
+                     .session_start_info.group_name)
+        columns.append([info.name for info in data.FromString(
+            content["_hparams_/experiment"]).experiment.hparam_infos])
+    # TensorBoard shows the start of a name: the time, then what the run is
+    assert names[0][8:].startswith(" train run ") and names[1][8:].startswith(" eval val flip run ")
+    assert names[0] != names[1]
+    assert columns[0] == columns[1]
+    # TensorBoard sorts the columns by name and shows the first five: those that matter
+    assert sorted(columns[0])[:5] == ["backbone", "crop", "inference", "iters", "lr"]
+    assert "amp" not in columns[0] and len(columns[0]) == 6
 
 
 def test_eval_with_out_keeps_its_run_in_the_out_folder(folder_dataset, tmp_path,
@@ -112,8 +145,8 @@ def test_many_classes_log_the_most_confused_pairs_as_text(tmp_path):
     with SummaryWriter(str(tmp_path)) as writer:
         log_segmentation_results(writer, results, names, np.zeros((41, 3), np.uint8), [], 5)
     events = _events(tmp_path)
-    assert "val_images/confusion_matrix" not in events.Tags()["images"]
-    (text,) = events.Tensors("val/most_confused/text_summary")
+    assert "segmentation_images/confusion_matrix" not in events.Tags()["images"]
+    (text,) = events.Tensors("segmentation/most_confused/text_summary")
     first_row = text.tensor_proto.string_val[0].decode().splitlines()[2]
     assert first_row == "| c3 | c7 | 75.0% | 30 |"
 
@@ -131,5 +164,11 @@ def test_help_shows_each_flags_default():
     flat = " ".join(text.split())
     assert "SGD momentum [>= 0 and < 1] (default: 0.9)" in flat
     assert "--aux, --no-aux auxiliary FCN head on layer3 (default: on)" in flat
-    assert "(default: 2; mini: 8)" in flat  # --batch-size, and the preset that changes it
-    assert "(default: from the --dataset preset)" in flat  # --crop-size
+    # --batch-size, and the presets that change it
+    assert "(default: 2; mini: 8; folder without a GPU: 8)" in flat
+    # --crop-size: no built-in value, each preset's number
+    assert "(default: ade20k: 480; cityscapes: 768; folder: 480; mini: 96)" in flat
+    # sections instead of one flat list
+    for section in ("model:", "data:", "optimisation:", "checkpoints:", "logging:",
+                    "hardware:"):
+        assert f"\n{section}\n" in text

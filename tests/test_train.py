@@ -44,12 +44,13 @@ def test_tensorboard_holds_scalars_and_mask_panels(folder_dataset, tmp_path, tin
     events = EventAccumulator(str(tmp_path / "tb" / "tb" / "train"),
                               size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/aux_loss", "train/lr", "train/images_per_s", "val/mIoU",
-            "val/pixAcc", "val/mAcc"} <= scalars
-    assert any(tag.startswith("val_per_class/IoU/") for tag in scalars)
+    assert {"segmentation/loss", "segmentation/aux_loss", "segmentation/lr",
+            "segmentation/images_per_s", "headline/segmentation_mIoU",
+            "headline/segmentation_pixAcc", "headline/segmentation_mAcc"} <= scalars
+    assert any(tag.startswith("segmentation_per_class/IoU/") for tag in scalars)
     images = events.Tags()["images"]
-    assert len([t for t in images if t.startswith("val_images/image_gt_pred/")]) == 2
-    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert len([t for t in images if t.startswith("segmentation_images/image_gt_pred/")]) == 2
+    lrs = [e.value for e in events.Scalars("segmentation/lr")]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
 
 
@@ -206,3 +207,13 @@ def test_two_process_ddp_with_syncbn_equals_one_process_with_double_batch(tmp_pa
     for name, param in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], param.grad, atol=1e-5, rtol=1e-4,
                                    msg=name)
+
+
+def test_a_relative_data_root_is_stored_absolute(folder_dataset, tmp_path, tiny_train_config,
+                                                 monkeypatch):
+    from segnest.runtime.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(folder_dataset.parent)
+    run_train(tiny_train_config(folder_dataset.name, tmp_path / "run", iters=1))
+    stored = load_checkpoint(tmp_path / "run" / "last.pt")["config"]["data_root"]
+    assert stored == str(folder_dataset.resolve())

@@ -80,3 +80,64 @@ def test_without_a_gpu_the_folder_preset_trains_the_cpu_model(tmp_path, capsys):
         assert cfg.batch_size == TrainConfig.batch_size
     cfg = _resolve(dataset="folder", data_root=str(root), device="cpu", batch_size=4)
     assert cfg.backbone == "resnest14" and cfg.batch_size == 4  # a flag still wins
+
+
+def _cache_timm_resnest14(hub_cache):
+    """timm's ResNeSt-14 ImageNet file where huggingface_hub keeps it (random weights)."""
+    import hashlib
+
+    import torch
+
+    from segnest.models import create_model
+
+    folder = hub_cache / "models--timm--resnest14d.gluon_in1k"
+    (folder / "blobs").mkdir(parents=True)
+    saved = folder / "saved"
+    torch.manual_seed(0)
+    torch.save(create_model("resnest14", num_classes=1000).state_dict(), saved)
+    blob = folder / "blobs" / hashlib.sha256(saved.read_bytes()).hexdigest()
+    saved.rename(blob)
+    snapshot = folder / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot / "pytorch_model.bin").symlink_to(blob)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("ab" * 20)
+
+
+def test_the_cpu_folder_preset_takes_cached_imagenet_weights_and_says_which(
+        tmp_path, capsys, monkeypatch):
+    from segnest.training.presets import CPU_PRETRAINED
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
+    given = dict(dataset="folder", data_root=str(root), device="cpu")
+    _resolve(**given)
+    said = capsys.readouterr().out
+    assert "from scratch" in said and f"--pretrained {CPU_PRETRAINED}" in said
+    _cache_timm_resnest14(tmp_path / "hub")
+    cfg = _resolve(**given)
+    assert cfg.pretrained == CPU_PRETRAINED and cfg.backbone == "resnest14"
+    assert cfg.stage_width == TrainConfig.stage_width and cfg.stem_width is None
+    assert f"from ImageNet weights found in the cache ({CPU_PRETRAINED}" in capsys.readouterr().out
+
+
+def test_named_weights_pick_their_backbone_unless_one_is_given(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
+    cfg = _resolve(dataset="folder", data_root=str(root), pretrained="timm:resnest26d")
+    assert cfg.backbone == "resnest26"
+    cfg = _resolve(dataset="ade20k", pretrained="resnest101")
+    assert cfg.backbone == "resnest101"
+    cfg = _resolve(dataset="ade20k", pretrained="resnest101", backbone="resnest50")
+    assert cfg.backbone == "resnest50"  # the user's choice stands (and fails to load, loudly)
+
+
+def test_named_cpu_weights_get_the_cpu_presets_batch_and_lr(tmp_path, capsys):
+    from segnest.config import CPU_MODEL
+
+    root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
+    cfg = _resolve(dataset="folder", data_root=str(root), device="cpu",
+                   pretrained="timm:resnest14d.gluon_in1k")
+    assert (cfg.backbone, cfg.batch_size, cfg.lr) == ("resnest14", CPU_MODEL["batch_size"],
+                                                      CPU_MODEL["lr"])
+    assert cfg.stage_width == TrainConfig.stage_width  # the width the weights fit
+    assert "from ImageNet weights (timm:resnest14d.gluon_in1k;" in capsys.readouterr().out

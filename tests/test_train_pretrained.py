@@ -17,9 +17,13 @@ def test_a_folder_run_without_pretrained_warns_once_that_it_trains_from_scratch(
 def test_the_warning_names_the_official_weights_of_the_backbone():
     for dataset in ("ade20k", "cityscapes", "folder"):
         warning = from_scratch_warning(TrainConfig(dataset=dataset, backbone="resnest101"))
-        assert "--pretrained resnest101-22405ba7.pth" in warning and "far lower mIoU" in warning
+        assert "--pretrained resnest101 or timm:resnest101e.in1k" in warning
+        assert "far lower mIoU" in warning
     small = from_scratch_warning(TrainConfig(dataset="folder", backbone="resnest14"))
-    assert "segnest pretrain --export" in small
+    assert "--pretrained timm:resnest14d.gluon_in1k" in small
+    narrow = from_scratch_warning(TrainConfig(dataset="folder", backbone="resnest14",
+                                              stage_width=16))
+    assert "segnest pretrain --export" in narrow and "timm:" not in narrow
 
 
 def test_no_warning_for_the_mini_set_a_pretrained_backbone_or_a_resumed_run():

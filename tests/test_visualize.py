@@ -203,3 +203,14 @@ def test_save_png_round_trips_rgb_and_grayscale(tmp_path):
         assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), rgb)
     with Image.open(tmp_path / "gray.png") as loaded:
         assert loaded.mode == "L" and np.array_equal(np.asarray(loaded), gray)
+
+
+def test_captions_scale_with_the_panel_width_to_stay_legible_in_a_tensorboard_card():
+    from segnest.data import generate_palette
+
+    image = np.zeros((256, 256, 3), np.uint8)
+    labels = np.zeros((256, 256), np.int64)
+    panel = make_panel(image, labels, labels, generate_palette(2), legend=False)
+    caption_height = panel.shape[0] - 256
+    # shown at ~350 px wide, a caption keeps ~10 px of text (1.5 x the font size)
+    assert caption_height * 350 / panel.shape[1] >= 14

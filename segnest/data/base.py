@@ -42,12 +42,16 @@ def default_data_root(dataset: str) -> Path:
     return Path(base) / dataset if base else Path("data") / dataset
 
 
-def missing_layout_error(looked_at: Path, layout: str) -> SegnestError:
-    """The error for a dataset root or split folder that is not there."""
-    return SegnestError(
-        f"dataset folder not found: {looked_at}; expected layout {layout}; pass the right "
-        "root with --data-root or set SEGNEST_DATA (see datasets/README.md)"
-    )
+def missing_layout_error(looked_at: Path, layout: str, own_data: bool = False
+                         ) -> SegnestError:
+    """The error for a dataset root or split folder that is not there. ``own_data``: a
+    user's folder dataset, which SEGNEST_DATA (a home for the public datasets) does not
+    name."""
+    where = ("pass your dataset folder with --data-root (a relative path is read from the "
+             "current folder)" if own_data
+             else "pass the right root with --data-root or set SEGNEST_DATA")
+    return SegnestError(f"dataset folder not found: {looked_at}; expected layout {layout}; "
+                        f"{where} (see datasets/README.md)")
 
 
 def open_image(path: Path) -> Image.Image:

@@ -165,7 +165,7 @@ class FolderDataset(SegmentationDataset):
     ) -> None:
         base = Path(root)
         if not base.is_dir():
-            raise missing_layout_error(base, LAYOUT)
+            raise missing_layout_error(base, LAYOUT, own_data=True)
         classes_path = base / "classes.txt"
         classes, colours = read_classes_file(classes_path)
         self.classes_path = classes_path
@@ -180,7 +180,7 @@ class FolderDataset(SegmentationDataset):
         mask_dir = base / "masks" / split
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
-                raise missing_layout_error(folder, LAYOUT)
+                raise missing_layout_error(folder, LAYOUT, own_data=True)
         samples = []
         seen: dict[str, Path] = {}
         for image_path in sorted(image_dir.iterdir()):

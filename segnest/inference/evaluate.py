@@ -62,13 +62,16 @@ from segnest.inference.outputs import (
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import inference_model, segment
 from segnest.inference.tensorboard import (
+    HEADLINE_METRICS,
     METRIC_TAGS,
     eval_run_name,
     log_config,
     log_hparams,
+    log_results_card,
     log_segmentation_results,
     run_dir,
     segmentation_hparams,
+    session_name,
     write_run_atomically,
 )
 from segnest.inference.visualize import (
@@ -91,6 +94,7 @@ from segnest.runtime.distributed import (
     init_distributed,
 )
 from segnest.runtime.precision import precision_name, resolve_precision
+from segnest.runtime.threads import threads_beside_workers
 
 EVAL_PANELS = 4
 
@@ -221,6 +225,7 @@ def evaluate(
     panels: int = 0,
     save_pred: str | Path | None = None,
     progress: bool = True,
+    keep_bar: bool = True,
     skip_bad_samples: bool = False,
     workers: int = 0,
     batch_size: int = 1,
@@ -236,7 +241,8 @@ def evaluate(
     ``num_classes``, ``palette`` and ``ignore_index``; ``workers`` load images in parallel.
     ``batch_size`` is that of :func:`segnest.inference.strategies.segment` (the results
     do not depend on it); ``save_confidence`` writes confidence maps beside ``save_pred``
-    (:func:`confidence_folder`).
+    (:func:`confidence_folder`). ``keep_bar=False`` clears the finished bar (a
+    validation inside training, whose own bar and result line follow).
     """
     device = torch.device(device)
     rank, world = get_rank(), get_world_size()
@@ -258,7 +264,7 @@ def evaluate(
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            bar = progress_bar(loader, desc="eval", unit="img",
+            bar = progress_bar(loader, desc="eval", unit="img", leave=keep_bar,
                                enabled=progress and rank == 0)
 
             def readable() -> Iterator[tuple[tuple, Any]]:
@@ -390,6 +396,13 @@ def _colour_mask_warnings(dataset: Any) -> list[str]:
     return [unknown_colours_warning(census)] if census.unknown_colours else []
 
 
+def _trained_lr(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """``{"lr": base lr}`` the checkpoint's run trained with (its scheduler's, which holds
+    the default the run computed when no --lr was given), or nothing when not recorded."""
+    base = (checkpoint.get("scheduler") or {}).get("base_lrs")
+    return {"lr": float(base[0])} if base else {}
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
@@ -427,12 +440,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
               inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
                               precision=precision))
 
-    results, panels = evaluate(
-        runner, dataset, settings, info.device, samples=cfg.samples,
-        panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
-        progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
-        batch_size=cfg.batch_size, save_confidence=cfg.save_confidence,
-    )
+    with threads_beside_workers(info.device, cfg.workers):
+        results, panels = evaluate(
+            runner, dataset, settings, info.device, samples=cfg.samples,
+            panels=EVAL_PANELS if info.is_main else 0, save_pred=cfg.save_pred,
+            progress=True, workers=cfg.workers, skip_bad_samples=cfg.skip_bad_samples,
+            batch_size=cfg.batch_size, save_confidence=cfg.save_confidence,
+        )
     if info.is_main:
         timing = results["timing"]
         results["warnings"] = data_warnings + metric_warnings(results, dataset.classes)
@@ -460,15 +474,21 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
         step = int(checkpoint.get("iteration") or 0)
 
+        tensorboard_run = _tensorboard_run(cfg, settings)
+
         def fill(writer: Any) -> None:
             log_config(writer, {**asdict(cfg), **extra}, step)
             log_segmentation_results(writer, results, dataset.classes, dataset.palette,
                                      panels, step)
-            evaluation = {k: v for k, v in extra.items() if k != "data_root"}
+            log_results_card(writer, f"{tensorboard_run.name} ({settings.describe()}, "
+                             f"iteration {step})", results, step)
+            evaluation = {**extra, **_trained_lr(checkpoint)}
             log_hparams(writer, segmentation_hparams(checkpoint.get("config") or {}, evaluation),
-                        [tag for tag in METRIC_TAGS if not math.isnan(results[tag[4:]])])
+                        [tag for tag, key in zip(METRIC_TAGS, HEADLINE_METRICS, strict=True)
+                         if not math.isnan(results[key])],
+                        name=session_name(tensorboard_run.name.replace("_", " "),
+                                          Path(cfg.checkpoint).resolve().parent))
 
-        tensorboard_run = _tensorboard_run(cfg, settings)
         write_run_atomically(tensorboard_run, fill)
         if results["skipped_samples"]:
             print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")

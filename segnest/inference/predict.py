@@ -155,6 +155,24 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
     return out
 
 
+def what_predict_wrote(cfg: PredictConfig, predictor: Predictor, count: int, out: Path) -> str:
+    """The closing lines of ``segnest predict``: which file holds what, the legend, the
+    classes and the size the images were segmented at."""
+    shown = ", ".join(predictor.classes[:12]) + (", ..." if predictor.num_classes > 12 else "")
+    files = [f"  <name>.png             colour mask (colours named in {out / LEGEND_NAME})",
+             f"  <name>_mask.png        class ids 0-{predictor.num_classes - 1} as grey levels "
+             "(looks black in a viewer; read it as an array)"]
+    if cfg.overlay:
+        files.append("  <name>_overlay.jpg     the colour mask blended over the image")
+    if cfg.save_confidence:
+        files.append("  <name>_confidence.png  255 x the predicted class's probability")
+    return "\n".join([
+        f"wrote {count} prediction(s) to {out}:", *files,
+        f"the model ({predictor.name}) knows {predictor.num_classes} classes: {shown}",
+        f"images were segmented at {predictor.settings.working_size()} and the labels "
+        "resized to each image's size (--base-size sets the working size)"])
+
+
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
@@ -196,7 +214,7 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
         bar.update(1)
     bar.close()
     save_legend(out, predictor.classes, predictor.palette)
-    print(f"wrote {len(written)} mask(s) to {out}")
+    print(what_predict_wrote(cfg, predictor, len(written), out))
     if skipped:
         print(f"warning: {skipped} unreadable image(s) skipped")
     return written

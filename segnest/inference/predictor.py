@@ -64,8 +64,10 @@ class Predictor:
 
     def __init__(self, model: Model, settings: InferenceSettings, *, classes: Sequence[str],
                  palette: np.ndarray, in_channels: int = 3,
-                 device: torch.device = torch.device("cpu"), batch_size: int = 1) -> None:
+                 device: torch.device = torch.device("cpu"), batch_size: int = 1,
+                 name: str = "model") -> None:
         self.model = model
+        self.name = name
         self.settings = settings
         self.batch_size = batch_size
         self.classes = tuple(classes)
@@ -79,6 +81,12 @@ class Predictor:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.classes[:8]) + (", ..." if self.num_classes > 8 else "")
+        return (f"Predictor({self.name}, {self.num_classes} classes: {shown}; "
+                f"segments at {self.settings.working_size()}; {self.settings.mode} mode, "
+                f"batch {self.batch_size}, in_channels {self.in_channels}, {self.device})")
 
     @classmethod
     def load(cls, path: str | os.PathLike, flags: InferenceFlags) -> Predictor:
@@ -120,7 +128,8 @@ class Predictor:
             palette = generate_palette(num_classes)
         in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
         return cls(model, settings, classes=classes, palette=palette,
-                   in_channels=in_channels, device=device, batch_size=flags.batch_size)
+                   in_channels=in_channels, device=device, batch_size=flags.batch_size,
+                   name=str(checkpoint.get("model_name", "model")))
 
     def read(self, image: ImageInput) -> np.ndarray:
         """``image`` as the model's input array (H x W x ``in_channels``), checked."""
@@ -189,8 +198,11 @@ class Predictor:
         return colorize(labels, self.palette, ignore_index=-1)
 
     def overlay(self, image: ImageInput, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-        """The coloured labels blended over ``image`` (H x W x 3 uint8), as ``segnest
-        predict --overlay`` draws them."""
+        """The coloured labels blended over ``image``, as ``segnest predict --overlay``
+        draws them: an H x W x 3 uint8 RGB array (``alpha`` of the colour mask, the rest
+        of the image; grey, 16-bit and multi-channel inputs are shown as RGB). Save it with
+        ``PIL.Image.fromarray(array).save("overlay.png")``. ``labels`` must be this image's
+        label map (``predictor(image)``), at the image's size."""
         display = display_rgb(self.read(image))
         if display.shape[:2] != np.shape(labels):
             raise SegnestError(f"image of size {display.shape[:2]} and labels of shape "

@@ -67,6 +67,24 @@ class InferenceSettings:
         scales = ",".join(f"{s:g}" for s in self.scales)
         return f"scales {scales}{' + flip' if self.flip else ''}, {self.mode}"
 
+    def working_size(self) -> str:
+        """The size the model sees an image at, for people: ``long side 112 px`` (one
+        scale), ``long side 84-140 px (3 scales + flip)``, or the image's own size."""
+        if self.base_size is None:
+            sides = "the image's own size" + (
+                "" if self.scales == (1.0,) else f" x {','.join(f'{s:g}' for s in self.scales)}")
+        else:
+            lengths = sorted(round(self.base_size * scale) for scale in self.scales)
+            span = f"{lengths[0]}" if len(set(lengths)) == 1 else f"{lengths[0]}-{lengths[-1]}"
+            sides = f"long side {span} px"
+            if len(self.scales) > 1:
+                sides += f" ({len(self.scales)} scales)"
+        if self.flip:
+            sides += " + flip"
+        if self.mode == "slide":
+            sides += f", in {self.window_size} px windows"
+        return sides
+
     @classmethod
     def for_training(cls, cfg: Any) -> InferenceSettings:
         """Validation during ``segnest train``: single scale at the recipe's base size; the

@@ -12,25 +12,35 @@ Runs (``tensorboard --logdir <work_dir>/tb`` shows them side by side, named):
   writes only where its metrics go or where they go by default. Evaluating again replaces
   that run's events at once (:func:`write_run_atomically`), so a re-run never plots twice.
 
-Tags. TensorBoard groups tags by the text before the first ``/`` and sorts the groups by
-name, so the headline curves have short groups that sort first and the long per-class
-list a group that sorts last:
+Tags. TensorBoard groups tags by the text before the first ``/`` and sorts the groups (and
+the cards in a group) by name. So the headline of every task is in the group ``headline``,
+which sorts before the tasks' own groups: the first screen shows the validation (and eval)
+mIoU of a segmentation run and the top-1 of a pretraining run, whatever else the folder
+holds. Everything else is in the task's namespace, so pretraining and segmentation never
+share a chart:
 
-=============================  ==========================================================
-``train/loss`` ``train/lr`` ..  training scalars (``aux_loss``, ``images_per_s``)
-``val/mIoU`` ``val/pixAcc``     validation metrics in percent, also ``val/mAcc``; an eval
-                                run logs the same tags at the checkpoint's iteration
-``val_images/confusion_matrix`` row-normalised confusion matrix (up to 40 classes)
-``val/most_confused``           text: the most confused class pairs (more than 40 classes)
-``val_images/image_gt_pred/<i>`` image | ground truth | prediction panels
-``val_images/legend``           the palette of the classes present (with the images branch)
-``val_per_class/IoU/<class>``   per-class IoU in percent
-``config``                      text: the run's settings as YAML
-=============================  ==========================================================
+====================================  ======================================================
+``headline/segmentation_mIoU`` ...      validation metrics in percent (``_pixAcc``, ``_mAcc``);
+                                        an eval run logs the same tags at the checkpoint's
+                                        iteration
+``headline/segmentation_results``       an image of the numbers (eval runs): a single point
+                                        is easy to miss on a chart, the numbers are not
+``headline/pretraining_top1``, ``_top5``  pretraining validation accuracy, at the iteration
+``segmentation/loss`` ``/lr`` ...       training scalars (``aux_loss``, ``images_per_s``);
+                                        pretraining's under ``pretraining/``
+``segmentation/results``                text: the metrics table (eval runs)
+``segmentation/most_confused``          text: the most confused pairs (more than 40 classes)
+``segmentation_images/...``             ``confusion_matrix``, ``legend`` and the
+                                        ``image_gt_pred/<i>`` panels
+``segmentation_per_class/IoU/<class>``  per-class IoU in percent
+``config``                              text: the run's settings as YAML
+====================================  ======================================================
 
 HParams: each run holds one HParams session in its own folder (not the timestamped
-sub-run of ``SummaryWriter.add_hparams``): its settings as hyperparameters and its
-``val/*`` scalars as metrics, one row per run in the HParams view.
+sub-run of ``SummaryWriter.add_hparams``), named by when it started and what it is
+(``18:03:12 train ...``, ``18:09:40 eval val ms flip ...``: :func:`session_name`) so that
+rows differ, with the columns that tell runs apart (:data:`HPARAM_COLUMNS`) and the
+headline metrics.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,23 +59,42 @@ import yaml
 
 from segnest.inference import visualize
 from segnest.inference.confusion import MAX_DRAWN_CLASSES, confusion_image, most_confused
+from segnest.inference.metrics import percent
 
 TB_FOLDER = "tb"
 TRAIN_RUN = "train"
 PRETRAIN_RUN = "pretrain"
 
+SEGMENTATION = "segmentation"
+PRETRAINING = "pretraining"
+HEADLINE = "headline"
 HEADLINE_METRICS = ("mIoU", "pixAcc", "mAcc")
-VAL = "val"
-PER_CLASS_IOU = "val_per_class/IoU"
-IMAGES = "val_images"
+PRETRAINING_METRICS = ("top1", "top5")
+PER_CLASS_IOU = f"{SEGMENTATION}_per_class/IoU"
+IMAGES = f"{SEGMENTATION}_images"
 PANELS = f"{IMAGES}/image_gt_pred"
 CONFUSION_IMAGE = f"{IMAGES}/confusion_matrix"
 LEGEND = f"{IMAGES}/legend"
-MOST_CONFUSED = f"{VAL}/most_confused"
+MOST_CONFUSED = f"{SEGMENTATION}/most_confused"
+RESULTS_TEXT = f"{SEGMENTATION}/results"
+RESULTS_IMAGE = f"{HEADLINE}/{SEGMENTATION}_results"
 CONFIG = "config"
 
-METRIC_TAGS = tuple(f"{VAL}/{key}" for key in HEADLINE_METRICS)
+
+def headline_tag(task: str, metric: str) -> str:
+    """``headline/<task>_<metric>``: a task's headline metric, in the group shown first."""
+    return f"{HEADLINE}/{task}_{metric}"
+
+
+def training_tag(task: str, scalar: str) -> str:
+    """``<task>/<scalar>``: a training scalar (loss, lr, ...) in its task's namespace."""
+    return f"{task}/{scalar}"
+
+
+METRIC_TAGS = tuple(headline_tag(SEGMENTATION, key) for key in HEADLINE_METRICS)
 """The HParams metrics of a segmentation run (train or eval)."""
+PRETRAINING_TAGS = tuple(headline_tag(PRETRAINING, key) for key in PRETRAINING_METRICS)
+"""The HParams metrics of a pretraining run."""
 
 
 def run_dir(root: str | os.PathLike, run: str) -> Path:
@@ -82,9 +112,9 @@ def log_segmentation_results(writer: Any, results: Mapping[str, Any],
                              panels: Sequence[np.ndarray], step: int) -> None:
     """Metrics, per-class IoU, confusion matrix and panels of one evaluation (training
     validation or ``segnest eval``) at ``step``; undefined (NaN) values are left out."""
-    for key in HEADLINE_METRICS:
+    for key, tag in zip(HEADLINE_METRICS, METRIC_TAGS, strict=True):
         if not math.isnan(results[key]):
-            writer.add_scalar(f"{VAL}/{key}", results[key], step)
+            writer.add_scalar(tag, results[key], step)
     for name, iou in zip(class_names, results["IoU"], strict=True):
         if not math.isnan(iou):
             writer.add_scalar(f"{PER_CLASS_IOU}/{name}", iou, step)
@@ -104,6 +134,20 @@ def log_segmentation_results(writer: Any, results: Mapping[str, Any],
                          step, dataformats="HWC")
 
 
+def log_results_card(writer: Any, title: str, results: Mapping[str, Any], step: int) -> None:
+    """An evaluation's headline numbers as text (``segmentation/results``, a table) and as
+    an image in the headline group, for an eval run whose single point a chart shows
+    small or, scaled for outliers, not at all."""
+    shown = [(key, results[key]) for key in HEADLINE_METRICS if not math.isnan(results[key])]
+    header = "| run | " + " | ".join(key for key, _ in shown) + " |"
+    rule = "|---" * (len(shown) + 1) + "|"
+    row = f"| {title} | " + " | ".join(percent(value) for _, value in shown) + " |"
+    writer.add_text(RESULTS_TEXT, "\n".join((header, rule, row)), step)
+    numbers = "   ".join(f"{key} {percent(value)}" for key, value in shown)
+    writer.add_image(RESULTS_IMAGE, visualize.text_card([title, numbers]), step,
+                     dataformats="HWC")
+
+
 def log_config(writer: Any, config: Mapping[str, Any], step: int = 0) -> None:
     """The run's settings as a YAML block under the text tag ``config``."""
     text = yaml.safe_dump(_plain(dict(config)), sort_keys=False)
@@ -113,7 +157,8 @@ def log_config(writer: Any, config: Mapping[str, Any], step: int = 0) -> None:
 # Settings that say where files go and how a run is logged and kept, not what it learns.
 _NOT_HYPERPARAMETERS = frozenset({
     "config", "work_dir", "resume", "overwrite", "tensorboard", "workers", "log_interval",
-    "checkpoint_interval", "keep_checkpoints", "panels", "export"})
+    "checkpoint_interval", "keep_checkpoints", "panels", "export",
+    "amp"})  # amp: the deprecated spelling of --precision
 
 
 def hparams_of(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,14 +167,41 @@ def hparams_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in _NOT_HYPERPARAMETERS}
 
 
+# HParams columns of a segmentation run. TensorBoard's table sorts the columns by name and
+# shows the first five: these are the five that tell runs apart, named so that they sort
+# in this order; the pretrained weights come sixth (one click away), the rest of the
+# settings are in the run's ``config`` text.
+HPARAM_COLUMNS = ("backbone", "crop", "inference", "iters", "lr", "pretrained")
+
+
 def segmentation_hparams(training: Mapping[str, Any],
                          evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """One set of HParams columns for a training run and each eval of its checkpoints:
-    the training settings, then how the metrics were measured (``evaluation``: checkpoint,
-    iteration, dataset, split, samples, inference settings, device, world size; for a
-    training run, its own single-scale validation). TensorBoard takes the column list from
-    one run, so every run of a work folder declares the same columns."""
-    return {**hparams_of(training), **evaluation}
+    """The HParams columns (:data:`HPARAM_COLUMNS`) of a training run or of an eval of its
+    checkpoints: the model and recipe from ``training`` (its settings), the rest from
+    ``evaluation`` (``iteration``, the ``inference`` settings, and ``lr`` when it differs
+    from the recipe's, e.g. a default the run computed). TensorBoard takes the column list
+    from one run, so every run of a work folder declares the same columns."""
+    inference = evaluation.get("inference") or {}
+    count = len(inference.get("scales", ()))
+    # Short enough for the table's column ("3 scales+flip"); the scales are in the config.
+    views = f"{count} scale{'s' if count != 1 else ''}" + ("+flip" if inference.get("flip") else "")
+    lr = evaluation.get("lr", training.get("lr"))
+    return {
+        "backbone": training.get("backbone"),
+        "crop": training.get("crop_size"),
+        "inference": views,
+        "iters": evaluation.get("iteration"),
+        "lr": "default" if lr is None else lr,
+        "pretrained": Path(training["pretrained"]).name if training.get("pretrained")
+        else "none",
+    }
+
+
+def session_name(kind: str, work_dir: str | os.PathLike) -> str:
+    """An HParams row's name: when the run started, what it is and its work folder
+    (``18:03:12 train folder_resnest14 12-05``); the part that differs comes first, as
+    TensorBoard shows only the start of it, and rows never share a name."""
+    return f"{time.strftime('%H:%M:%S')} {kind} {Path(work_dir).name} {time.strftime('%m-%d')}"
 
 
 def hparam_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -148,15 +220,22 @@ def hparam_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 def log_hparams(writer: Any, config: Mapping[str, Any], metric_tags: Sequence[str],
-                *, start: bool = True, end: bool = True) -> None:
+                *, start: bool = True, end: bool = True, name: str = "") -> None:
     """This run's HParams session in its own event file: the settings in ``config`` as
-    hyperparameters, the scalars ``metric_tags`` (which the run logs) as its metrics.
-    ``start`` writes the experiment and session start, ``end`` the session end, so that a
-    training run is listed while it runs and marked finished when it ends."""
+    hyperparameters (in its order), the scalars ``metric_tags`` (which the run logs) as
+    its metrics, ``name`` (:func:`session_name`) as the row's name. ``start`` writes the
+    experiment and session start, ``end`` the session end, so that a training run is
+    listed while it runs and marked finished when it ends."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams
 
     experiment, session_start, session_end = hparams(
         hparam_values(config), {tag: 0.0 for tag in metric_tags})
+    if name:
+        plugin = session_start.value[0].metadata.plugin_data
+        content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+        content.session_start_info.group_name = name
+        plugin.content = content.SerializeToString()
     for summary in ((experiment, session_start) if start else ()) + ((session_end,) if end else ()):
         writer.file_writer.add_summary(summary)
 

@@ -169,8 +169,9 @@ def make_panel(
     Each view is ``factor * h x factor * w`` for an ``h x w`` input, where ``factor`` is the
     smallest integer making ``factor * h >= min_height`` (1 when ``h`` already is), applied
     with nearest neighbour. The views stand on a white background, ``gap`` pixels apart,
-    under a caption strip naming them; text is about a sixteenth of the view's height
-    (at least 12 px; captions shrink to fit narrow views). Ground truth and prediction use
+    under a caption strip naming them; text is a sixteenth of the view's height or a 32nd
+    of the panel's width, whichever is larger (at least 12 px; captions shrink to fit
+    narrow views), so that it stays legible in a TensorBoard card. Ground truth and prediction use
     ``palette`` with ignore black; the errors view shows pixels where prediction != ground
     truth in red over a dimmed grey copy of the image, and ignore pixels hatched (black
     with grey diagonal lines). With ``class_names`` and ``legend``, a legend of the classes
@@ -192,11 +193,13 @@ def make_panel(
     views = [_upscale(view, factor) for view in
              (image, gt_color, pred_color, _error_view(image, target, pred, ignore_index))]
     view_h, view_w = height * factor, width * factor
-    text_size = max(12, round(view_h / 16))
+    panel_w = len(views) * view_w + (len(views) - 1) * gap
+    # TensorBoard shows an image at its card's width (~350 px): text a 32nd of the panel's
+    # width stays about 10 px tall there.
+    text_size = max(12, round(view_h / 16), round(panel_w / 32))
     font = _caption_font(text_size, view_w)
     font_size = int(getattr(font, "size", 11))
     caption_h = round(font_size * 1.5)
-    panel_w = len(views) * view_w + (len(views) - 1) * gap
     canvas = Image.new("RGB", (panel_w, caption_h + view_h), BACKGROUND_COLOR)
     draw = ImageDraw.Draw(canvas)
     for position, (caption, view) in enumerate(zip(CAPTIONS, views, strict=True)):
@@ -305,6 +308,19 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
         return image
     channels = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
     return np.clip(np.rint(to_unit_range(channels) * 255.0), 0, 255).astype(np.uint8)
+
+
+def text_card(lines: Sequence[str], size: int = 28, width: int = 640) -> np.ndarray:
+    """``lines`` drawn black on white, ``size`` px tall, as a uint8 ``H x W x 3`` card: big
+    enough to stay legible when TensorBoard shrinks an image to its card width."""
+    font = _font(size)
+    lines = [_drawable(font, line) for line in lines]
+    width = max([width] + [_text_width(font, line) + size for line in lines])
+    card = Image.new("RGB", (width, round(size * (1.4 * len(lines) + 0.6))), "white")
+    draw = ImageDraw.Draw(card)
+    for index, line in enumerate(lines):
+        draw.text((size // 2, round(size * (0.3 + 1.4 * index))), line, fill="black", font=font)
+    return np.asarray(card)
 
 
 def log_panels(writer: Any, tag: str, panels: Sequence[np.ndarray], step: int) -> None:

@@ -16,11 +16,18 @@ instead of a confusing one (or a silently wrong backbone). Other names are not c
 
 A model with other than 3 input channels gets the RGB stem filters adapted
 (``adapt_input_channels``).
+
+Weights by name (``NAMED_WEIGHTS``, ``resolve_pretrained``): ``resnest50`` etc. are the
+authors' ImageNet files, fetched into torch.hub's checkpoint folder from the URLs the official
+package and its torch.hub entry point use; ``timm:resnest14d.gluon_in1k`` etc. are timm's
+ImageNet weights on the Hugging Face hub, whose layers match segnest's backbones at full
+width (timm's ``resnest14d``/``resnest26d``/``resnest50d``/``resnest101e``... are segnest's
+``resnest14``/``resnest26``/``resnest50``/``resnest101``...). Caches, offline mode and hash
+checks: :mod:`segnest.runtime.hub`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from os import PathLike
@@ -31,6 +38,13 @@ from torch import nn
 
 from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.hub import (
+    cached_hf_file,
+    cached_url_file,
+    find_hf_file,
+    sha256_of,
+    torch_hub_checkpoint_dir,
+)
 
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
@@ -53,7 +67,105 @@ OFFICIAL_WEIGHTS = {
 OFFICIAL_FILE_NAMES = frozenset(OFFICIAL_WEIGHTS.values())
 # ``<name>-<hex>.<ext>``: torch.hub's names for checked downloads.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-_HASH_CHUNK = 1 << 20
+# The official package (resnest 0.0.5 on PyPI) downloads from the second; the repository's
+# torch.hub entry point (hubconf.py on master) from the first.
+OFFICIAL_URL_FORMATS = (
+    "https://github.com/zhanghang1989/ResNeSt/releases/download/weights_step1/{}",
+    "https://s3.us-west-1.wasabisys.com/resnest/torch/{}",
+)
+TIMM_PREFIX = "timm:"
+# timm model name -> the segnest backbone with the same layers (and state-dict keys).
+TIMM_BACKBONES = {
+    "resnest14d": "resnest14",
+    "resnest26d": "resnest26",
+    "resnest50d": "resnest50",
+    "resnest50d_1s4x24d": "resnest50_fast_1s4x24d",
+    "resnest50d_4s2x40d": "resnest50_fast_4s2x40d",
+    "resnest101e": "resnest101",
+    "resnest200e": "resnest200",
+    "resnest269e": "resnest269",
+}
+# timm's pretrained tags: the Gluon-trained small models, the authors' weights otherwise.
+TIMM_TAGS = {name: "gluon_in1k" if name in ("resnest14d", "resnest26d") else "in1k"
+             for name in TIMM_BACKBONES}
+# timm publishes both; safetensors needs its package, the pickle one only torch.
+TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class NamedWeights:
+    """ImageNet weights that ``--pretrained`` takes by name."""
+
+    name: str
+    backbone: str  # the segnest backbone they fit, at its full (default) width
+    origin: str  # who trained them, for messages
+
+    def _hub_file(self) -> tuple[str, tuple[str, ...]]:
+        files = TIMM_FILES if _has_safetensors() else TIMM_FILES[1:]
+        return f"timm/{self.name[len(TIMM_PREFIX):]}", files
+
+    def cached(self) -> Path | None:
+        """The file if it is in its cache already (nothing is downloaded or checked)."""
+        if self.name.startswith(TIMM_PREFIX):
+            return find_hf_file(*self._hub_file())
+        path = torch_hub_checkpoint_dir() / OFFICIAL_WEIGHTS[self.name]
+        return path if path.is_file() else None
+
+    def fetch(self) -> Path:
+        """The file in its cache, downloaded first if needed (see segnest.runtime.hub)."""
+        if self.name.startswith(TIMM_PREFIX):
+            return cached_hf_file(*self._hub_file(), what=self.name)
+        file_name = OFFICIAL_WEIGHTS[self.name]
+        return cached_url_file(tuple(f.format(file_name) for f in OFFICIAL_URL_FORMATS),
+                               file_name, _HASH_IN_NAME.search(file_name).group(1),
+                               what=f"{self.name} ({file_name})")
+
+
+def _named_weights() -> dict[str, NamedWeights]:
+    named = {name: NamedWeights(name, name, "the ResNeSt authors") for name in OFFICIAL_WEIGHTS}
+    for model, backbone in TIMM_BACKBONES.items():
+        full = f"{TIMM_PREFIX}{model}.{TIMM_TAGS[model]}"
+        named[full] = NamedWeights(full, backbone, "timm")
+    return named
+
+
+NAMED_WEIGHTS = _named_weights()
+# Short spellings: ``timm:resnest14d`` (timm's default tag) and the official file names.
+_ALIASES = {**{f"{TIMM_PREFIX}{m}": f"{TIMM_PREFIX}{m}.{t}" for m, t in TIMM_TAGS.items()},
+            **{file: name for name, file in OFFICIAL_WEIGHTS.items()}}
+
+
+def _has_safetensors() -> bool:
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def named_weights(spec: str | PathLike) -> NamedWeights | None:
+    """The named weights ``spec`` stands for; None for a local file (an existing path wins
+    over a name, as before names existed)."""
+    spec = str(spec)
+    if Path(spec).expanduser().exists():
+        return None
+    return NAMED_WEIGHTS.get(_ALIASES.get(spec, spec))
+
+
+def resolve_pretrained(spec: str | PathLike) -> Path:
+    """The local file for ``--pretrained``: a path as given, or named weights from their
+    cache (fetched once); anything else is one SegnestError listing the names."""
+    named = named_weights(spec)
+    if named is not None:
+        return named.fetch()
+    path = Path(spec).expanduser()
+    looks_like_a_name = str(spec).startswith(TIMM_PREFIX) or (
+        len(path.parts) == 1 and not path.suffix)
+    if not path.exists() and looks_like_a_name:
+        raise SegnestError(
+            f"--pretrained {spec}: no such file, nor weights segnest knows by that name; "
+            f"pass a checkpoint path or one of: {', '.join(NAMED_WEIGHTS)}")
+    return path
 
 
 @dataclass
@@ -61,6 +173,7 @@ class LoadReport:
     loaded: int
     skipped: list[str] = field(default_factory=list)
     prefix: str = ""
+    path: Path | None = None  # the file read (a named weights' place in its cache)
 
 
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
@@ -131,11 +244,7 @@ def check_hash_in_name(path: str | PathLike) -> None:
     expected = match.group(1)
     if expected.isdigit() and path.name not in OFFICIAL_FILE_NAMES:
         return  # digits only: more likely a date or a step (model-20231124.pth) than a hash
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_HASH_CHUNK):
-            digest.update(chunk)
-    actual = digest.hexdigest()[: len(expected)]
+    actual = sha256_of(path)[: len(expected)]
     if actual != expected:
         raise SegnestError(
             f"{path}: its sha256 starts with {actual}, not {expected} as its name says; the "
@@ -179,13 +288,40 @@ def adapt_input_channels(model: nn.Module, state: dict[str, torch.Tensor]
     return adapted
 
 
-def load_pretrained(model: nn.Module, path: str | PathLike) -> LoadReport:
-    """Load a local checkpoint into ``model`` (see the module docstring for what fits)."""
+def _read_weights(path: Path) -> dict:
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SegnestError(f"{path} is a safetensors file and the safetensors package is not "
+                           "installed: pip install 'segnest[hub]'") from None
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types on damaged files
+        raise SegnestError(f"{path} cannot be read as safetensors ({error})") from error
+
+
+def load_pretrained(model: nn.Module, spec: str | PathLike) -> LoadReport:
+    """Load weights into ``model``: a local checkpoint, or named weights (``resnest50``,
+    ``timm:resnest14d.gluon_in1k``, ... fetched once into their cache). See the module
+    docstring for what fits."""
+    named = named_weights(spec)
+    path = resolve_pretrained(spec)
     check_hash_in_name(path)
-    state = extract_state_dict(load_checkpoint(path))
+    state = extract_state_dict(_read_weights(path))
     if not state:
         raise SegnestError(f"{path} holds no tensors: it is not a model checkpoint")
     state = adapt_input_channels(model, state)
-    state, report = match_state_dict(model, state, source=str(path))
+    try:
+        state, report = match_state_dict(model, state, source=str(path))
+    except SegnestError as error:
+        if named is None:
+            raise
+        raise SegnestError(
+            f"--pretrained {named.name} holds {named.origin}'s ImageNet {named.backbone} at "
+            f"its full width; it does not fit this model: use --backbone {named.backbone} "
+            f"without --stage-width/--stem-width ({error})") from None
     model.load_state_dict(state, strict=False)
+    report.path = path
     return report

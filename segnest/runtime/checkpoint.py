@@ -78,6 +78,10 @@ def load_checkpoint(
             f"checkpoint {path} does not exist; "
             "check the path given to --checkpoint / --resume / --pretrained"
         )
+    # torch.load reads safetensors files too where that package is installed: a checkpoint
+    # is refused as one either way (segnest writes none; --pretrained reads them itself).
+    if _is_safetensors_file(path):
+        raise SegnestError(f"checkpoint {path} is {describe_file(path)}")
     # A truncated zip lacks its central directory, which torch cannot map; such a file is
     # read normally so that it fails with the ordinary corruption error below.
     use_mmap = mmap and zipfile.is_zipfile(path)
@@ -333,6 +337,15 @@ def _is_safetensors(head: bytes, size: int) -> bool:
         return False
     header_length = int.from_bytes(head[:8], "little")
     return 2 <= header_length <= size - 8 and head[8:9] == b"{"
+
+
+def _is_safetensors_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        return _is_safetensors(head, path.stat().st_size)
+    except OSError:
+        return False  # the loader reports an unreadable file
 
 
 def _is_onnx(head: bytes) -> bool:

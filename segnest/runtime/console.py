@@ -1,9 +1,12 @@
 """The console of a run, also kept in a log file.
 
 :class:`ConsoleLog` copies what a command prints (stdout and stderr, warnings included)
-into a log file while it still reaches the terminal. Progress bars redraw a line with
-carriage returns; the log keeps only what the terminal finally shows of each line, without
-colour codes, so a log is plain text a person or ``grep`` reads.
+into a log file while it still reaches the terminal. The log holds what the command would
+print without a terminal, whatever the terminal shows: a progress bar draws on the terminal
+alone (:func:`console_streams` gives it the stream behind the copy) while the log gets the
+plain progress lines a log file would get (:class:`PlainProgress`), and any other line
+reaches the log as the terminal finally shows it, without carriage-return redraws or colour
+codes, so a log is plain text a person or ``grep`` reads.
 """
 
 from __future__ import annotations
@@ -98,13 +101,14 @@ class ConsoleLog:
 PLAIN_PROGRESS_INTERVAL_S = 10.0
 
 
-class _PlainProgress:
+class PlainProgress:
     """What a progress bar says, for a log: a line at a tenth of the work when
     ``PLAIN_PROGRESS_INTERVAL_S`` passed since the last one (work that takes seconds
-    prints nothing), and the end when anything was printed."""
+    prints nothing), and the end when anything was printed; to ``file`` (default stderr)."""
 
-    def __init__(self, iterable: Any, desc: str, total: int | None, enabled: bool) -> None:
-        self.iterable, self.desc, self.enabled = iterable, desc, enabled
+    def __init__(self, iterable: Any, desc: str, total: int | None, enabled: bool,
+                 file: IO[str] | None = None) -> None:
+        self.iterable, self.desc, self.enabled, self.file = iterable, desc, enabled, file
         self.total = total if total is not None else _length(iterable)
         self.count, self._shown, self._printed = 0, 0, False
         self._last = time.monotonic()
@@ -127,12 +131,46 @@ class _PlainProgress:
         if due or (self._printed and self.count >= self.total):
             self._last, self._printed = now, True
             print(f"{self.desc}: {self.count}/{self.total} ({100 * self.count // self.total}%)",
-                  file=sys.stderr, flush=True)
+                  file=self.file or sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> _PlainProgress:
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def console_streams(stream: Any = None) -> tuple[IO[str], IO[str] | None]:
+    """(the terminal side of ``stream`` (default stderr), the log it is copied to or None):
+    what a progress bar draws on, and where its plain lines go instead."""
+    stream = sys.stderr if stream is None else stream
+    if isinstance(stream, _Tee):
+        return stream.terminal, stream.log
+    return stream, None
+
+
+class _BarWithLog:
+    """A terminal bar, and the same progress as plain lines in the log."""
+
+    def __init__(self, bar: Any, plain: PlainProgress, iterable: Any) -> None:
+        self.bar, self.plain, self.iterable = bar, plain, iterable
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, count: int = 1) -> None:
+        self.bar.update(count)
+        self.plain.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> _BarWithLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -149,10 +187,16 @@ def _length(iterable: Any) -> int | None:
 def progress_bar(iterable: Any = None, *, desc: str, total: int | None = None,
                  unit: str = "it", enabled: bool = True, leave: bool = True) -> Any:
     """A tqdm bar on a terminal; elsewhere (a log file, a batch job) one plain line at every
-    tenth of the work instead of a bar redrawn hundreds of times."""
-    if is_terminal():
-        from tqdm import tqdm
+    tenth of the work instead of a bar redrawn hundreds of times. A console copied to a log
+    (:class:`ConsoleLog`) shows the bar and logs the plain lines."""
+    if not is_terminal():
+        return PlainProgress(iterable, desc, total, enabled)
+    from tqdm import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not enabled,
-                    leave=leave, dynamic_ncols=True)
-    return _PlainProgress(iterable, desc, total, enabled)
+    terminal, log = console_streams()
+    total = total if total is not None else _length(iterable)
+    bar = tqdm(iterable if log is None else None, desc=desc, total=total, unit=unit,
+               disable=not enabled, leave=leave, dynamic_ncols=True, file=terminal)
+    if log is None:
+        return bar
+    return _BarWithLog(bar, PlainProgress(None, desc, total, enabled, file=log), iterable)

@@ -22,7 +22,11 @@ from segnest.config import (
     TrainConfig,
     resolve_config,
 )
-from segnest.data.mini import ensure_mini_classification, ensure_mini_segmentation
+from segnest.data.mini import (
+    MINI_CLASSES,
+    ensure_mini_classification,
+    ensure_mini_segmentation,
+)
 from segnest.errors import RunStopped
 from segnest.inference.evaluate import run_eval
 from segnest.inference.metrics import percent
@@ -36,6 +40,17 @@ from segnest.training.segmentation import run_train
 def _stage(number: int, text: str) -> float:
     print(f"\n[{number}/4] {text}", flush=True)
     return time.perf_counter()
+
+
+def what_next(checkpoint: Path) -> str:
+    """The demo's last words: what its model can recognise, and the own-data path."""
+    return "\n".join([
+        f"the demo model knows only the mini set's {len(MINI_CLASSES)} synthetic classes "
+        f"({', '.join(MINI_CLASSES)}): on a photo it answers with those, e.g.",
+        f"  segnest predict PHOTO.jpg --checkpoint {checkpoint} --out predictions",
+        "for your own classes, put images and masks in a folder (images/{train,val}, "
+        "masks/{train,val}, classes.txt; see datasets/README.md) and train on it:",
+        "  segnest train --dataset folder --data-root DIR"])
 
 
 def _train_config(cfg: DemoConfig, work_dir: Path, pretrained: str | None) -> TrainConfig:
@@ -108,4 +123,5 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if scratch is not None:
         print(f"from scratch with the same budget: mIoU {percent(scratch['mIoU'])}")
     print(f"look at the curves and predicted masks with:  tensorboard --logdir {root}")
+    print(what_next(train_dir / LAST_CHECKPOINT_NAME))
     return {"results": results, "pretrain": pretrain, "scratch": scratch, "timings": timings}

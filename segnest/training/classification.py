@@ -29,7 +29,14 @@ from segnest.data.classification import build_classification_dataset, build_tran
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
 from segnest.errors import SegnestError
-from segnest.inference.tensorboard import PRETRAIN_RUN, TB_FOLDER
+from segnest.inference.tensorboard import (
+    PRETRAIN_RUN,
+    PRETRAINING,
+    PRETRAINING_METRICS,
+    PRETRAINING_TAGS,
+    TB_FOLDER,
+    training_tag,
+)
 from segnest.inference.visualize import denormalize
 from segnest.models import create_model
 from segnest.runtime.checkpoint import check_state_dict_target, save_checkpoint
@@ -137,7 +144,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
 
 @torch.no_grad()
 def log_val_samples(writer: Any, model: nn.Module, dataset: Dataset, classes: list[str],
-                    device: torch.device, epoch: int) -> None:
+                    device: torch.device, step: int) -> None:
     """A grid of validation images, spread evenly over the (class-sorted) set, with their
     predicted and true labels."""
     model.eval()
@@ -148,25 +155,26 @@ def log_val_samples(writer: Any, model: nn.Module, dataset: Dataset, classes: li
     predictions = model(images.to(device)).argmax(dim=1).tolist()
     pictures = torch.stack([torch.from_numpy(denormalize(image)).permute(2, 0, 1)
                             for image in images])
-    writer.add_images("val_images/samples", pictures, epoch)
+    writer.add_images(f"{PRETRAINING}_images/samples", pictures, step)
     lines = [f"{i}: predicted **{classes[p]}**, true {classes[t]}"
              + ("" if p == t else " (wrong)")
              for i, (p, (_, t)) in enumerate(zip(predictions, samples, strict=True))]
-    writer.add_text("val/sample_labels", "  \n".join(lines), epoch)
+    writer.add_text(training_tag(PRETRAINING, "sample_labels"), "  \n".join(lines), step)
 
 
 def build_datasets(cfg: PretrainConfig) -> tuple[Dataset, Dataset, list[str]]:
     """(train, val, class names) of ``--dataset`` with the recipe's transforms."""
     if cfg.dataset not in DATASETS:
-        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with --data) or mini")
+        raise SegnestError(f"unknown --dataset '{cfg.dataset}'; use imagenet (with "
+                           "--data-root) or mini")
     if cfg.dataset == "mini":
         root, crop_scale = ensure_mini_classification(), MINI_CROP_SCALE
     else:
-        if not cfg.data:
+        if not cfg.data_root:
             raise SegnestError(
-                "--dataset imagenet needs --data: a folder with train/<class>/ and "
+                "--dataset imagenet needs --data-root: a folder with train/<class>/ and "
                 "val/<class>/ image folders (ImageNet layout)")
-        root, crop_scale = Path(cfg.data), IMAGENET_CROP_SCALE
+        root, crop_scale = Path(cfg.data_root), IMAGENET_CROP_SCALE
     train_transform, eval_transform = build_transforms(
         cfg.crop_size, cfg.crop_pct, cfg.auto_augment, crop_scale)
     train_set = build_classification_dataset(root, "train", train_transform)
@@ -293,7 +301,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
     run.resume(cfg.resume)
     train_model = wrap_for_training(model, dist, cfg.compile)
     writer = open_writer(work_dir, dist, cfg.tensorboard, PRETRAIN_RUN, dataclasses.asdict(cfg),
-                         ("val/top1", "val/top5"), run.iteration)
+                         PRETRAINING_TAGS, run.iteration)
     if dist.is_main:
         print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(train_set)} train / "
               f"{len(val_set)} val images, {num_classes} classes), {cfg.epochs} epochs x "
@@ -318,10 +326,12 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
                        f"{metrics['top1']:.2f}%, top{min(5, num_classes)} {metrics['top5']:.2f}%"
                        f", {time.perf_counter() - started:.0f}s")
         if writer is not None:
-            writer.add_scalar("val/top1", metrics["top1"], epoch)
-            writer.add_scalar("val/top5", metrics["top5"], epoch)
-            writer.add_scalar("train/epoch_loss", loss, epoch)
-            log_val_samples(writer, model, val_set, classes, device, epoch)
+            # At the iteration, as every other chart of the run (not the epoch).
+            for key, tag in zip(PRETRAINING_METRICS, PRETRAINING_TAGS, strict=True):
+                writer.add_scalar(tag, metrics[key], run.iteration)
+            writer.add_scalar(training_tag(PRETRAINING, "epoch_loss"), loss, run.iteration)
+            writer.add_scalar(training_tag(PRETRAINING, "epoch"), epoch, run.iteration)
+            log_val_samples(writer, model, val_set, classes, device, run.iteration)
             writer.flush()
         return metrics["top1"]
 
@@ -332,7 +342,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
         step=step, validate_due=lambda it: it % iters_per_epoch == 0, validate=validate,
         images_per_step=total_batch, checkpoint_interval=cfg.checkpoint_interval,
         keep_checkpoints=cfg.keep_checkpoints, writer=writer, log_interval=cfg.log_interval,
-        lr_hint=f"Lower --lr (now {lr:g}) or check the data")
+        task=PRETRAINING, lr_hint=f"Lower --lr (now {lr:g}) or check the data")
     close_writer(writer, finished)
     paths = {"work_dir": str(work_dir), "last": str(work_dir / LAST_CHECKPOINT_NAME),
              "best": str(work_dir / BEST_CHECKPOINT_NAME), "export": cfg.export}

@@ -14,7 +14,12 @@ flag always wins over them (precedence: defaults < derived preset < recipe < com
 - ``--dataset folder`` on a machine without a GPU: the model and batch of
   ``segnest.config.CPU_MODEL`` (the demo's ResNeSt-14: minutes per run on two cores, where
   ResNeSt-50 takes over a second per step), unless the user chose a backbone or gave
-  ``--pretrained`` (whose weights fit their own backbone) or a CUDA ``--device``.
+  ``--pretrained`` (whose weights fit their own backbone) or a CUDA ``--device``. When
+  timm's ImageNet ResNeSt-14 (``CPU_PRETRAINED``) is in the Hugging Face cache, the preset
+  takes it instead: the same depth at the published width (slower per step, far better on
+  a few dozen images than random weights); ``--pretrained`` naming those weights gets the
+  same model and batch. Nothing is downloaded for a preset.
+- ``--pretrained NAME`` (named weights) without ``--backbone``: the backbone they fit.
 
 A crop much larger than the images (median long side below half the crop) is named once
 the final settings are known: every crop would then be mostly padding or upscaling.
@@ -39,6 +44,7 @@ from segnest.config import (
     load_recipe,
     resolve_config,
 )
+from segnest.models.weights import NAMED_WEIGHTS, named_weights
 
 # Enough headers for a stable median; reading them costs milliseconds even on a network disk.
 SIZE_SAMPLES = 300
@@ -99,17 +105,49 @@ def _without_gpu(user: dict[str, Any]) -> bool:
     return not torch.cuda.is_available()
 
 
+# ImageNet weights of CPU_MODEL's depth, taken by the CPU folder preset when cached.
+CPU_PRETRAINED = "timm:resnest14d.gluon_in1k"
+
+
+def _names_cpu_weights(user: dict[str, Any]) -> bool:
+    """Whether ``--pretrained`` names ImageNet weights of CPU_MODEL's backbone."""
+    weights = named_weights(user["pretrained"]) if user.get("pretrained") else None
+    return weights is not None and weights.backbone == CPU_MODEL["backbone"]
+
+
 def cpu_model_applies(user: dict[str, Any]) -> bool:
-    """Whether the folder preset takes ``CPU_MODEL`` for the settings in ``user``."""
+    """Whether the folder preset takes ``CPU_MODEL`` (or its pretrained form) for the
+    settings in ``user``: a folder dataset without a GPU, no backbone chosen, and no
+    ``--pretrained`` other than weights named for that backbone."""
     return (user.get("dataset") == "folder" and "backbone" not in user
-            and not user.get("pretrained") and _without_gpu(user))
+            and (not user.get("pretrained") or _names_cpu_weights(user))
+            and _without_gpu(user))
 
 
-def train_presets(user: dict[str, Any], cpu_model: bool
+def cpu_pretrained_model(user: dict[str, Any]) -> dict[str, Any] | None:
+    """``CPU_MODEL`` at the published width with ImageNet weights: those the user named,
+    else ``CPU_PRETRAINED`` when it is in its cache already; None otherwise."""
+    if _names_cpu_weights(user):
+        name = user["pretrained"]
+    elif NAMED_WEIGHTS[CPU_PRETRAINED].cached() is not None:
+        name = CPU_PRETRAINED
+    else:
+        return None
+    return {**CPU_MODEL, "stage_width": TrainConfig.stage_width, "stem_width": None,
+            "pretrained": name}
+
+
+def _named_backbone(user: dict[str, Any]) -> dict[str, Any]:
+    """``{"backbone": ...}`` fitting named ``--pretrained`` weights when no backbone is given."""
+    weights = named_weights(user["pretrained"]) if user.get("pretrained") else None
+    return {} if weights is None or "backbone" in user else {"backbone": weights.backbone}
+
+
+def train_presets(user: dict[str, Any], cpu_model: dict[str, Any] | None
                   ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """(``DATASET_PRESETS`` adapted to this data root and machine, the median long side of
     the folder dataset's train images or None), for what the user set (``user``: recipe
-    and flags) and whether the folder preset takes ``CPU_MODEL`` (``cpu_model``)."""
+    and flags) and the model the folder preset takes without a GPU (``cpu_model``)."""
     cores = os.cpu_count() or 1
     dataset = user.get("dataset", TrainConfig.dataset)
     preset = dict(DATASET_PRESETS.get(dataset, {}))
@@ -119,8 +157,9 @@ def train_presets(user: dict[str, Any], cpu_model: bool
         long_side = median_long_side(Path(user["data_root"]) / "images" / "train")
         if long_side is not None:
             preset.update(folder_sizes(long_side))
+    preset.update(_named_backbone(user))
     if cpu_model:
-        preset.update(CPU_MODEL)
+        preset.update(cpu_model)
     return {**DATASET_PRESETS, dataset: preset}, long_side
 
 
@@ -130,7 +169,9 @@ def resolve_train_config(cls: type, given: dict[str, Any],
     values in one line and warns about crops far larger than the images."""
     resolve_config(cls, given, presets)  # a bad flag or recipe is reported before any file is read
     user = _user_values(given)
-    cpu_model = cpu_model_applies(user)
+    cpu_model = None
+    if cpu_model_applies(user):
+        cpu_model = cpu_pretrained_model(user) or CPU_MODEL
     table, long_side = train_presets(user, cpu_model)
     cfg = resolve_config(cls, given, table)
     cores = os.cpu_count() or 1
@@ -147,8 +188,18 @@ def resolve_train_config(cls: type, given: dict[str, Any],
             print(f"segnest: warning: the train images are ~{long_side} px but --crop-size is "
                   f"{cfg.crop_size}: each crop is mostly padding and upscaling; use "
                   f"--crop-size {folder_sizes(long_side)['crop_size']}", file=sys.stderr)
-    if cpu_model:
+    if cpu_model is CPU_MODEL:
         print("segnest: no GPU: the folder preset trains the small CPU model ("
               + ", ".join(f"{k} {v}" for k, v in CPU_MODEL.items() if k not in user)
-              + "); for the paper's model pass --backbone resnest50 (and --pretrained)")
+              + f") from scratch; ImageNet weights for a ResNeSt-14: --pretrained "
+              f"{CPU_PRETRAINED} (downloaded once; the published width, slower per step); "
+              "for the paper's model pass --backbone resnest50 --pretrained resnest50")
+    elif cpu_model is not None:
+        found = "" if "pretrained" in user else " found in the cache"
+        print(f"segnest: no GPU: the folder preset trains {cpu_model['backbone']} from "
+              f"ImageNet weights{found} ({cfg.pretrained}; "
+              + ", ".join(f"{k} {v}" for k, v in cpu_model.items()
+                          if k not in user and k not in ("backbone", "pretrained")
+                          and v is not None)
+              + "); --pretrained NAME or --backbone to choose otherwise")
     return cfg

@@ -45,7 +45,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,13 @@ from segnest.inference.tensorboard import (
     log_config,
     log_hparams,
     run_dir,
+    session_name,
+    training_tag,
 )
 from segnest.models.factory import canonical_model_kwargs
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 from segnest.runtime.compiling import compile_model
-from segnest.runtime.console import ConsoleLog, is_terminal
+from segnest.runtime.console import ConsoleLog, console_streams, is_terminal
 from segnest.runtime.distributed import (
     DistInfo,
     agree,
@@ -75,6 +77,7 @@ from segnest.runtime.distributed import (
 )
 from segnest.runtime.lock import FolderLock
 from segnest.runtime.precision import requested_precision, resolve_precision
+from segnest.runtime.threads import threads_beside_workers
 
 LAST_CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
@@ -94,20 +97,16 @@ def periodic_checkpoint_name(iteration: int) -> str:
 def training_process(device: str | None, workers: int) -> Iterator[DistInfo]:
     """Join torchrun's process group (if any) and pick the device; undo both on exit.
 
-    On a CPU, the compute threads leave the data workers their cores: OpenMP threads that
-    share a core with a busy worker spin-wait, and a 2-core machine then trains several
-    times slower.
+    On a CPU, the compute threads leave the data workers their cores
+    (:func:`segnest.runtime.threads.threads_beside_workers`, as ``segnest eval`` does).
     """
     dist = init_distributed(device)
-    threads = torch.get_num_threads()
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    elif workers > 0:
-        torch.set_num_threads(max(1, threads - workers))
     try:
-        yield dist
+        with threads_beside_workers(dist.device, workers):
+            yield dist
     finally:
-        torch.set_num_threads(threads)
         cleanup_distributed()
 
 
@@ -187,6 +186,11 @@ def run_folder(work_dir: Path, dist: DistInfo, *, resume: str | None, overwrite:
     every rank raises if rank 0 refused."""
     lock = FolderLock(work_dir)
     log = ConsoleLog(work_dir / log_name)
+    # A run refused before it started (bad data, bad settings) leaves the folder as it was.
+    log_path = work_dir / log_name
+    folder_existed, log_existed = work_dir.exists(), log_path.exists()
+    log_size = log_path.stat().st_size if log_existed else 0
+    files_before = set(_run_files(work_dir, log_name)) if folder_existed else set()
     refusal: SegnestError | None = None
     if dist.is_main:
         try:
@@ -200,14 +204,29 @@ def run_folder(work_dir: Path, dist: DistInfo, *, resume: str | None, overwrite:
         refusal = SegnestError(f"rank 0 could not use the work folder {work_dir}")
     if refusal is not None:
         raise refusal
+    refused_before_start = False
     try:
         yield
     except SegnestError as err:
-        log.note(f"segnest: error: {err}")
+        started = set(_run_files(work_dir, log_name)) - files_before - {work_dir / log_name}
+        refused_before_start = dist.is_main and not started
+        if not refused_before_start:
+            log.note(f"segnest: error: {err}")
         raise
     finally:
         log.close()
+        if refused_before_start and not folder_existed:
+            lock.path.unlink(missing_ok=True)  # still held: the folder is this run's own
         lock.release()
+        if refused_before_start:
+            if log_existed:  # the earlier run's log, without this attempt's lines
+                os.truncate(log_path, log_size)
+            else:
+                log_path.unlink(missing_ok=True)
+            if not folder_existed:
+                _remove_empty_folders(work_dir)
+                with suppress(OSError):
+                    work_dir.rmdir()
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -247,7 +266,7 @@ def open_writer(work_dir: Path, dist: DistInfo, enabled: bool, run: str,
     writer = SummaryWriter(str(run_dir(work_dir, run)))
     log_config(writer, config, iteration)
     log_hparams(writer, hparams_of(config) if hparams is None else hparams, metric_tags,
-                end=False)
+                end=False, name=session_name(run, work_dir.resolve()))
     return writer
 
 
@@ -507,9 +526,7 @@ class RunState:
         if resume is None:
             return None
         path = find_resume_checkpoint(self.work_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            if self.dist.is_main:
-                print(f"--resume auto: no checkpoint in {self.work_dir} yet; starting a new run")
+        if path is None:  # --resume auto on a first run: a new run, nothing worth saying
             return None
         state = load_checkpoint(path)
         self._check_compatible(path, state)
@@ -647,13 +664,15 @@ class Progress:
     """The console side of a run on rank 0 (silent elsewhere): on a terminal a progress bar
     with lines that must stay (validation results, warnings) printed above it; elsewhere
     (a log file, a batch job) one plain line every ``log_interval`` iterations instead of a
-    bar redrawn hundreds of times."""
+    bar redrawn hundreds of times. The run's log gets the plain lines either way (the bar
+    draws on the terminal alone, see :func:`segnest.runtime.console.console_streams`)."""
 
     def __init__(self, total: int, initial: int, enabled: bool, log_interval: int) -> None:
         self.enabled, self.total, self.log_interval = enabled, total, log_interval
         self.terminal = enabled and is_terminal()
+        self._screen, self._log = console_streams()
         self.bar = tqdm(total=total, initial=initial, disable=not self.terminal, desc="train",
-                        dynamic_ncols=True, file=sys.stderr)
+                        dynamic_ncols=True, file=self._screen)
         self._started, self._initial = time.perf_counter(), initial
 
     def update(self, iteration: int, scalars: Mapping[str, float]) -> None:
@@ -662,21 +681,28 @@ class Progress:
         if self.terminal:
             self.bar.update(1)
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()})
-            return
         if iteration % self.log_interval and iteration != self.total:
             return
         done = iteration - self._initial
         remaining = (time.perf_counter() - self._started) / max(done, 1) * (self.total - iteration)
         values = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-        print(f"iter {iteration}/{self.total}  {values}  eta {_duration(remaining)}", flush=True)
+        line = f"iter {iteration}/{self.total}  {values}  eta {_duration(remaining)}"
+        if not self.terminal:
+            print(line, flush=True)
+        elif self._log is not None:
+            self._log.write(line + "\n")
+            self._log.flush()
 
     def write(self, line: str) -> None:
         if not self.enabled:
             return
-        if self.terminal:
-            self.bar.write(line)
-        else:
+        if not self.terminal:
             print(line, flush=True)
+            return
+        self.bar.write(line, file=self._screen)
+        if self._log is not None:
+            self._log.write(line + "\n")
+            self._log.flush()
 
     def __enter__(self) -> Progress:
         return self
@@ -705,6 +731,7 @@ def run_loop(
     writer: Any | None,
     log_interval: int,
     lr_hint: str,
+    task: str,
 ) -> bool:
     """Train ``run`` up to ``total_iters``; True when it got there, False when asked to stop
     (after saving ``last.pt``; ``run.stopped_by`` names the signal).
@@ -713,7 +740,7 @@ def run_loop(
     ``step(batch)`` trains on one and returns its scalars (``loss`` first), or None for a
     batch it skipped (every rank must agree on that); ``validate`` returns the metric that
     ``best.pt`` follows and runs at every iteration where ``validate_due`` says so and at
-    the last.
+    the last. ``task`` names the TensorBoard namespace of the training scalars.
     """
     progress = Progress(total_iters, run.iteration, run.dist.is_main, log_interval)
     if run.iteration >= total_iters and run.dist.is_main:
@@ -741,7 +768,7 @@ def run_loop(
                 if writer is not None and (run.iteration % log_interval == 0
                                            or run.iteration == total_iters):
                     for key, value in scalars.items():
-                        writer.add_scalar(f"train/{key}", value, run.iteration)
+                        writer.add_scalar(training_tag(task, key), value, run.iteration)
                 validating = validate_due(run.iteration) or run.iteration == total_iters
                 periodic = checkpoint_interval > 0 and run.iteration % checkpoint_interval == 0
                 stopping = stop.agreed()

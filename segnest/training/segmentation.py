@@ -31,6 +31,7 @@ from segnest.inference.metrics import format_table, metric_warnings, percent
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.tensorboard import (
     METRIC_TAGS,
+    SEGMENTATION,
     TB_FOLDER,
     TRAIN_RUN,
     log_segmentation_results,
@@ -38,7 +39,7 @@ from segnest.inference.tensorboard import (
 )
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
-from segnest.models.weights import OFFICIAL_WEIGHTS
+from segnest.models.weights import NAMED_WEIGHTS, resolve_pretrained
 from segnest.runtime.distributed import (
     DistInfo,
     agree,
@@ -113,6 +114,8 @@ def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
     if cfg.photometric and cfg.in_channels != 3:
         raise SegnestError(f"--photometric works on RGB images only; drop it for "
                            f"--in-channels {cfg.in_channels}")
+    if cfg.data_root:  # stored absolute: eval and predict read it from other folders
+        cfg = dataclasses.replace(cfg, data_root=str(Path(cfg.data_root).expanduser().resolve()))
     return cfg
 
 
@@ -189,9 +192,13 @@ def from_scratch_warning(cfg: TrainConfig) -> str | None:
     whose demo pretrains its own backbone, nor for a resumed run."""
     if cfg.pretrained or cfg.resume or cfg.dataset == "mini":
         return None
-    official = OFFICIAL_WEIGHTS.get(cfg.backbone)
-    how = (f"pass --pretrained {official} (the authors' ImageNet weights, see README)"
-           if official else "pass --pretrained with a backbone from 'segnest pretrain --export'")
+    # Named weights fit their backbone at its published widths only.
+    published = cfg.stage_width == TrainConfig.stage_width and cfg.stem_width is None
+    named = [name for name, weights in NAMED_WEIGHTS.items()
+             if weights.backbone == cfg.backbone and published]
+    how = (f"pass --pretrained {' or '.join(named)} (ImageNet weights, fetched once into "
+           "their cache; see docs/recipes.md)" if named
+           else "pass --pretrained with a backbone from 'segnest pretrain --export'")
     return (f"warning: training {cfg.backbone} from scratch (no --pretrained): the paper's "
             "numbers assume an ImageNet-pretrained backbone; expect a far lower mIoU; " + how)
 
@@ -201,6 +208,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     signal), the best and last validation metrics and the work folder."""
     with training_process(cfg.device, cfg.workers) as dist:
         cfg = check_config(cfg, dist)
+        if cfg.pretrained:  # fetched (or refused) before the work folder is touched
+            resolve_pretrained(cfg.pretrained)
         with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
                         overwrite=cfg.overwrite, log_name=LOG_NAME):
             return _train(cfg, dist)
@@ -250,7 +259,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     if cfg.pretrained:
         report = load_pretrained(model, cfg.pretrained)
         if dist.is_main:
-            print(f"loaded {report.loaded} backbone tensors from {cfg.pretrained}")
+            where = "" if str(report.path) == cfg.pretrained else f" ({report.path})"
+            print(f"loaded {report.loaded} backbone tensors from {cfg.pretrained}{where}")
     elif dist.is_main and (warning := from_scratch_warning(cfg)):
         print(warning)
     if cfg.checkpoint_activations:
@@ -285,7 +295,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     validation = {"checkpoint": str((work_dir / BEST_CHECKPOINT_NAME).resolve()),
                   "iteration": total_iters, "dataset": cfg.dataset, "split": "val",
                   "samples": cfg.val_samples, "inference": dataclasses.asdict(settings),
-                  "device": str(device), "world_size": dist.world_size}
+                  "device": str(device), "world_size": dist.world_size, "lr": lr,
+                  "precision": precision_name(precision)}
     writer = open_writer(work_dir, dist, cfg.tensorboard, TRAIN_RUN, dataclasses.asdict(cfg),
                          METRIC_TAGS, run.iteration,
                          hparams=segmentation_hparams(dataclasses.asdict(cfg), validation))
@@ -330,7 +341,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
                                    panels=cfg.panels if writer else 0,
                                    progress=dist.is_main and progress.terminal,
-                                   skip_bad_samples=cfg.skip_bad_samples)
+                                   keep_bar=False, skip_bad_samples=cfg.skip_bad_samples)
         run.metrics = results
         progress.write(f"iter {run.iteration}: val mIoU {percent(results['mIoU'])} "
                        f"pixAcc {percent(results['pixAcc'])} "
@@ -354,7 +365,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         images_per_step=cfg.batch_size * dist.world_size,
         checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints,
         writer=writer, log_interval=cfg.log_interval,
-        lr_hint=f"Lower --lr (now {lr:g}), check the labels, or train in fp32")
+        task=SEGMENTATION, lr_hint=f"Lower --lr (now {lr:g}), check the labels, or train in fp32")
     close_writer(writer, finished)
     if dist.is_main and skipped:
         print(f"warning: {len(skipped)} bad training sample(s) were skipped "
