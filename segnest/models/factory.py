@@ -21,6 +21,8 @@ from torch import nn
 
 from segnest.errors import SegnestError
 from segnest.models.deeplabv3 import DeepLabV3
+from segnest.models.detection.backbone import DETECTION_BACKBONES
+from segnest.models.detection.rcnn import ARCHITECTURES, build_rcnn
 from segnest.models.resnest import RESNEST_VARIANTS, ResNeSt
 from segnest.models.weights import extract_state_dict, load_pretrained, match_state_dict
 
@@ -55,10 +57,22 @@ def build_deeplabv3(
     )
 
 
+def detection_parts(name: str) -> tuple[str, str] | None:
+    """``(architecture, backbone)`` of a detection model name such as
+    ``mask_rcnn_resnest50``; None for other names."""
+    for architecture in ARCHITECTURES:
+        backbone = name.removeprefix(architecture + "_")
+        if backbone != name and backbone in DETECTION_BACKBONES:
+            return architecture, backbone
+    return None
+
+
 def list_models() -> list[str]:
-    """Every name ``create_model`` accepts: the backbones, then the segmentation models."""
+    """Every name ``create_model`` accepts: the backbones, the segmentation models, then
+    the detection models (``<architecture>_<backbone>``)."""
     backbones = list(RESNEST_VARIANTS)
-    return backbones + [SEGMENTATION_PREFIX + b for b in backbones]
+    return (backbones + [SEGMENTATION_PREFIX + b for b in backbones]
+            + [f"{a}_{b}" for a in ARCHITECTURES for b in DETECTION_BACKBONES])
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -71,13 +85,15 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         and name[len(SEGMENTATION_PREFIX) :] in RESNEST_VARIANTS
     ):
         builder, args = build_deeplabv3, (name[len(SEGMENTATION_PREFIX) :],)
+    elif (parts := detection_parts(name)) is not None:
+        builder, args = build_rcnn, parts
     else:
         close = difflib.get_close_matches(name, list_models(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise SegnestError(f"unknown model '{name}'.{hint} Valid names: {', '.join(list_models())}")
     try:
         return builder(*args, **overrides)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise SegnestError(f"create_model('{name}'): {err}") from err
 
 
