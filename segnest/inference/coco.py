@@ -117,6 +117,40 @@ class CocoResults:
         return any("segmentation" in entry for entry in self.entries)
 
 
+@contextlib.contextmanager
+def low_resolution_masks(model: torch.nn.Module):
+    """Within the block the R-CNN ``model`` returns ``mask_probs`` (the head's 28 x 28
+    probabilities) instead of pasting full-size ``masks``."""
+    transform = model.transform
+    previous = transform.paste_masks
+    transform.paste_masks = False
+    try:
+        yield model
+    finally:
+        transform.paste_masks = previous
+
+
+@torch.no_grad()
+def collect_coco_results(model: torch.nn.Module, dataset, device: torch.device | str,
+                         rank: int = 0, world_size: int = 1) -> CocoResults:
+    """Run the R-CNN ``model`` (eval mode) over this rank's share of ``dataset`` (a
+    ``CocoDetection``: every ``world_size``-th image from ``rank``) and gather every
+    rank's results."""
+    results = CocoResults(dataset.category_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with low_resolution_masks(model):
+            for index in range(rank, len(dataset), world_size):
+                image, target = dataset[index]
+                prediction = model([image.to(device)])[0]
+                results.add(int(target["image_id"]), prediction, *image.shape[-2:])
+    finally:
+        model.train(was_training)
+    results.gather()
+    return results
+
+
 def write_coco_results(path: str | os.PathLike, entries: list[dict[str, Any]]) -> None:
     """The entries as a COCO results JSON list, written atomically."""
     write_text_atomic(path, json.dumps(entries))

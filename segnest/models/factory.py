@@ -107,8 +107,9 @@ def canonical_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {_RENAMED_KWARGS.get(k, k): v for k, v in kwargs.items()}
 
 
-TASKS = ("segmentation", "classification")
-_TASK_COMMANDS = {"segmentation": "segnest train", "classification": "segnest pretrain"}
+TASKS = ("segmentation", "classification", "detection")
+_TASK_COMMANDS = {"segmentation": "segnest train", "classification": "segnest pretrain",
+                  "detection": "segnest train --model <architecture>"}
 
 
 def checkpoint_task(checkpoint: dict) -> str | None:
@@ -122,6 +123,8 @@ def checkpoint_task(checkpoint: dict) -> str | None:
         return None
     if name.startswith(SEGMENTATION_PREFIX) and name[len(SEGMENTATION_PREFIX):] in RESNEST_VARIANTS:
         return "segmentation"
+    if detection_parts(name) is not None:
+        return "detection"
     return "classification" if name in RESNEST_VARIANTS else None
 
 
@@ -158,6 +161,14 @@ def _check_task(checkpoint: dict, source: str, task: str) -> None:
             "from segnest pretrain); eval/predict/export need a segmentation checkpoint from "
             f"segnest train; to use it as a backbone pass it to segnest train --pretrained {source}"
         )
+    if task == "segmentation" and found == "detection":
+        raise SegnestError(
+            f"{source} is a detection checkpoint ({name}); this command handles segmentation "
+            "checkpoints only")
+    if task == "detection" and found != "detection":
+        raise SegnestError(
+            f"{source} holds model '{name}', not a detection model (<architecture>_<backbone>,"
+            " e.g. mask_rcnn_resnest50); pass a checkpoint from segnest train --model mask_rcnn")
     if task == "segmentation" and not str(name).startswith(SEGMENTATION_PREFIX):
         raise SegnestError(
             f"{source} holds model '{name}', which is not a segmentation model (those are "
