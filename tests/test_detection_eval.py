@@ -120,3 +120,28 @@ def test_a_segmentation_checkpoint_is_refused_with_the_reason(mini_root, tmp_pat
     checkpoint["task"] = "segmentation"
     with pytest.raises(SegnestError, match="not a detection model"):
         run_detection_eval(checkpoint, "seg.pt", str(tmp_path), None, device="cpu")
+
+
+def test_load_model_of_a_detection_checkpoint_predicts_and_draws(mini_root, tmp_path):
+    import segnest
+    from segnest.runtime.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
+    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
+                                mini_root)
+    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
+    save_checkpoint(checkpoint, tmp_path / "best.pt")
+    predictor = segnest.load_model(tmp_path / "best.pt", device="cpu", score_threshold=0.0)
+    photo = coco_source(mini_root, "val").images / "mini_val_00000.png"
+    detections = predictor(photo)
+    assert len(detections) > 0 and detections.masks is not None
+    assert set(detections.class_names) <= set(checkpoint["classes"])
+    assert (detections.scores[:-1] >= detections.scores[1:]).all()
+    first = detections.mask(0)
+    assert first.shape == (detections.height, detections.width)
+    assert detections.to_json()["detections"][0]["class"] == detections.class_names[0]
+    drawn = predictor.draw(predictor.read(photo), detections)
+    assert drawn.shape == (detections.height, detections.width, 3)
+    with pytest.raises(SegnestError, match="score_threshold"):
+        segnest.load_model(tmp_path / "best.pt", flip=True)

@@ -34,6 +34,7 @@ from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, infer, inference_model, segment
 from segnest.inference.visualize import colorize, display_rgb, overlay
 from segnest.models import model_from_checkpoint
+from segnest.models.factory import checkpoint_task
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
@@ -183,8 +184,10 @@ class Predictor:
 
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None = None,
-               **settings: Any) -> Predictor:
-    """A :class:`Predictor` for a checkpoint written by ``segnest train``.
+               **settings: Any) -> Any:
+    """A :class:`Predictor` for a segmentation checkpoint written by ``segnest train``, or
+    a :class:`~segnest.inference.detection.DetectionPredictor` for a detection one (its
+    one setting: ``score_threshold``).
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
@@ -192,6 +195,16 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
     ``compile``, ``precision``.
     """
+    loaded = load_checkpoint(checkpoint)
+    if checkpoint_task(loaded) == "detection":
+        from segnest.inference.detection import DetectionPredictor
+
+        unknown = sorted(set(settings) - {"score_threshold"})
+        if unknown:
+            raise SegnestError(f"load_model() of a detection checkpoint has no setting "
+                               f"{unknown[0]!r}; it takes score_threshold")
+        return DetectionPredictor.from_checkpoint(loaded, None if device is None else str(device),
+                                                  source=str(checkpoint), **settings)
     unknown = sorted(set(settings) - set(SETTING_NAMES))
     if unknown:
         raise SegnestError(f"load_model() has no setting {unknown[0]!r}; the settings are "
@@ -203,5 +216,5 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
         settings["scales"] = str(scales)
     flags = validate_config(InferenceFlags(
         **settings, device=None if device is None else str(device)))
-    return Predictor.from_checkpoint(load_checkpoint(checkpoint), flags,
+    return Predictor.from_checkpoint(loaded, flags,
                                      source=str(checkpoint))
