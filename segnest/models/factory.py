@@ -93,7 +93,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise SegnestError(f"unknown model '{name}'.{hint} Valid names: {', '.join(list_models())}")
     try:
         return builder(*args, **overrides)
-    except (TypeError, ValueError) as err:
+    except TypeError as err:
         raise SegnestError(f"create_model('{name}'): {err}") from err
 
 

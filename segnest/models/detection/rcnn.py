@@ -23,7 +23,9 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
+from segnest.errors import SegnestError
 from segnest.models.detection.backbone import (
+    BACKBONE_NORMS,
     DETECTION_BACKBONES,
     ROI_LEVELS,
     FPNBackbone,
@@ -33,6 +35,7 @@ from segnest.models.detection.backbone import (
 from segnest.models.detection.heads import (
     RPN,
     TORCHVISION_BOX_LOSS_BETA,
+    TRAIN_SIZE_SAMPLINGS,
     CascadeRoIHeads,
     LevelRoIAlign,
     RCNNRoIHeads,
@@ -112,7 +115,7 @@ SETTING_NAMES = frozenset(field.name for field in fields(RCNNSettings))
 def recipe_settings(recipe: str, architecture: str, **overrides: Any) -> RCNNSettings:
     """The settings of ``recipe`` for ``architecture`` with ``overrides`` applied."""
     if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got '{recipe}'")
+        raise SegnestError(f"recipe must be one of {sorted(RECIPES)}, got '{recipe}'")
     unknown = sorted(set(overrides) - SETTING_NAMES)
     if unknown:
         raise TypeError(f"unknown detection settings {unknown}; valid: {sorted(SETTING_NAMES)}")
@@ -120,7 +123,21 @@ def recipe_settings(recipe: str, architecture: str, **overrides: Any) -> RCNNSet
     if recipe == "authors" and ARCHITECTURES[architecture][1]:
         # The authors' cascade configs keep 2000 proposals per image in training.
         base = replace(base, rpn_post_nms_top_n_train=2000)
-    return replace(base, **overrides)
+    settings = replace(base, **overrides)
+    _check_choices(settings)
+    return settings
+
+
+def _check_choices(settings: RCNNSettings) -> None:
+    """Settings with a fixed set of values, refused before anything is built."""
+    choices = {"train_size_sampling": TRAIN_SIZE_SAMPLINGS, "backbone_norm": BACKBONE_NORMS}
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            raise SegnestError(f"detection setting {name} must be one of {allowed}, got "
+                               f"{getattr(settings, name)!r}")
+    if settings.train_size_sampling == "range" and len(settings.train_min_size) != 2:
+        raise SegnestError("train_size_sampling 'range' takes train_min_size (low, high), got "
+                           f"{tuple(settings.train_min_size)}")
 
 
 class RCNN(GeneralizedRCNN):
@@ -162,13 +179,13 @@ def build_rcnn(architecture: str, backbone_name: str, num_classes: int, *,
     for tests and CPU demos; every other keyword is a field of :class:`RCNNSettings`.
     """
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, "
+        raise SegnestError(f"architecture must be one of {sorted(ARCHITECTURES)}, "
                          f"got '{architecture}'")
     if backbone_name not in DETECTION_BACKBONES:
-        raise ValueError(f"backbone must be one of {list(DETECTION_BACKBONES)}, "
+        raise SegnestError(f"backbone must be one of {list(DETECTION_BACKBONES)}, "
                          f"got '{backbone_name}'")
     if num_classes < 1:
-        raise ValueError(f"num_classes counts object classes and must be >= 1, got {num_classes}")
+        raise SegnestError(f"num_classes counts object classes and must be >= 1, got {num_classes}")
     has_masks, is_cascade = ARCHITECTURES[architecture]
     config = recipe_settings(recipe, architecture, **settings)
 
