@@ -1,4 +1,5 @@
-"""``segnest eval`` for a detection checkpoint: COCO AP on the validation set the run
+"""Evaluating a detection checkpoint (:func:`run_detection_eval`, for ``segnest eval`` to
+call on a checkpoint whose task is detection): COCO AP on the validation set the run
 used (or another in COCO layout with ``--data-root``), ``metrics.json``/``metrics.md``
 in ``--out``, and with ``--save-pred`` the COCO results JSON the evaluation server takes.
 
