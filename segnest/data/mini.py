@@ -16,6 +16,7 @@ a half-written dataset behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -37,12 +38,18 @@ MINI_PALETTE = np.array([
     (0, 114, 178), (213, 94, 0), (204, 121, 167), (120, 40, 140),
 ], dtype=np.uint8)
 
+# The detection set's categories: the object shapes, with COCO-style ids from 1.
+DETECTION_CLASSES = MINI_CLASSES[4:]
 SEGMENTATION_VERSION = "mini-seg-v1"
+DETECTION_VERSION = "mini-det-v1"
 CLASSIFICATION_VERSION = "mini-cls-v1"
 MARKER_NAME = "VERSION"
 NUM_TRAIN, NUM_VAL = 300, 60
 CLS_TRAIN_PER_CLASS, CLS_VAL_PER_CLASS = 100, 20
 CLS_SIZE = 64
+DET_NUM_TRAIN, DET_NUM_VAL = 240, 48
+# Instances with fewer visible pixels (mostly hidden by later ones) are not annotated.
+_MIN_INSTANCE_PIXELS = 40
 
 _SEED = 20200419
 _SPLIT_IDS = {"train": 0, "val": 1}
@@ -110,9 +117,12 @@ def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, center: tuple[float, 
 
 def _paint_objects(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
                    yy: np.ndarray, xx: np.ndarray, count: int, radius_range: tuple[float, float],
-                   center_range: tuple[float, float], kinds: list[int] | None = None) -> None:
-    """Draw ``count`` shaded objects in place; later ones occlude earlier ones."""
+                   center_range: tuple[float, float], kinds: list[int] | None = None
+                   ) -> list[tuple[int, np.ndarray]]:
+    """Draw ``count`` shaded objects in place; later ones occlude earlier ones. Returns each
+    object's shape (0-3) and the pixels it covers before occlusion."""
     height, width = labels.shape
+    drawn = []
     for number in range(count):
         kind = kinds[number] if kinds is not None else int(rng.integers(0, 4))
         radius = rng.uniform(*radius_range) * min(height, width)
@@ -125,6 +135,8 @@ def _paint_objects(rng: np.random.Generator, image: np.ndarray, labels: np.ndarr
         shading = (shading / radius * rng.uniform(0, 20)).astype(np.float32)[..., None]
         image[inside] = (color + shading)[inside]
         labels[inside] = _NUM_STUFF + kind + 1
+        drawn.append((kind, inside))
+    return drawn
 
 
 def _stuff_layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, regions: int,
@@ -179,6 +191,63 @@ def render_class_sample(rng: np.random.Generator, class_index: int, size: int = 
     _paint_objects(rng, image, labels, yy, xx, 1, (0.3, 0.42), (0.4, 0.6),
                    [class_index - _NUM_STUFF])
     return _finish(rng, image)
+
+
+def render_instances(rng: np.random.Generator, height: int, width: int
+                     ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """One detection sample: RGB uint8 image and its instances as (shape 0-3, visible
+    mask), the visible mask being what later objects leave uncovered."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.zeros((height, width, 3), np.float32)
+    labels = np.zeros((height, width), np.uint8)
+    _stuff_layout(rng, yy, xx, int(rng.integers(2, 5)), image, labels)
+    drawn = _paint_objects(rng, image, labels, yy, xx, int(rng.integers(1, 6)), (0.1, 0.25),
+                           (0.1, 0.9))
+    instances = []
+    covered = np.zeros((height, width), bool)
+    for kind, inside in reversed(drawn):
+        visible = inside & ~covered
+        covered |= inside
+        if visible.sum() >= _MIN_INSTANCE_PIXELS:
+            instances.append((kind, visible))
+    return _finish(rng, image), instances[::-1]
+
+
+def _coco_instances(instances: list[tuple[int, np.ndarray]], image_id: int,
+                    first_id: int) -> list[dict]:
+    from pycocotools import mask as mask_utils
+
+    annotations = []
+    for number, (kind, visible) in enumerate(instances):
+        rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
+        x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+        annotations.append({
+            "id": first_id + number, "image_id": image_id, "category_id": kind + 1,
+            "bbox": [x, y, w, h], "area": float(mask_utils.area(rle)), "iscrowd": 0,
+            "segmentation": {"size": list(visible.shape), "counts": rle["counts"].decode()},
+        })
+    return annotations
+
+
+def _write_detection(destination: Path) -> None:
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(DETECTION_CLASSES)]
+    (destination / "annotations").mkdir()
+    for split, count in (("train", DET_NUM_TRAIN), ("val", DET_NUM_VAL)):
+        image_dir = destination / f"{split}2017"
+        image_dir.mkdir()
+        images, annotations = [], []
+        for index in range(count):
+            rng = np.random.default_rng([_SEED, 4 + _SPLIT_IDS[split], index])
+            height, width = (int(side) for side in rng.integers(96, 129, 2))
+            image, instances = render_instances(rng, height, width)
+            file_name = f"mini_{split}_{index:05d}.png"
+            Image.fromarray(image).save(image_dir / file_name)
+            images.append({"id": index + 1, "file_name": file_name, "height": height,
+                           "width": width})
+            annotations += _coco_instances(instances, index + 1, len(annotations) + 1)
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        (destination / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(coco), encoding="utf-8")
 
 
 def _write_segmentation(destination: Path) -> None:
@@ -248,6 +317,13 @@ def ensure_mini_classification(cache_dir: str | os.PathLike | None = None) -> Pa
     """Generate the mini classification dataset once; return the folder holding
     ``{train,val}/<class>/*.png`` (64x64, 100 train / 20 val per class)."""
     return _ensure_generated(cache_dir, CLASSIFICATION_VERSION, _write_classification)
+
+
+def ensure_mini_detection(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Generate the mini detection/instance set once; return its root, in the official
+    COCO layout (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``;
+    240 train / 48 val PNG images of 96-128 px with 1-5 shapes each, RLE masks)."""
+    return _ensure_generated(cache_dir, DETECTION_VERSION, _write_detection)
 
 
 def build_mini_dataset(cache_dir: str | os.PathLike | None = None, split: str = "train",

@@ -37,6 +37,7 @@ from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, infer, inference_model, segment
 from segnest.inference.visualize import colorize, display_rgb, overlay
 from segnest.models import model_from_checkpoint
+from segnest.models.factory import checkpoint_task
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
@@ -212,9 +213,11 @@ class Predictor:
 
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None = None,
-               **settings: Any) -> Predictor:
-    """A :class:`Predictor` for a checkpoint written by ``segnest train``, or a logits ONNX
-    model written by ``segnest export --format onnx`` or ``segnest quantize``.
+               **settings: Any) -> Any:
+    """A :class:`Predictor` for a segmentation checkpoint written by ``segnest train`` or a
+    logits ONNX model written by ``segnest export --format onnx`` or ``segnest quantize``;
+    a :class:`~segnest.inference.detection.DetectionPredictor` for a detection checkpoint
+    (its one setting: ``score_threshold``).
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
@@ -222,6 +225,16 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
     ``compile``, ``precision``.
     """
+    loaded = None if is_onnx_model(checkpoint) else load_checkpoint(checkpoint)
+    if loaded is not None and checkpoint_task(loaded) == "detection":
+        from segnest.inference.detection import DetectionPredictor
+
+        unknown = sorted(set(settings) - {"score_threshold"})
+        if unknown:
+            raise SegnestError(f"load_model() of a detection checkpoint has no setting "
+                               f"{unknown[0]!r}; it takes score_threshold")
+        return DetectionPredictor.from_checkpoint(loaded, None if device is None else str(device),
+                                                  source=str(checkpoint), **settings)
     unknown = sorted(set(settings) - set(SETTING_NAMES))
     if unknown:
         raise SegnestError(f"load_model() has no setting {unknown[0]!r}; the settings are "
@@ -233,4 +246,6 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
         settings["scales"] = str(scales)
     flags = validate_config(InferenceFlags(
         **settings, device=None if device is None else str(device)))
-    return Predictor.load(checkpoint, flags)
+    if loaded is None:
+        return Predictor.load(checkpoint, flags)
+    return Predictor.from_checkpoint(loaded, flags, source=str(checkpoint))

@@ -21,6 +21,8 @@ from torch import nn
 
 from segnest.errors import SegnestError
 from segnest.models.deeplabv3 import DeepLabV3
+from segnest.models.detection.backbone import DETECTION_BACKBONES
+from segnest.models.detection.rcnn import ARCHITECTURES, build_rcnn
 from segnest.models.resnest import RESNEST_VARIANTS, ResNeSt
 from segnest.models.weights import extract_state_dict, load_pretrained, match_state_dict
 
@@ -55,10 +57,22 @@ def build_deeplabv3(
     )
 
 
+def detection_parts(name: str) -> tuple[str, str] | None:
+    """``(architecture, backbone)`` of a detection model name such as
+    ``mask_rcnn_resnest50``; None for other names."""
+    for architecture in ARCHITECTURES:
+        backbone = name.removeprefix(architecture + "_")
+        if backbone != name and backbone in DETECTION_BACKBONES:
+            return architecture, backbone
+    return None
+
+
 def list_models() -> list[str]:
-    """Every name ``create_model`` accepts: the backbones, then the segmentation models."""
+    """Every name ``create_model`` accepts: the backbones, the segmentation models, then
+    the detection models (``<architecture>_<backbone>``)."""
     backbones = list(RESNEST_VARIANTS)
-    return backbones + [SEGMENTATION_PREFIX + b for b in backbones]
+    return (backbones + [SEGMENTATION_PREFIX + b for b in backbones]
+            + [f"{a}_{b}" for a in ARCHITECTURES for b in DETECTION_BACKBONES])
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -71,6 +85,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         and name[len(SEGMENTATION_PREFIX) :] in RESNEST_VARIANTS
     ):
         builder, args = build_deeplabv3, (name[len(SEGMENTATION_PREFIX) :],)
+    elif (parts := detection_parts(name)) is not None:
+        builder, args = build_rcnn, parts
     else:
         close = difflib.get_close_matches(name, list_models(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -91,8 +107,9 @@ def canonical_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {_RENAMED_KWARGS.get(k, k): v for k, v in kwargs.items()}
 
 
-TASKS = ("segmentation", "classification")
-_TASK_COMMANDS = {"segmentation": "segnest train", "classification": "segnest pretrain"}
+TASKS = ("segmentation", "classification", "detection")
+_TASK_COMMANDS = {"segmentation": "segnest train", "classification": "segnest pretrain",
+                  "detection": "segnest train --model <architecture>"}
 
 
 def checkpoint_task(checkpoint: dict) -> str | None:
@@ -106,6 +123,8 @@ def checkpoint_task(checkpoint: dict) -> str | None:
         return None
     if name.startswith(SEGMENTATION_PREFIX) and name[len(SEGMENTATION_PREFIX):] in RESNEST_VARIANTS:
         return "segmentation"
+    if detection_parts(name) is not None:
+        return "detection"
     return "classification" if name in RESNEST_VARIANTS else None
 
 
@@ -142,6 +161,14 @@ def _check_task(checkpoint: dict, source: str, task: str) -> None:
             "from segnest pretrain); eval/predict/export need a segmentation checkpoint from "
             f"segnest train; to use it as a backbone pass it to segnest train --pretrained {source}"
         )
+    if task == "segmentation" and found == "detection":
+        raise SegnestError(
+            f"{source} is a detection checkpoint ({name}); this command handles segmentation "
+            "checkpoints only")
+    if task == "detection" and found != "detection":
+        raise SegnestError(
+            f"{source} holds model '{name}', not a detection model (<architecture>_<backbone>,"
+            " e.g. mask_rcnn_resnest50); pass a checkpoint from segnest train --model mask_rcnn")
     if task == "segmentation" and not str(name).startswith(SEGMENTATION_PREFIX):
         raise SegnestError(
             f"{source} holds model '{name}', which is not a segmentation model (those are "

@@ -1,0 +1,1 @@
+"""Detection and instance segmentation (Faster, Mask, Cascade, Cascade Mask R-CNN)."""
