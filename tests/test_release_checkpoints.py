@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import write_folder_dataset
+from PIL import Image
 
 DATA = Path(__file__).parent / "data"
 SEGMENTATION = DATA / "release-0.1.0-segmentation.pt"
@@ -58,7 +57,7 @@ def test_release_segmentation_checkpoint_loads_as_a_predictor(tmp_path):
 
 def test_release_segmentation_checkpoint_resumes_with_its_best_miou(tmp_path,
                                                                     tiny_train_config):
-    from segnest.training.segmentation import run_train
+    from segnest.tasks.segmentation.task import run_train
 
     data = write_folder_dataset(tmp_path / "data")
     work_dir = tmp_path / "run"
@@ -73,7 +72,7 @@ def test_release_segmentation_checkpoint_resumes_with_its_best_miou(tmp_path,
 
 def test_release_classification_checkpoint_resumes_with_its_best_top1(tmp_path):
     from segnest.config import PretrainConfig
-    from segnest.training.classification import run_pretrain
+    from segnest.tasks.classification.task import run_pretrain
 
     data = class_folder(tmp_path / "images")
     work_dir = tmp_path / "run"

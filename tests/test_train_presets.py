@@ -1,4 +1,5 @@
-"""segnest train's presets derived from the data and the machine (segnest.training.presets)."""
+"""segnest train's presets derived from the data and the machine
+(segnest.tasks.segmentation.presets)."""
 
 import os
 
@@ -6,7 +7,7 @@ from conftest import write_folder_dataset
 from PIL import Image
 
 from segnest.config import DATASET_PRESETS, TrainConfig
-from segnest.training.presets import (
+from segnest.tasks.segmentation.presets import (
     folder_sizes,
     median_long_side,
     resolve_train_config,

@@ -15,7 +15,7 @@ e.g. ``segnest pretrain --export``) is written without one, so other tools can s
 straight to ``load_state_dict``; files without a checksum load as before.
 
 What a training run stores in a checkpoint, and how it resumes, is
-:mod:`segnest.training.run_state`'s business.
+:mod:`segnest.engine`'s business.
 """
 
 from __future__ import annotations
