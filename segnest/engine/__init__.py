@@ -26,13 +26,7 @@ it, ``--overwrite`` replaces it), and what the console shows is also appended to
 ``train.log`` / ``pretrain.log`` there. TensorBoard events go to ``tb/train`` /
 ``tb/pretrain`` in it (:mod:`segnest.inference.tensorboard`).
 
-What ``--resume`` takes from the checkpoint: the weights, the optimizer's momentum buffers,
-the grad scaler, the iteration and sample position, the best metric and every rank's random
-generators. What it takes from the command line: everything else, so the learning-rate
-schedule is rebuilt for the length, learning rate and schedule flags given now and continues
-from the stored iteration (``--iters 6`` after a 2-iteration run trains iterations 3-6 of a
-6-iteration schedule). Changes that cannot continue the run exactly are refused: another
-model, batch size, seed, number of processes or training set size.
+What ``--resume`` takes from the checkpoint and what from the command line: state.py.
 
 Exit codes of an interrupted run (:data:`segnest.errors.STOP_EXIT_CODES`): 130 after
 Ctrl-C (SIGINT), 143 after SIGTERM (SLURM, Kubernetes); both save ``last.pt`` first.

@@ -63,6 +63,11 @@ class Training:
     def device(self) -> torch.device:
         return self.dist.device
 
+    @property
+    def images_per_step(self) -> int:
+        """Images per iteration over all processes (``--batch-size`` is per process)."""
+        return self.cfg.batch_size * self.dist.world_size
+
 
 class Task(Protocol):
     """One kind of training (segmentation, classification, ...) on the shared engine.
@@ -125,9 +130,6 @@ class Task(Protocol):
 
     def validate(self, training: Training, progress: Progress) -> Mapping[str, Any]:
         """The named validation metrics, ``best_metric.name`` among them."""
-
-    def images_per_step(self, training: Training) -> int:
-        """Images per iteration over all processes, for the throughput."""
 
     def lr_hint(self, training: Training) -> str:
         """What to try when the loss stops being finite."""

@@ -38,7 +38,7 @@ def fit(task: Task, cfg: Any) -> dict[str, Any]:
                 step=lambda batch: task.step(training, batch),
                 validate_due=task.validate_due,
                 validate=lambda progress: task.validate(training, progress),
-                images_per_step=task.images_per_step(training),
+                images_per_step=training.images_per_step,
                 checkpoint_interval=cfg.checkpoint_interval,
                 keep_checkpoints=cfg.keep_checkpoints, writer=training.writer,
                 log_interval=cfg.log_interval, lr_hint=task.lr_hint(training))

@@ -246,9 +246,6 @@ class ClassificationTask:
         self.cfg = check_config(cfg, dist)
         return self.cfg
 
-    def work_dir(self) -> Path:
-        return default_work_dir(self.cfg)
-
     def prepare_data(self, dist: DistInfo) -> int:
         cfg = self.cfg
         plain_train_set, self.val_set, self.classes = build_datasets(cfg)
@@ -259,6 +256,9 @@ class ClassificationTask:
                                "training images per process; lower --batch-size")
         self.val_loader = make_val_loader(cfg, self.val_set, dist)
         return per_rank // cfg.batch_size
+
+    def work_dir(self) -> Path:
+        return default_work_dir(self.cfg)
 
     def total_iters(self, iters_per_epoch: int) -> int:
         self.iters_per_epoch = iters_per_epoch
@@ -293,7 +293,7 @@ class ClassificationTask:
             print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(self.train_set)} "
                   f"train / {len(self.val_set)} val images, {len(self.classes)} classes), "
                   f"{cfg.epochs} epochs x {training.iters_per_epoch} iterations, batch "
-                  f"{self.images_per_step(training)}, lr {training.lr:g}, device "
+                  f"{training.images_per_step}, lr {training.lr:g}, device "
                   f"{training.device}, {precision_name(training.precision)}; logs in "
                   f"{training.work_dir}")
 
@@ -331,9 +331,6 @@ class ClassificationTask:
                             training.device, epoch)
             writer.flush()
         return metrics
-
-    def images_per_step(self, training: Training) -> int:
-        return self.cfg.batch_size * training.dist.world_size
 
     def lr_hint(self, training: Training) -> str:
         return f"Lower --lr (now {training.lr:g}) or check the data"

@@ -364,9 +364,6 @@ class SegmentationTask:
                                      self.train_set.palette, panels, run.iteration)
         return results
 
-    def images_per_step(self, training: Training) -> int:
-        return self.cfg.batch_size * training.dist.world_size
-
     def lr_hint(self, training: Training) -> str:
         return f"Lower --lr (now {training.lr:g}), check the labels, or train in fp32"
 
