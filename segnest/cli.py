@@ -85,13 +85,14 @@ def _command(config_name: str, runner: str, presets: str | None = None,
 
 
 COMMANDS = {
-    "train": _command("TrainConfig", "segnest.training.segmentation:run_train",
-                      "DATASET_PRESETS", resolver="segnest.training.presets:resolve_train_config"),
+    "train": _command("TrainConfig", "segnest.tasks.segmentation.task:run_train",
+                      "DATASET_PRESETS",
+                      resolver="segnest.tasks.segmentation.presets:resolve_train_config"),
     "eval": _command("EvalConfig", "segnest.inference.evaluate:run_eval"),
     "predict": _command("PredictConfig", "segnest.inference.predict:run_predict"),
     "export": _command("ExportConfig", "segnest.inference.export:run_export"),
     "quantize": _command("QuantizeConfig", "segnest.inference.quantize:run_quantize"),
-    "pretrain": _command("PretrainConfig", "segnest.training.classification:run_pretrain",
+    "pretrain": _command("PretrainConfig", "segnest.tasks.classification.task:run_pretrain",
                          "PRETRAIN_PRESETS"),
     "bench": _command("BenchConfig", "segnest.tools.bench:run_bench"),
     "demo": _command("DemoConfig", "segnest.tools.demo:run_demo"),

@@ -54,7 +54,7 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Your own images, 50 epochs: `segnest train` replaces base_size and crop_size with
     # values derived from the train images and, without a GPU, the model with CPU_MODEL
-    # (segnest.training.presets); these stand where nothing can be derived.
+    # (segnest.tasks.segmentation.presets); these stand where nothing can be derived.
     "folder": dict(base_size=520, crop_size=480, epochs=50,
                    scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)),
     "mini": dict(**CPU_MODEL, base_size=112, crop_size=96, scale_min=0.75, scale_max=1.5,
@@ -120,7 +120,7 @@ def help_(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
 
-# The two training commands save alike (segnest.training.run_state).
+# The two training commands save alike (segnest.engine).
 CHECKPOINT_INTERVAL = 1000
 CHECKPOINT_INTERVAL_HELP = ("save last.pt every N iterations, also mid-epoch (0 = only at "
                             "validations, epoch ends and when stopped)")
@@ -674,7 +674,7 @@ def _default_text(f: dataclasses.Field, cls: type) -> str:
     else:
         shown = str(value)
     presets = dict({TrainConfig: DATASET_PRESETS, PretrainConfig: PRETRAIN_PRESETS}.get(cls, {}))
-    if cls is TrainConfig:  # segnest.training.presets: the folder preset without a GPU
+    if cls is TrainConfig:  # segnest.tasks.segmentation.presets: the folder preset without a GPU
         presets["folder without a GPU"] = CPU_MODEL
     # The number each preset uses, e.g. "2; mini: 8" or, with no built-in value,
     # "ade20k: 180; cityscapes: 240; folder: 50".

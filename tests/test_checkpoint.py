@@ -9,16 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from segnest.engine import process as run_state
+from segnest.engine.process import StopRequest
+from segnest.engine.rng import capture_rng_state, restore_rng_state
+from segnest.engine.workdir import find_resume_checkpoint, prune_periodic_checkpoints
 from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
-from segnest.training import run_state
-from segnest.training.run_state import (
-    StopRequest,
-    capture_rng_state,
-    find_resume_checkpoint,
-    prune_periodic_checkpoints,
-    restore_rng_state,
-)
 
 
 class NotAWeight:

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import segnest
+from segnest.engine.workdir import find_resume_checkpoint
 from segnest.errors import SegnestError
 from segnest.models import create_model, model_from_checkpoint
 from segnest.runtime import checkpoint, files
 from segnest.runtime.checkpoint import CHECKSUM_KEY, load_checkpoint, save_checkpoint
 from segnest.runtime.files import atomic_open, remove_stale_temp_files, write_text_atomic
-from segnest.training.run_state import find_resume_checkpoint
 
 HOST = socket.gethostname().replace(".", "_")
 TINY = dict(stage_width=8, stem_width=8)

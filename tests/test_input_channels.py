@@ -18,7 +18,7 @@ from segnest.inference.resample import resize_image
 from segnest.models import create_model
 from segnest.models.weights import adapt_input_channels, load_pretrained
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.training.segmentation import run_train
+from segnest.tasks.segmentation.task import run_train
 
 MEAN4, STD4 = "0.3,0.3,0.4,0.5", "0.2,0.2,0.25,0.3"
 

@@ -14,7 +14,7 @@ from segnest.data.census import check_train_labels, take_census
 from segnest.errors import SegnestError
 from segnest.inference import evaluate as evaluate_module
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.training.segmentation import run_train
+from segnest.tasks.segmentation.task import run_train
 
 
 @pytest.fixture(autouse=True)

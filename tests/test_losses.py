@@ -14,9 +14,9 @@ from segnest.data.census import take_census
 from segnest.errors import SegnestError
 from segnest.models.pixelwise import upsampled_cross_entropy
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.training.class_weights import auto_class_weights, read_class_weights
-from segnest.training.losses import Ohem, ohem_cross_entropy, segmentation_loss
-from segnest.training.segmentation import run_train
+from segnest.tasks.segmentation.class_weights import auto_class_weights, read_class_weights
+from segnest.tasks.segmentation.losses import Ohem, ohem_cross_entropy, segmentation_loss
+from segnest.tasks.segmentation.task import run_train
 
 IGNORE = 255
 

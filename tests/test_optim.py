@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
+from segnest.engine.optim import build_param_groups
 from segnest.models import create_model
-from segnest.training.optim import build_param_groups
 
 
 def test_no_decay_selects_norm_and_bias_by_module_type():

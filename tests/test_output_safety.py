@@ -255,7 +255,7 @@ def test_interrupted_training_says_resume(monkeypatch, capsys):
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("segnest.training.segmentation.run_train", interrupted)
+    monkeypatch.setattr("segnest.tasks.segmentation.task.run_train", interrupted)
     assert cli.main(["train", "--dataset", "folder", "--data-root", "x", "--iters", "2"]) == 130
     assert "--resume to continue" in capsys.readouterr().err
 

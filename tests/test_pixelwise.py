@@ -14,7 +14,7 @@ from segnest.models.pixelwise import (
     pixel_cross_entropy,
     upsampled_cross_entropy,
 )
-from segnest.training.segmentation import segmentation_loss
+from segnest.tasks.segmentation.task import segmentation_loss
 
 IGNORE = 255
 

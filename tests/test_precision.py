@@ -11,6 +11,7 @@ from torch import nn
 
 from segnest.cli import main
 from segnest.config import PRECISIONS, BenchConfig, PretrainConfig, TrainConfig, resolve_config
+from segnest.engine.schedule import PolyLR
 from segnest.errors import EXIT_ERROR, SegnestError
 from segnest.inference.strategies import inference_model, predict_logits
 from segnest.models import create_model
@@ -21,9 +22,8 @@ from segnest.runtime.precision import (
     requested_precision,
     resolve_precision,
 )
+from segnest.tasks.segmentation.task import run_train, train_one_step
 from segnest.tools.bench import run_bench
-from segnest.training.schedule import PolyLR
-from segnest.training.segmentation import run_train, train_one_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -151,7 +151,7 @@ def _tiny_segmenter(**kw) -> nn.Module:
 
 def test_a_bf16_train_step_convolves_in_bf16_and_keeps_loss_weights_and_bn_in_fp32(
         tiny_train_config, tmp_path, monkeypatch):
-    from segnest.training import segmentation
+    import segnest.tasks.segmentation.task as segmentation
 
     model = _tiny_segmenter()
     conv_dtypes = []

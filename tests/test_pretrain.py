@@ -14,23 +14,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-import segnest.training.classification as train_cls
+import segnest.tasks.classification.task as train_cls
 from segnest import create_model, load_pretrained
 from segnest.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.sampling import SeededSamples
+from segnest.engine import state as run_state
+from segnest.engine.optim import build_param_groups
 from segnest.errors import SegnestError
 from segnest.models import model_from_checkpoint
 from segnest.models.resnest import Bottleneck
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.training import run_state
-from segnest.training.classification import (
+from segnest.tasks.classification.task import (
     build_batch_mixer,
     model_kwargs,
     run_pretrain,
     topk_correct,
 )
-from segnest.training.optim import build_param_groups
 
 CLASSES = ("blue", "green", "red")
 SIZE = 32

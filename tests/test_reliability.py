@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import segnest.training.segmentation as train_seg
+import segnest.tasks.segmentation.task as train_seg
 from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint
 

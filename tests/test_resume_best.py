@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from segnest.cli import main
+from segnest.engine.workdir import find_resume_checkpoint
 from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
-from segnest.training.run_state import find_resume_checkpoint
 
 
 def state_at(iteration: int) -> dict:

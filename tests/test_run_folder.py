@@ -7,13 +7,13 @@ import io
 import pytest
 import torch
 
-import segnest.training.segmentation as train_seg
+import segnest.tasks.segmentation.task as train_seg
 from segnest.cli import main
 from segnest.errors import SegnestError
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import _Tee
 from segnest.runtime.lock import FolderLock
-from segnest.training.losses import segmentation_loss
+from segnest.tasks.segmentation.losses import segmentation_loss
 
 
 def _fingerprint(folder):

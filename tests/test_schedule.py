@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from segnest.engine.schedule import PolyLR, WarmupCosineLR
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
-from segnest.training.schedule import PolyLR, WarmupCosineLR
 
 
 def make_optimizer(backbone_lr: float = 0.01, head_multiplier: float = 10.0):

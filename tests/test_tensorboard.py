@@ -15,7 +15,7 @@ from segnest.inference.confusion import confusion_image, row_normalised
 from segnest.inference.evaluate import run_eval
 from segnest.inference.tensorboard import log_segmentation_results
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.training.segmentation import run_train
+from segnest.tasks.segmentation.task import run_train
 
 HEADLINE = {"headline/segmentation_mIoU", "headline/segmentation_pixAcc",
             "headline/segmentation_mAcc"}

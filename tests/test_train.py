@@ -10,8 +10,8 @@ from torch import nn
 from segnest.errors import SegnestError
 from segnest.models import create_model
 from segnest.runtime.checkpoint import load_checkpoint
-from segnest.training.losses import segmentation_loss
-from segnest.training.segmentation import run_train
+from segnest.tasks.segmentation.losses import segmentation_loss
+from segnest.tasks.segmentation.task import run_train
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(

@@ -1,4 +1,5 @@
-"""segnest train's presets derived from the data and the machine (segnest.training.presets)."""
+"""segnest train's presets derived from the data and the machine
+(segnest.tasks.segmentation.presets)."""
 
 import os
 
@@ -6,7 +7,7 @@ from conftest import write_folder_dataset
 from PIL import Image
 
 from segnest.config import DATASET_PRESETS, TrainConfig
-from segnest.training.presets import (
+from segnest.tasks.segmentation.presets import (
     folder_sizes,
     median_long_side,
     resolve_train_config,
@@ -106,7 +107,7 @@ def _cache_timm_resnest14(hub_cache):
 
 def test_the_cpu_folder_preset_takes_cached_imagenet_weights_and_says_which(
         tmp_path, capsys, monkeypatch):
-    from segnest.training.presets import CPU_PRETRAINED
+    from segnest.tasks.segmentation.presets import CPU_PRETRAINED
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)

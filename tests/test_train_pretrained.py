@@ -2,7 +2,7 @@
 scratch and what that costs; the mini set (the demo pretrains its own backbone) does not."""
 
 from segnest.config import TrainConfig
-from segnest.training.segmentation import from_scratch_warning, run_train
+from segnest.tasks.segmentation.task import from_scratch_warning, run_train
 
 
 def test_a_folder_run_without_pretrained_warns_once_that_it_trains_from_scratch(

@@ -5,7 +5,7 @@ costs in mIoU.
     ``segnest eval`` runs it (:func:`segnest.inference.strategies.inference_model`: BN
     folded; ``--compile``: compiled with frozen weights; bf16: channels_last under
     autocast): fp32 compiled (the baseline), bf16 compiled, bf16 eager, fp32 eager.
-(b) The training step of ``segnest train`` (:func:`segnest.training.segmentation.
+(b) The training step of ``segnest train`` (:func:`segnest.tasks.segmentation.task.
     train_one_step`: forward under autocast, loss with the auxiliary head in fp32, SGD) of
     the same model, batch 2 at 512x512, in the layout ``segnest train`` gives it
     (bf16: channels_last): fp32 eager vs bf16 eager.
@@ -38,15 +38,15 @@ from torch import nn
 
 from segnest.config import InferenceFlags, TrainConfig
 from segnest.data import build_dataset
+from segnest.engine.schedule import PolyLR
 from segnest.inference.evaluate import evaluate
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, inference_model
 from segnest.models import create_model, model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.precision import NATIVE_BF16_FLAGS, cpu_native_bf16, for_training
+from segnest.tasks.segmentation.task import train_one_step
 from segnest.tools.bench import time_interleaved
-from segnest.training.schedule import PolyLR
-from segnest.training.segmentation import train_one_step
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16

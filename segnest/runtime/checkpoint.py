@@ -17,7 +17,7 @@ training checkpoint (config and optimizer) without one, or a checksum of an unkn
 algorithm, loads with a warning that names it.
 
 What a training run stores in a checkpoint, and how it resumes, is
-:mod:`segnest.training.run_state`'s business.
+:mod:`segnest.engine`'s business.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from segnest.runtime.precision import (
     precision_name,
     resolve_precision,
 )
-from segnest.training.losses import segmentation_loss
+from segnest.tasks.segmentation.losses import segmentation_loss
 
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
 PROBE_SHAPE = (2, 256, 128, 128)

@@ -27,14 +27,14 @@ from segnest.data.mini import (
     ensure_mini_classification,
     ensure_mini_segmentation,
 )
+from segnest.engine.workdir import LAST_CHECKPOINT_NAME
 from segnest.errors import RunStopped
 from segnest.inference.evaluate import run_eval
 from segnest.inference.metrics import percent
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
-from segnest.training.classification import run_pretrain
-from segnest.training.run_state import LAST_CHECKPOINT_NAME
-from segnest.training.segmentation import run_train
+from segnest.tasks.classification.task import run_pretrain
+from segnest.tasks.segmentation.task import run_train
 
 
 def _stage(number: int, text: str) -> float:

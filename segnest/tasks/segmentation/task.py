@@ -1,10 +1,11 @@
-"""``segnest train``: DeepLabV3 on a ResNeSt backbone, the paper's recipe.
+"""``segnest train``: DeepLabV3 on a ResNeSt backbone, the paper's recipe, as a task of the
+training engine (:func:`segnest.engine.trainer.fit`).
 
 Reads top to bottom: :func:`check_config` refuses settings that cannot work,
-:func:`run_train` builds data, model, optimizer and schedule, then hands them to the
-training protocol that ``segnest pretrain`` shares (:mod:`segnest.training.run_state`:
-resume, checkpoints, Ctrl-C, logging), with :func:`train_one_step` as its step and
-single-scale evaluation of the validation split as its validation.
+:class:`SegmentationTask` supplies the data, model, optimizer groups and schedule, with
+:func:`train_one_step` as its step and single-scale evaluation of the validation split as
+its validation (mIoU decides ``best.pt``); the engine does the rest (resume, checkpoints,
+Ctrl-C, logging).
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
 from segnest.data.census import check_train_labels
 from segnest.data.sampling import EpochSampler, init_train_worker
 from segnest.data.transforms import IGNORE_INDEX, channel_statistics
+from segnest.engine.loop import Progress, stopped_message
+from segnest.engine.optim import build_param_groups
+from segnest.engine.process import check_run_flags, optimizer_step
+from segnest.engine.schedule import PolyLR
+from segnest.engine.state import BestMetric, RunState
+from segnest.engine.task import BuiltModel, Training
+from segnest.engine.trainer import fit
+from segnest.engine.workdir import BEST_CHECKPOINT_NAME, LAST_CHECKPOINT_NAME
 from segnest.errors import SegnestError
 from segnest.inference.evaluate import evaluate
 from segnest.inference.metrics import format_table, metric_warnings, percent
@@ -40,34 +49,11 @@ from segnest.inference.tensorboard import (
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.models.weights import NAMED_WEIGHTS, resolve_pretrained
-from segnest.runtime.distributed import (
-    DistInfo,
-    agree,
-    convert_sync_batchnorm,
-    seed_everything,
-)
+from segnest.runtime.distributed import DistInfo, agree
 from segnest.runtime.files import write_text_atomic
-from segnest.runtime.precision import autocast, for_training, grad_scaler, precision_name
-from segnest.training.class_weights import class_weights_for, summary, write_class_weights
-from segnest.training.losses import Ohem, segmentation_loss
-from segnest.training.optim import build_param_groups
-from segnest.training.run_state import (
-    BEST_CHECKPOINT_NAME,
-    LAST_CHECKPOINT_NAME,
-    Progress,
-    RunState,
-    check_run_flags,
-    close_writer,
-    open_writer,
-    optimizer_step,
-    run_folder,
-    run_loop,
-    stopped_message,
-    training_precision,
-    training_process,
-    wrap_for_training,
-)
-from segnest.training.schedule import PolyLR
+from segnest.runtime.precision import autocast, precision_name
+from segnest.tasks.segmentation.class_weights import class_weights_for, summary, write_class_weights
+from segnest.tasks.segmentation.losses import Ohem, segmentation_loss
 
 
 class GuardedSamples(Dataset):
@@ -206,13 +192,7 @@ def from_scratch_warning(cfg: TrainConfig) -> str | None:
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the iteration reached, whether the run was interrupted (and by which
     signal), the best and last validation metrics and the work folder."""
-    with training_process(cfg.device, cfg.workers) as dist:
-        cfg = check_config(cfg, dist)
-        if cfg.pretrained:  # fetched (or refused) before the work folder is touched
-            resolve_pretrained(cfg.pretrained)
-        with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
-                        overwrite=cfg.overwrite, log_name=LOG_NAME):
-            return _train(cfg, dist)
+    return fit(SegmentationTask(), cfg)
 
 
 def _usable(batch: dict | None, dist: DistInfo) -> bool:
@@ -223,159 +203,193 @@ def _usable(batch: dict | None, dist: DistInfo) -> bool:
     return bool(agree(usable, dist.device, op="min"))
 
 
-def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
-    device = dist.device
-    seed_everything(cfg.seed, dist.rank)
-    work_dir = default_work_dir(cfg)
+class SegmentationTask:
+    """``segnest train`` on the engine: a DeepLabV3 model, the poly schedule, the
+    segmentation loss, and mIoU on the validation split deciding ``best.pt``."""
 
-    mean, std = channel_statistics(cfg.in_channels, cfg.mean, cfg.std)
-    train_transform = SegTrainTransform(
-        cfg.base_size, cfg.crop_size, (cfg.scale_min, cfg.scale_max), cfg.cat_max_ratio,
-        photometric=cfg.photometric, ignore_index=IGNORE_INDEX, seed=cfg.seed,
-        mean=mean, std=std)
-    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_transform,
-                              cfg.label_map, cfg.in_channels)
-    val_set = build_dataset(cfg.dataset, cfg.data_root, "val", SegEvalTransform(mean, std),
-                            cfg.label_map, cfg.in_channels)
-    census = check_train_labels(train_set, cfg.skip_bad_samples, verbose=dist.is_main)
-    # Python floats: the checkpoint stores them, and a resumed run must find the same ones.
-    weights = class_weights_for(cfg.class_weights, train_set.classes, census.train_id_counts)
-    class_weights = (None if weights is None
-                     else torch.tensor(weights, dtype=torch.float32, device=dist.device))
-    iters_per_epoch = len(train_set) // (cfg.batch_size * dist.world_size)
-    if iters_per_epoch == 0:
-        raise SegnestError(
-            f"the {cfg.dataset} train split has {len(train_set)} images, fewer than one batch "
-            f"({cfg.batch_size} x {dist.world_size} devices); lower --batch-size")
-    total_iters = cfg.iters or cfg.epochs * iters_per_epoch
-    if cfg.warmup_iters > total_iters:
-        raise SegnestError(f"--warmup-iters {cfg.warmup_iters} is longer than the run "
-                           f"({total_iters} iterations: --epochs {cfg.epochs} of "
-                           f"{iters_per_epoch}); lower --warmup-iters")
+    name = "segmentation"
+    log_name = LOG_NAME
+    tensorboard_run = TRAIN_RUN
+    metric_tags = METRIC_TAGS
+    scalar_namespace = SEGMENTATION
+    # segnest 0.1 stored the best mIoU as a fraction; it is a percentage now.
+    best_metric = BestMetric("mIoU", "best_miou", higher_is_better=True, fraction_scale=100.0)
 
-    model_name = f"deeplabv3_{cfg.backbone}"
-    model = create_model(model_name, **model_kwargs_for(cfg, train_set.num_classes))
-    model_kwargs = recorded_model_kwargs(model, model_kwargs_for(cfg, train_set.num_classes))
-    if cfg.pretrained:
-        report = load_pretrained(model, cfg.pretrained)
-        if dist.is_main:
-            where = "" if str(report.path) == cfg.pretrained else f" ({report.path})"
-            print(f"loaded {report.loaded} backbone tensors from {cfg.pretrained}{where}")
-    elif dist.is_main and (warning := from_scratch_warning(cfg)):
-        print(warning)
-    if cfg.checkpoint_activations:
-        model.set_grad_checkpointing(True)
-    model.to(device)
-    if dist.distributed:
-        model = convert_sync_batchnorm(model, device)
-    lr = cfg.lr if cfg.lr is not None else default_lr(cfg, dist.world_size)
-    lr_mults = {"head": cfg.head_lr_mult}
-    if model.aux_head is not None:
-        lr_mults["aux_head"] = cfg.head_lr_mult
-    optimizer = torch.optim.SGD(
-        build_param_groups(model, lr, cfg.weight_decay, cfg.no_decay_norm, lr_mults),
-        lr=lr, momentum=cfg.momentum)
-    scheduler = PolyLR(optimizer, total_iters, cfg.poly_power, cfg.min_lr, cfg.warmup_iters)
-    precision = training_precision(cfg, device)
-    scaler = grad_scaler(device, precision)
-    for_training(model, device, precision)
+    def __init__(self) -> None:
+        self.skipped: list[str] = []
+        self.warned_samples: set[str] = set()
+        self.warned_metrics: list[str] = []
 
-    settings = InferenceSettings.for_training(cfg)
-    run = RunState(
-        work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_miou",
-        identity={"task": "segmentation", "model_name": model_name, "model_kwargs": model_kwargs},
-        record={"dataset": cfg.dataset, "classes": list(train_set.classes),
-                "precision": precision_name(precision),
-                "palette": [list(map(int, c)) for c in train_set.palette],
-                "inference": dataclasses.asdict(settings),
-                "class_weights": weights, "config": dataclasses.asdict(cfg)})
-    run.resume(cfg.resume)
-    train_model = wrap_for_training(model, dist, cfg.compile)
-    validation = {"checkpoint": str((work_dir / BEST_CHECKPOINT_NAME).resolve()),
-                  "iteration": total_iters, "dataset": cfg.dataset, "split": "val",
-                  "samples": cfg.val_samples, "inference": dataclasses.asdict(settings),
-                  "device": str(device), "world_size": dist.world_size, "lr": lr,
-                  "precision": precision_name(precision)}
-    writer = open_writer(work_dir, dist, cfg.tensorboard, TRAIN_RUN, dataclasses.asdict(cfg),
-                         METRIC_TAGS, run.iteration,
-                         hparams=segmentation_hparams(dataclasses.asdict(cfg), validation))
-    if dist.is_main:
+    def check(self, cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
+        self.cfg = check_config(cfg, dist)
+        if self.cfg.pretrained:  # fetched (or refused) before the work folder is touched
+            resolve_pretrained(self.cfg.pretrained)
+        return self.cfg
+
+    def work_dir(self) -> Path:
+        return default_work_dir(self.cfg)
+
+    def prepare_data(self, dist: DistInfo) -> int:
+        cfg = self.cfg
+        mean, std = channel_statistics(cfg.in_channels, cfg.mean, cfg.std)
+        self.train_transform = SegTrainTransform(
+            cfg.base_size, cfg.crop_size, (cfg.scale_min, cfg.scale_max), cfg.cat_max_ratio,
+            photometric=cfg.photometric, ignore_index=IGNORE_INDEX, seed=cfg.seed,
+            mean=mean, std=std)
+        self.train_set = build_dataset(cfg.dataset, cfg.data_root, "train",
+                                       self.train_transform, cfg.label_map, cfg.in_channels)
+        self.val_set = build_dataset(cfg.dataset, cfg.data_root, "val",
+                                     SegEvalTransform(mean, std), cfg.label_map,
+                                     cfg.in_channels)
+        census = check_train_labels(self.train_set, cfg.skip_bad_samples, verbose=dist.is_main)
+        # Python floats: the checkpoint stores them, and a resumed run must find the same.
+        self.weights = class_weights_for(cfg.class_weights, self.train_set.classes,
+                                         census.train_id_counts)
+        self.class_weights = (None if self.weights is None else torch.tensor(
+            self.weights, dtype=torch.float32, device=dist.device))
+        iters_per_epoch = len(self.train_set) // (cfg.batch_size * dist.world_size)
+        if iters_per_epoch == 0:
+            raise SegnestError(
+                f"the {cfg.dataset} train split has {len(self.train_set)} images, fewer than "
+                f"one batch ({cfg.batch_size} x {dist.world_size} devices); lower --batch-size")
+        return iters_per_epoch
+
+    def total_iters(self, iters_per_epoch: int) -> int:
+        cfg = self.cfg
+        total_iters = cfg.iters or cfg.epochs * iters_per_epoch
+        if cfg.warmup_iters > total_iters:
+            raise SegnestError(f"--warmup-iters {cfg.warmup_iters} is longer than the run "
+                               f"({total_iters} iterations: --epochs {cfg.epochs} of "
+                               f"{iters_per_epoch}); lower --warmup-iters")
+        return total_iters
+
+    def build_model(self, dist: DistInfo) -> BuiltModel:
+        cfg = self.cfg
+        name = f"deeplabv3_{cfg.backbone}"
+        kwargs = model_kwargs_for(cfg, self.train_set.num_classes)
+        model = create_model(name, **kwargs)
+        if cfg.pretrained:
+            report = load_pretrained(model, cfg.pretrained)
+            if dist.is_main:
+                where = "" if str(report.path) == cfg.pretrained else f" ({report.path})"
+                print(f"loaded {report.loaded} backbone tensors from {cfg.pretrained}{where}")
+        elif dist.is_main and (warning := from_scratch_warning(cfg)):
+            print(warning)
+        if cfg.checkpoint_activations:
+            model.set_grad_checkpointing(True)
+        return BuiltModel(model, name, recorded_model_kwargs(model, kwargs))
+
+    def default_lr(self, world_size: int) -> float:
+        return default_lr(self.cfg, world_size)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        lr_mults = {"head": cfg.head_lr_mult}
+        if model.aux_head is not None:
+            lr_mults["aux_head"] = cfg.head_lr_mult
+        return build_param_groups(model, lr, cfg.weight_decay, cfg.no_decay_norm, lr_mults)
+
+    def schedule(self, optimizer: torch.optim.Optimizer, total_iters: int,
+                 iters_per_epoch: int) -> PolyLR:
+        cfg = self.cfg
+        return PolyLR(optimizer, total_iters, cfg.poly_power, cfg.min_lr, cfg.warmup_iters)
+
+    def record(self) -> dict[str, Any]:
+        self.settings = InferenceSettings.for_training(self.cfg)
+        return {"dataset": self.cfg.dataset, "classes": list(self.train_set.classes),
+                "palette": [list(map(int, c)) for c in self.train_set.palette],
+                "inference": dataclasses.asdict(self.settings),
+                "class_weights": self.weights}
+
+    def writer_hparams(self, training: Training) -> dict[str, Any]:
+        cfg = self.cfg
+        validation = {
+            "checkpoint": str((training.work_dir / BEST_CHECKPOINT_NAME).resolve()),
+            "iteration": training.total_iters, "dataset": cfg.dataset, "split": "val",
+            "samples": cfg.val_samples, "inference": dataclasses.asdict(self.settings),
+            "device": str(training.device), "world_size": training.dist.world_size,
+            "lr": training.lr, "precision": precision_name(training.precision)}
+        return segmentation_hparams(dataclasses.asdict(cfg), validation)
+
+    def begin(self, training: Training) -> None:
+        cfg, dist, work_dir = self.cfg, training.dist, training.work_dir
+        self.val_interval = cfg.val_interval or max(1, training.total_iters // 10)
+        if not dist.is_main:
+            return
         write_text_atomic(work_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg)))
-        if weights is not None:
-            write_class_weights(work_dir, weights, train_set.classes)
-            print(summary(weights, train_set.classes, cfg.class_weights))
-        print(f"training {model_name} on {cfg.dataset} ({len(train_set)} images, "
-              f"{train_set.num_classes} classes) for {total_iters} iterations, "
-              f"{dist.world_size} x {device}, batch {cfg.batch_size}/device, lr {lr:g}, "
-              f"{precision_name(precision)}"
-              f"; logs and checkpoints in {work_dir}")
+        if self.weights is not None:
+            write_class_weights(work_dir, self.weights, self.train_set.classes)
+            print(summary(self.weights, self.train_set.classes, cfg.class_weights))
+        print(f"training {training.model_name} on {cfg.dataset} ({len(self.train_set)} "
+              f"images, {self.train_set.num_classes} classes) for {training.total_iters} "
+              f"iterations, {dist.world_size} x {training.device}, batch "
+              f"{cfg.batch_size}/device, lr {training.lr:g}, "
+              f"{precision_name(training.precision)}; logs and checkpoints in {work_dir}")
 
-    skipped: list[str] = []
-    warned_samples: set[str] = set()
+    def batches(self, training: Training, epoch: int, start_batch: int) -> DataLoader:
+        return make_loader(self.train_set, self.train_transform, self.cfg, training.dist,
+                           epoch, start_batch)
 
-    def step(item: tuple[dict | None, list[str]]) -> dict[str, float] | None:
+    def step(self, training: Training, item: tuple[dict | None, list[str]]
+             ) -> dict[str, float] | None:
+        cfg, dist = self.cfg, training.dist
         batch, errors = item
         if errors:
             if not cfg.skip_bad_samples:
                 raise SegnestError(f"{errors[0]} (or pass --skip-bad-samples to skip "
                                    "unreadable samples with a warning)")
-            skipped.extend(errors)
+            self.skipped.extend(errors)
             for error in errors if dist.is_main else ():
-                if error not in warned_samples:  # once per file, not once per epoch
-                    warned_samples.add(error)
+                if error not in self.warned_samples:  # once per file, not once per epoch
+                    self.warned_samples.add(error)
                     tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
         if cfg.skip_bad_samples and not _usable(batch, dist):
             return None
-        return train_one_step(train_model, batch, optimizer, scheduler, scaler, cfg, device,
-                              class_weights, precision)
+        return train_one_step(training.train_model, batch, training.optimizer,
+                              training.scheduler, training.scaler, cfg, training.device,
+                              self.class_weights, training.precision)
 
-    warned: list[str] = []
+    def validate_due(self, iteration: int) -> bool:
+        return iteration % self.val_interval == 0
 
-    def validate(progress: Progress) -> float:
+    def validate(self, training: Training, progress: Progress) -> dict[str, Any]:
+        cfg, run, val_set = self.cfg, training.run, self.val_set
         progress.bar.clear()
         if not progress.terminal:  # a log has no bar: say what the pause is
             count = len(val_set) if cfg.val_samples is None else min(cfg.val_samples,
                                                                       len(val_set))
             progress.write(f"iter {run.iteration}: validating on {count} images")
-        results, panels = evaluate(model, val_set, settings, device, samples=cfg.val_samples,
-                                   panels=cfg.panels if writer else 0,
-                                   progress=dist.is_main and progress.terminal,
+        results, panels = evaluate(training.model, val_set, self.settings, training.device,
+                                   samples=cfg.val_samples,
+                                   panels=cfg.panels if training.writer else 0,
+                                   progress=training.dist.is_main and progress.terminal,
                                    keep_bar=False, skip_bad_samples=cfg.skip_bad_samples)
-        run.metrics = results
         progress.write(f"iter {run.iteration}: val mIoU {percent(results['mIoU'])} "
                        f"pixAcc {percent(results['pixAcc'])} "
                        f"(best {percent(max(run.best, results['mIoU']))})")
-        if not warned:  # the validation ground truth is the same each time: say it once
-            warned.extend(metric_warnings(results, val_set.classes))
-            for warning in warned:
+        if not self.warned_metrics:  # the validation ground truth is the same each time
+            self.warned_metrics.extend(metric_warnings(results, val_set.classes))
+            for warning in self.warned_metrics:
                 progress.write(f"warning: validation: {warning}")
-        if writer is not None:
-            log_segmentation_results(writer, results, train_set.classes, train_set.palette,
-                                     panels, run.iteration)
-        return results["mIoU"]
+        if training.writer is not None:
+            log_segmentation_results(training.writer, results, self.train_set.classes,
+                                     self.train_set.palette, panels, run.iteration)
+        return results
 
-    val_interval = cfg.val_interval or max(1, total_iters // 10)
-    train_model.train()
-    finished = run_loop(
-        run, total_iters=total_iters,
-        batches=lambda epoch, start: make_loader(train_set, train_transform, cfg, dist,
-                                                 epoch, start),
-        step=step, validate_due=lambda it: it % val_interval == 0, validate=validate,
-        images_per_step=cfg.batch_size * dist.world_size,
-        checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints,
-        writer=writer, log_interval=cfg.log_interval,
-        task=SEGMENTATION, lr_hint=f"Lower --lr (now {lr:g}), check the labels, or train in fp32")
-    close_writer(writer, finished)
-    if dist.is_main and skipped:
-        print(f"warning: {len(skipped)} bad training sample(s) were skipped "
-              f"({len(warned_samples)} distinct file(s), named above)")
-    if dist.is_main:
-        print(stopped_message(run, total_iters) if not finished
-              else _summary(run, train_set.classes))
-    return {"iteration": run.iteration, "interrupted": not finished, "signal": run.stopped_by,
-            "best_miou": run.best, "metrics": run.metrics, "work_dir": str(work_dir),
-            "skipped_samples": len(skipped)}
+    def lr_hint(self, training: Training) -> str:
+        return f"Lower --lr (now {training.lr:g}), check the labels, or train in fp32"
+
+    def finish(self, training: Training, finished: bool) -> dict[str, Any]:
+        run = training.run
+        if training.dist.is_main and self.skipped:
+            print(f"warning: {len(self.skipped)} bad training sample(s) were skipped "
+                  f"({len(self.warned_samples)} distinct file(s), named above)")
+        if training.dist.is_main:
+            print(stopped_message(run, training.total_iters) if not finished
+                  else _summary(run, self.train_set.classes))
+        return {"iteration": run.iteration, "interrupted": not finished,
+                "signal": run.stopped_by, "best_miou": run.best, "metrics": run.metrics,
+                "work_dir": str(training.work_dir), "skipped_samples": len(self.skipped)}
 
 
 def _summary(run: RunState, classes: list[str]) -> str:

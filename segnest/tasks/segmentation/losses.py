@@ -1,6 +1,6 @@
 """The training losses: segmentation cross-entropy with the auxiliary head, as the paper's
 recipe takes it (main + ``aux_weight`` x auxiliary, ignore label excluded), optionally with
-class weights (:mod:`segnest.training.class_weights`) and online hard example mining.
+class weights (:mod:`segnest.tasks.segmentation.class_weights`) and online hard example mining.
 
 Class weights follow ``F.cross_entropy(weight=w)``: the loss is
 ``sum(w[y_i] * nll_i) / sum(w[y_i])`` over the labelled pixels ``i``. OHEM (``--loss

@@ -4,8 +4,8 @@ The recipe is the paper's (REFERENCE.md): SGD with momentum 0.9, lr 0.1 x total 
 256, warmup + cosine stepped every iteration, no weight decay on norm layers and biases,
 zero-initialised last BN gamma per block, label smoothing, mixup/cutmix and AutoAugment.
 Reads top to bottom: :func:`run_pretrain` builds data, model, optimizer and schedule and
-hands them to the training protocol that ``segnest train`` shares
-(:mod:`segnest.training.run_state`: resume, checkpoints, Ctrl-C, logging), with
+hands them to the training engine that ``segnest train`` shares
+(:func:`segnest.engine.trainer.fit`: resume, checkpoints, Ctrl-C, logging), with
 :func:`train_one_step` as its step and :func:`evaluate` (top-1/top-5) at every epoch end.
 ``--export`` writes the final backbone weights in the official ResNeSt key layout (no
 ``fc.*``), which ``segnest.load_pretrained`` loads into a segmentation model.
@@ -13,7 +13,6 @@ hands them to the training protocol that ``segnest train`` shares
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,14 @@ from segnest.config import PretrainConfig, validate_config
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
+from segnest.engine.loop import Progress, stopped_message
+from segnest.engine.optim import build_param_groups
+from segnest.engine.process import check_run_flags, optimizer_step
+from segnest.engine.schedule import WarmupCosineLR
+from segnest.engine.state import BestMetric
+from segnest.engine.task import BuiltModel, Training
+from segnest.engine.trainer import fit
+from segnest.engine.workdir import BEST_CHECKPOINT_NAME, LAST_CHECKPOINT_NAME
 from segnest.errors import SegnestError
 from segnest.inference.tensorboard import (
     PRETRAIN_RUN,
@@ -44,28 +51,8 @@ from segnest.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    convert_sync_batchnorm,
-    seed_everything,
 )
-from segnest.runtime.precision import autocast, for_training, grad_scaler, precision_name
-from segnest.training.optim import build_param_groups
-from segnest.training.run_state import (
-    BEST_CHECKPOINT_NAME,
-    LAST_CHECKPOINT_NAME,
-    Progress,
-    RunState,
-    check_run_flags,
-    close_writer,
-    open_writer,
-    optimizer_step,
-    run_folder,
-    run_loop,
-    stopped_message,
-    training_precision,
-    training_process,
-    wrap_for_training,
-)
-from segnest.training.schedule import WarmupCosineLR
+from segnest.runtime.precision import autocast, precision_name
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -246,11 +233,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     ``iterations``, ``seconds``, ``interrupted`` and the paths ``work_dir``, ``last``,
     ``best`` and ``export`` (None without ``--export``).
     """
-    with training_process(cfg.device, cfg.workers) as dist:
-        cfg = check_config(cfg, dist)
-        with run_folder(default_work_dir(cfg), dist, resume=cfg.resume,
-                        overwrite=cfg.overwrite, log_name=LOG_NAME):
-            return _pretrain(cfg, dist)
+    return fit(ClassificationTask(), cfg)
 
 
 LOG_NAME = "pretrain.log"
@@ -260,108 +243,137 @@ def default_work_dir(cfg: PretrainConfig) -> Path:
     return Path(cfg.work_dir or f"runs/pretrain_{cfg.dataset}_{cfg.backbone}")
 
 
-def _pretrain(cfg: PretrainConfig, dist: DistInfo) -> dict[str, Any]:
-    device = dist.device
-    seed_everything(cfg.seed, dist.rank)
-    work_dir = default_work_dir(cfg)
+class ClassificationTask:
+    """``segnest pretrain`` on the engine: a ResNeSt classifier, warmup + cosine, label
+    smoothing and mixing, top-1 on the validation set deciding ``best.pt``."""
 
-    plain_train_set, val_set, classes = build_datasets(cfg)
-    num_classes = len(classes)
-    train_set = SeededSamples(plain_train_set, cfg.seed)
-    per_rank = len(train_set) // dist.world_size
-    if per_rank < cfg.batch_size:
-        raise SegnestError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} "
-                           "training images per process; lower --batch-size")
-    val_loader = make_val_loader(cfg, val_set, dist)
+    name = "classification"
+    log_name = LOG_NAME
+    tensorboard_run = PRETRAIN_RUN
+    metric_tags = PRETRAINING_TAGS
+    scalar_namespace = PRETRAINING
+    best_metric = BestMetric("top1", "best_top1", higher_is_better=True)
 
-    kwargs = model_kwargs(cfg, num_classes)
-    model = create_model(cfg.backbone, **kwargs).to(device)
-    if dist.distributed:
-        model = convert_sync_batchnorm(model, device)
-    total_batch = cfg.batch_size * dist.world_size
-    lr = cfg.lr if cfg.lr is not None else 0.1 * total_batch / 256
-    optimizer = torch.optim.SGD(build_param_groups(model, lr, cfg.weight_decay, no_decay_norm=True),
-                                lr=lr, momentum=cfg.momentum)
-    iters_per_epoch = per_rank // cfg.batch_size
-    total_iters = cfg.epochs * iters_per_epoch
-    warmup_iters = min(int(round(cfg.warmup_epochs * iters_per_epoch)), total_iters)
-    scheduler = WarmupCosineLR(optimizer, total_iters=total_iters, warmup_iters=warmup_iters)
-    precision = training_precision(cfg, device)
-    scaler = grad_scaler(device, precision)
-    for_training(model, device, precision)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    mixer = build_batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
+    def __init__(self) -> None:
+        self.epoch_losses: list[float] = []
+        self.started = time.perf_counter()
 
-    run = RunState(
-        work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, iters_per_epoch=iters_per_epoch, best_key="best_top1",
-        identity={"task": "classification", "model_name": cfg.backbone, "model_kwargs": kwargs},
-        record={"classes": classes, "precision": precision_name(precision),
-                "config": dataclasses.asdict(cfg)})
-    run.resume(cfg.resume)
-    train_model = wrap_for_training(model, dist, cfg.compile)
-    writer = open_writer(work_dir, dist, cfg.tensorboard, PRETRAIN_RUN, dataclasses.asdict(cfg),
-                         PRETRAINING_TAGS, run.iteration)
-    if dist.is_main:
-        print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(train_set)} train / "
-              f"{len(val_set)} val images, {num_classes} classes), {cfg.epochs} epochs x "
-              f"{iters_per_epoch} iterations, batch {total_batch}, lr {lr:g}, device "
-              f"{device}, {precision_name(precision)}; logs in {work_dir}")
+    def check(self, cfg: PretrainConfig, dist: DistInfo) -> PretrainConfig:
+        self.cfg = check_config(cfg, dist)
+        return self.cfg
 
-    epoch_losses: list[float] = []
-    started = time.perf_counter()
+    def prepare_data(self, dist: DistInfo) -> int:
+        cfg = self.cfg
+        plain_train_set, self.val_set, self.classes = build_datasets(cfg)
+        self.train_set = SeededSamples(plain_train_set, cfg.seed)
+        per_rank = len(self.train_set) // dist.world_size
+        if per_rank < cfg.batch_size:
+            raise SegnestError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} "
+                               "training images per process; lower --batch-size")
+        self.val_loader = make_val_loader(cfg, self.val_set, dist)
+        return per_rank // cfg.batch_size
 
-    def step(batch: tuple) -> dict[str, float]:
-        scalars = train_one_step(train_model, criterion, batch, mixer, optimizer, scheduler,
-                                 scaler, device, precision)
-        epoch_losses.append(scalars["loss"])
+    def work_dir(self) -> Path:
+        return default_work_dir(self.cfg)
+
+    def total_iters(self, iters_per_epoch: int) -> int:
+        self.iters_per_epoch = iters_per_epoch
+        return self.cfg.epochs * iters_per_epoch
+
+    def build_model(self, dist: DistInfo) -> BuiltModel:
+        kwargs = model_kwargs(self.cfg, len(self.classes))
+        return BuiltModel(create_model(self.cfg.backbone, **kwargs), self.cfg.backbone, kwargs)
+
+    def default_lr(self, world_size: int) -> float:
+        return 0.1 * self.cfg.batch_size * world_size / 256
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        return build_param_groups(model, lr, self.cfg.weight_decay, no_decay_norm=True)
+
+    def schedule(self, optimizer: torch.optim.Optimizer, total_iters: int,
+                 iters_per_epoch: int) -> WarmupCosineLR:
+        warmup_iters = min(int(round(self.cfg.warmup_epochs * iters_per_epoch)), total_iters)
+        return WarmupCosineLR(optimizer, total_iters=total_iters, warmup_iters=warmup_iters)
+
+    def record(self) -> dict[str, Any]:
+        return {"classes": self.classes}
+
+    def writer_hparams(self, training: Training) -> None:
+        return None
+
+    def begin(self, training: Training) -> None:
+        cfg = self.cfg
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.mixer = build_batch_mixer(cfg.mixup, cfg.cutmix, len(self.classes))
+        if training.dist.is_main:
+            print(f"segnest pretrain: {cfg.backbone} on {cfg.dataset} ({len(self.train_set)} "
+                  f"train / {len(self.val_set)} val images, {len(self.classes)} classes), "
+                  f"{cfg.epochs} epochs x {training.iters_per_epoch} iterations, batch "
+                  f"{training.images_per_step}, lr {training.lr:g}, device "
+                  f"{training.device}, {precision_name(training.precision)}; logs in "
+                  f"{training.work_dir}")
+
+    def batches(self, training: Training, epoch: int, start_batch: int) -> DataLoader:
+        return make_train_loader(self.cfg, self.train_set, training.dist, epoch, start_batch)
+
+    def step(self, training: Training, batch: tuple) -> dict[str, float]:
+        scalars = train_one_step(training.train_model, self.criterion, batch, self.mixer,
+                                 training.optimizer, training.scheduler, training.scaler,
+                                 training.device, training.precision)
+        self.epoch_losses.append(scalars["loss"])
         return scalars
 
-    def validate(progress: Progress) -> float:
-        metrics = evaluate(train_model, val_loader, device, num_classes, precision)
-        run.metrics = metrics
-        epoch, loss = run.epoch, sum(epoch_losses) / max(len(epoch_losses), 1)
-        epoch_losses.clear()
-        progress.write(f"epoch {epoch}/{cfg.epochs}: train loss {loss:.4f}, val top1 "
+    def validate_due(self, iteration: int) -> bool:
+        return iteration % self.iters_per_epoch == 0
+
+    def _evaluate(self, training: Training) -> dict[str, float]:
+        return evaluate(training.train_model, self.val_loader, training.device,
+                        len(self.classes), training.precision)
+
+    def validate(self, training: Training, progress: Progress) -> dict[str, float]:
+        writer, num_classes = training.writer, len(self.classes)
+        metrics = self._evaluate(training)
+        epoch = training.run.epoch
+        loss = sum(self.epoch_losses) / max(len(self.epoch_losses), 1)
+        self.epoch_losses.clear()
+        progress.write(f"epoch {epoch}/{self.cfg.epochs}: train loss {loss:.4f}, val top1 "
                        f"{metrics['top1']:.2f}%, top{min(5, num_classes)} {metrics['top5']:.2f}%"
-                       f", {time.perf_counter() - started:.0f}s")
+                       f", {time.perf_counter() - self.started:.0f}s")
         if writer is not None:
             # At the iteration, as every other chart of the run (not the epoch).
+            step = training.run.iteration
             for key, tag in zip(PRETRAINING_METRICS, PRETRAINING_TAGS, strict=True):
-                writer.add_scalar(tag, metrics[key], run.iteration)
-            writer.add_scalar(training_tag(PRETRAINING, "epoch_loss"), loss, run.iteration)
-            writer.add_scalar(training_tag(PRETRAINING, "epoch"), epoch, run.iteration)
-            log_val_samples(writer, model, val_set, classes, device, run.iteration)
+                writer.add_scalar(tag, metrics[key], step)
+            writer.add_scalar(training_tag(PRETRAINING, "epoch_loss"), loss, step)
+            writer.add_scalar(training_tag(PRETRAINING, "epoch"), epoch, step)
+            log_val_samples(writer, training.model, self.val_set, self.classes,
+                            training.device, step)
             writer.flush()
-        return metrics["top1"]
+        return metrics
 
-    train_model.train()
-    finished = run_loop(
-        run, total_iters=total_iters,
-        batches=lambda epoch, start: make_train_loader(cfg, train_set, dist, epoch, start),
-        step=step, validate_due=lambda it: it % iters_per_epoch == 0, validate=validate,
-        images_per_step=total_batch, checkpoint_interval=cfg.checkpoint_interval,
-        keep_checkpoints=cfg.keep_checkpoints, writer=writer, log_interval=cfg.log_interval,
-        task=PRETRAINING, lr_hint=f"Lower --lr (now {lr:g}) or check the data")
-    close_writer(writer, finished)
-    paths = {"work_dir": str(work_dir), "last": str(work_dir / LAST_CHECKPOINT_NAME),
-             "best": str(work_dir / BEST_CHECKPOINT_NAME), "export": cfg.export}
-    if not finished:
+    def lr_hint(self, training: Training) -> str:
+        return f"Lower --lr (now {training.lr:g}) or check the data"
+
+    def finish(self, training: Training, finished: bool) -> dict[str, Any]:
+        cfg, run, work_dir, dist = self.cfg, training.run, training.work_dir, training.dist
+        paths = {"work_dir": str(work_dir), "last": str(work_dir / LAST_CHECKPOINT_NAME),
+                 "best": str(work_dir / BEST_CHECKPOINT_NAME), "export": cfg.export}
+        if not finished:
+            if dist.is_main:
+                print(stopped_message(run, training.total_iters))
+            return {"iterations": run.iteration, "interrupted": True,
+                    "signal": run.stopped_by, **paths}
+        metrics = run.metrics or self._evaluate(training)
+        if cfg.export and dist.is_main:
+            save_checkpoint(backbone_state_dict(training.model), cfg.export)
+            print(f"exported backbone weights to {cfg.export}")
         if dist.is_main:
-            print(stopped_message(run, total_iters))
-        return {"iterations": run.iteration, "interrupted": True, "signal": run.stopped_by,
-                **paths}
-    metrics = run.metrics or evaluate(train_model, val_loader, device, num_classes, precision)
-    if cfg.export and dist.is_main:
-        save_checkpoint(backbone_state_dict(model), cfg.export)
-        print(f"exported backbone weights to {cfg.export}")
-    if dist.is_main:
-        backbone = cfg.export or paths["best"]
-        print(f"finished: val top-1 {metrics['top1']:.2f}% (best {run.best:.2f}% at iteration "
-              f"{run.best_iteration}, {paths['best']})\nnext:\n  segnest train --backbone "
-              f"{cfg.backbone} --pretrained {backbone} ...\n  tensorboard --logdir "
-              f"{work_dir / TB_FOLDER}")
-    barrier()
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": run.best,
-            "epochs": cfg.epochs, "iterations": run.iteration, "interrupted": False,
-            "seconds": time.perf_counter() - started, **paths}
+            backbone = cfg.export or paths["best"]
+            print(f"finished: val top-1 {metrics['top1']:.2f}% (best {run.best:.2f}% at "
+                  f"iteration {run.best_iteration}, {paths['best']})\nnext:\n  segnest train "
+                  f"--backbone {cfg.backbone} --pretrained {backbone} ...\n  tensorboard "
+                  f"--logdir {work_dir / TB_FOLDER}")
+        barrier()
+        return {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": run.best,
+                "epochs": cfg.epochs, "iterations": run.iteration, "interrupted": False,
+                "seconds": time.perf_counter() - self.started, **paths}

@@ -1,0 +1,1 @@
+"""``segnest pretrain``: classification pretraining of a backbone (task.py)."""
