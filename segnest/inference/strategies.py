@@ -49,6 +49,7 @@ from segnest.models.fuse import fuse_bn
 from segnest.models.pixelwise import channel_softmax
 from segnest.runtime.compiling import compile_model
 from segnest.runtime.precision import Autocast
+from segnest.runtime.tuning import cast_weights_once, decide_for
 
 Model = Callable[[torch.Tensor], Any]
 
@@ -59,13 +60,15 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
     rounding (tests hold both paths to 1e-4).
 
     ``fuse`` folds every batch norm into the convolution before it (a copy; ``model`` is
-    left as it is). ``compile`` compiles the result with frozen weights
-    (:mod:`segnest.runtime.compiling`), valid only for a model that is not trained
-    afterwards, which is why training's validation never goes through here. Each new
-    input size compiles once more (tens of seconds on a CPU), so it pays off
-    on long runs over images of few sizes. ``precision`` (an autocast dtype from
+    left as it is). ``compile`` compiles the result with frozen weights, one graph per
+    input size (:mod:`segnest.runtime.compiling`), valid only for a model that is not
+    trained afterwards, which is why training's validation never goes through here. Each
+    new input size compiles once more (tens of seconds on a CPU), so it pays off on long
+    runs over images of few sizes. ``precision`` (an autocast dtype from
     :func:`segnest.runtime.precision.resolve_precision`; None: float32) runs the model in
-    channels_last under autocast, the layout oneDNN's bf16 convolutions want; the logits
+    channels_last under autocast, the layout oneDNN's bf16 convolutions want, with the
+    choices :func:`segnest.runtime.tuning.hardware_decisions` makes for this device (which
+    ASPP dilations stay float32) and the weights cast to ``precision`` once; the logits
     stay float32.
     """
     prepared = fuse_bn(model) if fuse else model.eval()
@@ -73,7 +76,10 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
         # Both change the layout of the weights: never that of the caller's model.
         prepared = copy.deepcopy(prepared) if prepared is model else prepared
     if precision is not None:
-        prepared = Autocast(prepared.to(memory_format=torch.channels_last), precision)
+        device = next(prepared.parameters()).device
+        decide_for(prepared, device, precision)
+        prepared = prepared.to(memory_format=torch.channels_last)
+        prepared = Autocast(cast_weights_once(prepared, precision), precision)
     if compile:
         prepared = compile_model(prepared, frozen=True)
     if defers_upsampling(model) and prepared is not model:
