@@ -12,8 +12,13 @@ Two paths give the same numbers:
   labels and the confidence (the largest averaged probability) at the image's own size are
   made a band of rows at a time (:mod:`segnest.inference.resample`): each scale's
   probabilities are upsampled to just those rows, summed and divided by the number of
-  views. Memory is bounded by the working-resolution probabilities plus one band, not by
-  ``C x H x W`` (a 4000 x 4000 photo and 150 classes: 9.6 GB per full-size copy);
+  views. For segnest's DeepLabV3 in whole mode (:func:`defers_upsampling`) each view is
+  kept as the model's feature-resolution logits (1/64 of the working pixels) and its
+  working-resolution probabilities are made, too, only for the rows a band needs, so the
+  memory held does not grow with the number of scales and flips: it is bounded by one
+  forward pass at the largest scale plus one band, not by ``C x H x W`` (a 4000 x 4000
+  photo and 150 classes: 9.6 GB per full-size copy); other models and slide mode hold
+  each scale's working-resolution probabilities.
   experiments/benchmarks/inference_memory.py measures it. Sliding-window sums live on the
   CPU.
 - :func:`multi_scale_inference` / :func:`infer` return the probabilities themselves at the
@@ -387,16 +392,22 @@ def _whole_views(model: Model, x: torch.Tensor, num_classes: int, flip: bool
                  ) -> list[WorkingProbabilities]:
     """Each image of the batch ``x``: its probabilities, plus those of its mirror image."""
     batch = x.shape[0]
-    inputs = torch.cat([x, x.flip(-1)], dim=0) if flip else x
     if defers_upsampling(model):
-        out = model(inputs, upsample=False)
-        logits = (out["out"] if isinstance(out, dict) else out).float().cpu()
-        _check_classes(logits, num_classes)
+        # The mirror images go through the model on their own: the activations of the
+        # largest scale, not the probabilities, bound the memory here, and a CPU runs a
+        # batch of two no faster than two batches of one.
+        def low_resolution(images: torch.Tensor) -> torch.Tensor:
+            out = model(images, upsample=False)
+            logits = (out["out"] if isinstance(out, dict) else out).float().cpu()
+            _check_classes(logits, num_classes)
+            return logits
+
+        views = [low_resolution(x)] + ([low_resolution(x.flip(-1)).flip(-1)] if flip else [])
         size = tuple(x.shape[-2:])
-        views = [[logits[i]] + ([logits[batch + i].flip(-1)] if flip else [])
-                 for i in range(batch)]
-        return [DeferredProbabilities(v, size, model.ALIGN_CORNERS) for v in views]
-    probs = whole_inference(model, inputs.contiguous(), num_classes).cpu()
+        return [DeferredProbabilities([view[i] for view in views], size, model.ALIGN_CORNERS)
+                for i in range(batch)]
+    inputs = torch.cat([x, x.flip(-1)], dim=0) if flip else x
+    probs = whole_inference(model, inputs, num_classes).cpu()
     if flip:
         # Summing before resizing back is exact (resizing is linear) and halves the work.
         probs = probs[:batch] + probs[batch:].flip(-1)
