@@ -75,7 +75,7 @@ PRETRAIN_DATASETS = ("imagenet", "mini")
 INFERENCE_MODES = ("whole", "slide")
 EVAL_SPLITS = ("train", "val", "test")
 # pt2 (torch.export) first: the recommended format and the default; torchscript is legacy.
-EXPORT_FORMATS = ("pt2", "aoti", "onnx", "torchscript")
+EXPORT_FORMATS = ("pt2", "aoti", "onnx", "openvino", "torchscript")
 # The formats that take --end-to-end (uint8 image in, label map out).
 END_TO_END_FORMATS = ("pt2", "aoti", "onnx")
 # Convolution types ``segnest quantize`` tells apart (segnest.inference.quantize): 1x1,
@@ -358,7 +358,8 @@ class ExportConfig:
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     format: str = field(default="pt2", metadata=help_(
         "pt2: torch.export program (recommended); aoti: AOTInductor package compiled for "
-        "this machine; onnx: ONNX Runtime; torchscript: legacy", choices=EXPORT_FORMATS))
+        "this machine; onnx: ONNX Runtime; openvino: OpenVINO IR (.xml + .bin); torchscript: "
+        "legacy", choices=EXPORT_FORMATS))
     end_to_end: bool = field(default=False, metadata=help_(
         "uint8 N x H x W x C image in, uint8 label map out, pre- and post-processing in the "
         "graph (pt2, aoti, onnx)"))

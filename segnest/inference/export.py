@@ -11,6 +11,9 @@ Formats (``--format``), with the default file name next to the checkpoint:
   ``torch._inductor.aoti_load_package(path)`` runs it without Python-level tracing.
   Exporting needs a C++ compiler and takes a minute or more.
 - ``onnx`` (``best.onnx``): ONNX opset 17 for ONNX Runtime and other ONNX runtimes.
+- ``openvino`` (``best.openvino.xml`` and its weights ``best.openvino.bin``): OpenVINO IR
+  for OpenVINO's CPU runtime (the optional extra ``segnest[openvino]``), logits graph
+  only; the metadata is in the graph's ``rt_info`` (:mod:`segnest.inference.openvino`).
 - ``torchscript`` (``best.torchscript.pt``): legacy; ``torch.jit`` is deprecated upstream in
   favour of ``torch.export``. Logits graph only.
 
@@ -72,6 +75,16 @@ from torch import nn
 
 from segnest.config import MIN_INPUT_SIZE, ExportConfig, InferenceFlags, validate_config
 from segnest.errors import SegnestError
+from segnest.inference.openvino import (
+    XML_SUFFIX,
+    OpenVinoModel,
+    StagedIR,
+    is_ir,
+    openvino,
+    read_ir_metadata,
+    to_openvino,
+    weights_path,
+)
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.inference.predictor import Predictor
 from segnest.inference.strategies import _resize, infer
@@ -79,7 +92,7 @@ from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
 
-SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx",
+SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "openvino": ".openvino.xml",
             "torchscript": ".torchscript.pt"}
 END_TO_END_SUFFIX = ".end2end"  # best.end2end.onnx: the file name tells the graphs apart
 ONNX_OPSET = 17
@@ -227,6 +240,8 @@ def export_metadata(predictor: Predictor, checkpoint: dict[str, Any], fmt: str,
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata JSON of a file written by ``segnest export`` (any format)."""
     path = Path(path)
+    if is_ir(path):
+        return read_ir_metadata(path)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -461,6 +476,8 @@ def run_export(cfg: ExportConfig) -> Path:
     suffix = (END_TO_END_SUFFIX if end_to_end else "") + SUFFIXES[fmt]
     target = Path(cfg.out) if cfg.out else source.with_name(source.stem + suffix)
     check_target(target, source, fmt)
+    if fmt == "openvino":
+        openvino()  # installed, or one line before any work
     if fmt == "aoti" and not has_cxx():
         raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
                            "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
@@ -479,13 +496,24 @@ def run_export(cfg: ExportConfig) -> Path:
                enumerate(check_sizes(cfg.size))]
     example = batches[0] if end_to_end else normalized(batches[0], predictor)
 
-    with atomic_path(target) as temp:
-        EXPORTERS[fmt](module, example, temp, end_to_end=end_to_end, metadata=metadata)
-        run = load_exported(fmt, temp)
-        results = (None if run is None else
-                   [verify(run, reference, predictor, batch, end_to_end) for batch in batches])
-        if results is not None:
+    if fmt == "openvino":
+        staged = StagedIR(to_openvino(module, example), target, metadata)
+        try:
+            run = OpenVinoModel(staged.xml)
+            results = [verify(run, reference, predictor, batch, end_to_end)
+                       for batch in batches]
             _refuse_unfaithful(results, batches, fmt, target)
+            staged.commit()
+        finally:
+            staged.discard()
+    else:
+        with atomic_path(target) as temp:
+            EXPORTERS[fmt](module, example, temp, end_to_end=end_to_end, metadata=metadata)
+            run = load_exported(fmt, temp)
+            results = (None if run is None else [verify(run, reference, predictor, batch,
+                                                        end_to_end) for batch in batches])
+            if results is not None:
+                _refuse_unfaithful(results, batches, fmt, target)
 
     graph = (f"uint8 image (N,H,W,{channels}) -> uint8 labels (N,H,W)" if end_to_end else
              f"normalized image (N,{channels},H,W) -> logits (N,{predictor.num_classes},H,W)")
@@ -539,6 +567,16 @@ def check_target(target: Path, checkpoint: Path, fmt: str) -> None:
     if target.exists() and not is_export(target, fmt):
         raise SegnestError(f"--out {target} exists and is not a {fmt} export; choose another "
                            "file name or delete that file yourself")
+    if fmt == "openvino":
+        if not target.name.endswith(XML_SUFFIX):
+            raise SegnestError(f"--out {target}: an OpenVINO model is an .xml graph beside "
+                               f"its .bin weights; give a name ending in {XML_SUFFIX}")
+        weights = weights_path(target)
+        refuse_input_file(weights, identities({checkpoint: f"the checkpoint {checkpoint}"}),
+                          "--out's weights file")
+        if weights.exists() and not target.exists():
+            raise SegnestError(f"{weights} exists without its graph {target}; choose another "
+                               "--out or delete that file yourself")
     prepare_folder(resolved(target).parent, "--out's folder")
 
 
@@ -551,6 +589,8 @@ def is_export(path: Path, fmt: str) -> bool:
     try:
         if fmt == "onnx":
             return _is_onnx_file(path)
+        if fmt == "openvino":
+            return is_ir(path)
         if not zipfile.is_zipfile(path):
             return False
         with zipfile.ZipFile(path) as archive:
