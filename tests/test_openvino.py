@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 from test_export import CLASSES, NUM_CLASSES, checkpoint, reference_logits  # noqa: F401
 
-from segnest.config import ExportConfig
+from segnest.config import ExportConfig, QuantizeConfig
+from segnest.data import generate_palette
 from segnest.errors import SegnestError
 from segnest.inference.export import read_metadata, run_export
 from segnest.inference.openvino import OpenVinoModel
+from segnest.inference.quantize import run_quantize
 
 ov = pytest.importorskip("openvino")
 
@@ -56,3 +59,27 @@ def test_without_openvino_installed_one_line_names_the_extra(monkeypatch, checkp
     with pytest.raises(SegnestError, match=r"pip install 'segnest\[openvino\]'"):
         run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
     assert not list(Path(checkpoint).parent.glob("*.xml"))
+
+
+
+def test_openvino_int8_is_checked_against_fp32_before_it_is_written(folder_dataset, tmp_path,
+                                                                    capsys):
+    pytest.importorskip("nncf")
+    from test_quantize import NUM_CLASSES as CLASSES_3
+    from test_quantize import TINY as TINY_3
+
+    source = save_tiny_checkpoint(tmp_path / "run" / "best.pt", TINY_3,
+                                  generate_palette(CLASSES_3), sharpen_head=True)
+    result = run_quantize(QuantizeConfig(checkpoint=str(source), data_root=str(folder_dataset),
+                                         calibration_images=4, check_images=2),
+                          backend="openvino")
+    out = source.with_name("best.int8.openvino.xml")
+    printed = capsys.readouterr().out
+    assert result["target"] == out and out.is_file() and out.with_suffix(".bin").is_file()
+    assert result["agreement"] >= 0.9 and result["images"] == 2
+    assert abs(result["candidate_miou"] - result["reference_miou"]) < 10
+    # The check is printed before the model is reported written.
+    assert "mIoU" in printed and printed.index("agree") < printed.index(f"-> {out}")
+    assert read_metadata(out)["quantization"]["dtype"] == "int8"
+    x = torch.randn(1, 3, 40, 48)
+    assert OpenVinoModel(out)(x).shape == (1, CLASSES_3, 40, 48)
