@@ -2,6 +2,7 @@
 OpenVINO runs at any batch and size with segnest's metadata; a mismatched weights file and
 a missing OpenVINO are each one line."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import torch
 from conftest import save_tiny_checkpoint
 from test_export import CLASSES, NUM_CLASSES, checkpoint, reference_logits  # noqa: F401
 
+import segnest
 from segnest.config import ExportConfig, QuantizeConfig
 from segnest.data import generate_palette
 from segnest.errors import SegnestError
-from segnest.inference.export import read_metadata, run_export
+from segnest.inference.export import check_images, read_metadata, run_export
 from segnest.inference.openvino import OpenVinoModel
 from segnest.inference.quantize import run_quantize
+from segnest.runtime import precision
 
 ov = pytest.importorskip("openvino")
 
@@ -83,3 +86,33 @@ def test_openvino_int8_is_checked_against_fp32_before_it_is_written(folder_datas
     assert read_metadata(out)["quantization"]["dtype"] == "int8"
     x = torch.randn(1, 3, 40, 48)
     assert OpenVinoModel(out)(x).shape == (1, CLASSES_3, 40, 48)
+
+
+def test_load_model_runs_an_openvino_or_onnx_export_as_the_checkpoint(checkpoint):  # noqa: F811
+    xml = run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
+    images = [check_images(h, w, 3, seed=3)[0].numpy() for h, w in ((48, 48), (33, 61))]
+    expected = segnest.load_model(checkpoint, device="cpu")(images)
+    exports = [xml]
+    if importlib.util.find_spec("onnxruntime"):
+        exports.append(run_export(ExportConfig(checkpoint=str(checkpoint), format="onnx",
+                                               size=48)))
+    for path in exports:
+        predictor = segnest.load_model(path, device="cpu")
+        assert predictor.classes == tuple(CLASSES)
+        for got, want in zip(predictor(images), expected, strict=True):
+            assert (got == want).mean() >= 0.999
+
+
+def test_precision_reaches_openvino_as_its_hint_and_onnx_refuses_bf16(checkpoint, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
+    xml = run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
+    hints = {name: str(segnest.load_model(xml, device="cpu", precision=name).model.compiled
+                       .get_property("INFERENCE_PRECISION_HINT"))
+             for name in ("fp32", "bf16")}
+    assert hints == {"fp32": "<Type: 'float32'>", "bf16": "<Type: 'bfloat16'>"}
+    with pytest.raises(SegnestError, match="--compile applies to checkpoints"):
+        segnest.load_model(xml, device="cpu", compile=True)
+    if importlib.util.find_spec("onnxruntime"):
+        onnx_path = run_export(ExportConfig(checkpoint=str(checkpoint), format="onnx", size=48))
+        with pytest.raises(SegnestError, match="ONNX Runtime runs"):
+            segnest.load_model(onnx_path, device="cpu", precision="bf16")

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
 from segnest.errors import SegnestError
+from segnest.inference.backends import is_exported_model, load_exported_model
 from segnest.inference.metrics import (
     ConfusionMatrix,
     format_table,
@@ -87,6 +88,7 @@ from segnest.runtime.distributed import (
     get_rank,
     get_world_size,
     init_distributed,
+    resolve_device,
 )
 from segnest.runtime.precision import precision_name, resolve_precision
 
@@ -357,8 +359,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
+    model = exported = None
+    if is_exported_model(cfg.checkpoint):
+        # An OpenVINO or ONNX export: its metadata stands in for the checkpoint.
+        exported, checkpoint = load_exported_model(
+            cfg.checkpoint, precision=cfg.precision or "fp32",
+            device=resolve_device(cfg.device), compile=cfg.compile)
+    else:
+        checkpoint = load_checkpoint(cfg.checkpoint)
+        model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
     trained_dataset = checkpoint.get("dataset")
     dataset_name = cfg.dataset or trained_dataset
     if not dataset_name:
@@ -380,8 +389,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                             in_channels=in_channels)
     out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
     _prepare_outputs(cfg, out_dir, dataset)
-    runner = inference_model(model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile,
-                             precision=precision)
+    runner = exported if model is None else inference_model(
+        model.to(info.device), fuse=cfg.fuse_bn, compile=cfg.compile, precision=precision)
 
     results, panels = evaluate(
         runner, dataset, settings, info.device, samples=cfg.samples,

@@ -46,7 +46,6 @@ from segnest.inference.visualize import (
     save_legend,
     save_png,
 )
-from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
@@ -162,8 +161,7 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     images = collect_images(cfg.inputs, skip=cfg.out)
     prepare_folder(_check_outputs(cfg, images), "--out")
-    predictor = Predictor.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg,
-                                          source=str(cfg.checkpoint))
+    predictor = Predictor.from_file(cfg.checkpoint, cfg)
     out = Path(cfg.out)
     written: list[Path] = []
     skipped = 0

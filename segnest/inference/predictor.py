@@ -78,15 +78,30 @@ class Predictor:
         return len(self.classes)
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike, flags: InferenceFlags) -> Predictor:
+        """The predictor of a checkpoint written by ``segnest train``, or of an exported
+        OpenVINO or ONNX logits model (:mod:`segnest.inference.backends`)."""
+        from segnest.inference.backends import is_exported_model, load_exported_model
+
+        if not is_exported_model(path):
+            return cls.from_checkpoint(load_checkpoint(path), flags, source=str(path))
+        runner, checkpoint = load_exported_model(
+            path, precision=flags.precision or "fp32", device=resolve_device(flags.device),
+            compile=flags.compile)
+        return cls.from_checkpoint(checkpoint, flags, source=str(path), model=runner)
+
+    @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], flags: InferenceFlags,
-                        source: str = "checkpoint") -> Predictor:
+                        source: str = "checkpoint", model: Model | None = None) -> Predictor:
         """The predictor a loaded checkpoint dict describes, with ``flags`` (validated)
-        overriding its inference settings; ``source`` names the file in errors."""
-        model = model_from_checkpoint(checkpoint, source=source)
+        overriding its inference settings; ``source`` names the file in errors. ``model``:
+        an exported model already loaded, run as it is, in place of the checkpoint's."""
         settings = InferenceSettings.from_flags(flags, checkpoint)
         device = resolve_device(flags.device)
-        model = inference_model(model.to(device), fuse=flags.fuse_bn, compile=flags.compile,
-                                precision=resolve_precision(flags.precision, device))
+        if model is None:
+            model = inference_model(model_from_checkpoint(checkpoint, source=source).to(device),
+                                    fuse=flags.fuse_bn, compile=flags.compile,
+                                    precision=resolve_precision(flags.precision, device))
         num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
                           or len(checkpoint.get("classes") or ()))
         if not num_classes:
@@ -184,7 +199,9 @@ class Predictor:
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None = None,
                **settings: Any) -> Predictor:
-    """A :class:`Predictor` for a checkpoint written by ``segnest train``.
+    """A :class:`Predictor` for a checkpoint written by ``segnest train``, or for an
+    OpenVINO (``.xml``) or ONNX logits model written by ``segnest export``/``quantize``
+    (``precision`` is then OpenVINO's inference precision hint).
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
@@ -203,5 +220,4 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
         settings["scales"] = str(scales)
     flags = validate_config(InferenceFlags(
         **settings, device=None if device is None else str(device)))
-    return Predictor.from_checkpoint(load_checkpoint(checkpoint), flags,
-                                     source=str(checkpoint))
+    return Predictor.from_file(checkpoint, flags)
