@@ -81,6 +81,8 @@ END_TO_END_FORMATS = ("pt2", "aoti", "onnx")
 # Convolution types ``segnest quantize`` tells apart (segnest.inference.quantize): 1x1,
 # dense kxk, grouped (Split-Attention's radix groups) and dilated dense (the ASPP's).
 QUANTIZE_LAYER_TYPES = ("pointwise", "dense", "grouped", "dilated")
+# The runtimes ``segnest quantize`` writes int8 models for.
+QUANTIZE_BACKENDS = ("onnxruntime", "openvino")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
 # --precision: float32, bf16 or fp16 autocast, or the fastest native one (runtime/precision.py).
@@ -374,7 +376,7 @@ class ExportConfig:
 
 @dataclass
 class QuantizeConfig:
-    """``segnest quantize``: an int8 ONNX model of a checkpoint for CPU inference."""
+    """``segnest quantize``: an int8 ONNX or OpenVINO model of a checkpoint for CPU inference."""
 
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     out: str | None = field(
@@ -399,8 +401,11 @@ class QuantizeConfig:
     layer_types: str = field(
         default=",".join(QUANTIZE_LAYER_TYPES),
         metadata=help_("comma-separated convolution types to quantize, of "
-                       + ",".join(QUANTIZE_LAYER_TYPES)),
+                       + ",".join(QUANTIZE_LAYER_TYPES) + " (onnxruntime)"),
     )
+    backend: str = field(default="onnxruntime", metadata=help_(
+        "onnxruntime: int8 ONNX (.int8.onnx); openvino: NNCF int8 OpenVINO IR "
+        "(.int8.openvino.xml, needs segnest[openvino])", choices=QUANTIZE_BACKENDS))
 
 
 @dataclass

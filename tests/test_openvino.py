@@ -74,8 +74,8 @@ def test_openvino_int8_is_checked_against_fp32_before_it_is_written(folder_datas
     source = save_tiny_checkpoint(tmp_path / "run" / "best.pt", TINY_3,
                                   generate_palette(CLASSES_3), sharpen_head=True)
     result = run_quantize(QuantizeConfig(checkpoint=str(source), data_root=str(folder_dataset),
-                                         calibration_images=4, check_images=2),
-                          backend="openvino")
+                                         calibration_images=4, check_images=2,
+                                         backend="openvino"))
     out = source.with_name("best.int8.openvino.xml")
     printed = capsys.readouterr().out
     assert result["target"] == out and out.is_file() and out.with_suffix(".bin").is_file()

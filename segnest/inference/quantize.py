@@ -1,4 +1,8 @@
-"""``segnest quantize``: int8 post-training quantization for CPU inference (ONNX Runtime).
+"""``segnest quantize``: int8 post-training quantization for CPU inference, in ONNX Runtime
+(``--backend onnxruntime``, the default, described first) or OpenVINO (``--backend
+openvino``: the model converted as ``segnest export --format openvino`` does, quantized by
+NNCF's post-training quantization calibrated on the same training images; see
+:mod:`segnest.inference.openvino`).
 
 The checkpoint's model (batch norms folded) is exported to ONNX as ``segnest export`` does,
 then ONNX Runtime's static quantization rewrites chosen convolutions as int8 QDQ pairs:
@@ -15,7 +19,8 @@ holds the types that ran faster in int8 than in fp32 (experiments/benchmarks/REA
 
 Before the file is written (atomically), the int8 model's labels are compared with the fp32
 model's on ``--check-images`` validation images, which calibration never saw; the agreement
-is printed, with a warning below ``AGREEMENT_WARNING``. ``--out`` follows the rules of
+and both models' mIoU on those images are printed, with a warning below
+``AGREEMENT_WARNING``. ``--out`` follows the rules of
 ``segnest export``: never the checkpoint, and only an earlier ONNX model may be replaced.
 
 :class:`OnnxModel` runs the result as a segnest model callable (normalized batch -> logits),
@@ -66,9 +71,8 @@ from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
 
-# The backends and the default file name of each next to the checkpoint.
+# The default file name next to the checkpoint, per backend (config.QUANTIZE_BACKENDS).
 SUFFIXES = {"onnxruntime": ".int8.onnx", "openvino": ".int8.openvino.xml"}
-BACKENDS = tuple(SUFFIXES)
 # Below this share of equal labels the int8 model is reported as suspect.
 AGREEMENT_WARNING = 0.95
 
@@ -227,13 +231,11 @@ def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any
                          in_channels=int(checkpoint.get("model_kwargs", {}).get("in_chans", 3)))
 
 
-def run_quantize(cfg: QuantizeConfig, *, backend: str = "onnxruntime") -> dict[str, Any]:
+def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     """``segnest quantize``; returns the target, the quantized counts (ONNX Runtime), the
-    agreement and the mIoU of both models on the check images. ``backend``: one of
-    :data:`BACKENDS`."""
+    agreement and the mIoU of both models on the check images."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
-    if backend not in BACKENDS:
-        raise SegnestError(f"quantize backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    backend = cfg.backend
     layer_types = parse_layer_types(cfg.layer_types)
     if backend == "openvino":
         openvino()  # installed, or one line before any work
