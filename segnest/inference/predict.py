@@ -31,6 +31,7 @@ import numpy as np
 from segnest.config import PredictConfig, validate_config
 from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from segnest.errors import SegnestError
+from segnest.inference.backends import is_exported_model
 from segnest.inference.outputs import (
     identities,
     is_within,
@@ -46,6 +47,7 @@ from segnest.inference.visualize import (
     save_legend,
     save_png,
 )
+from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
@@ -161,7 +163,11 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     images = collect_images(cfg.inputs, skip=cfg.out)
     prepare_folder(_check_outputs(cfg, images), "--out")
-    predictor = Predictor.from_file(cfg.checkpoint, cfg)
+    if is_exported_model(cfg.checkpoint):
+        predictor = Predictor.from_file(cfg.checkpoint, cfg)
+    else:
+        predictor = Predictor.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg,
+                                              source=str(cfg.checkpoint))
     out = Path(cfg.out)
     written: list[Path] = []
     skipped = 0
