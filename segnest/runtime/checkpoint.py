@@ -78,18 +78,14 @@ def load_checkpoint(
             f"checkpoint {path} does not exist; "
             "check the path given to --checkpoint / --resume / --pretrained"
         )
-    # torch.load reads safetensors files too where that package is installed: a checkpoint
-    # is refused as one either way (segnest writes none; --pretrained reads them itself).
+    # torch.load reads safetensors files too where that package is installed (nncf, timm
+    # and transformers bring it): a checkpoint is refused as one either way (segnest writes
+    # none; --pretrained reads them itself).
     if _is_safetensors_file(path):
         raise SegnestError(f"checkpoint {path} is {describe_file(path)}")
     # A truncated zip lacks its central directory, which torch cannot map; such a file is
     # read normally so that it fails with the ordinary corruption error below.
     use_mmap = mmap and zipfile.is_zipfile(path)
-    # torch.load reads a safetensors file itself where the safetensors package is installed
-    # (nncf, timm and transformers bring it), which would hide what the file is.
-    description = None if use_mmap else describe_file(path)
-    if description is not None and description.startswith("a safetensors file"):
-        raise SegnestError(f"checkpoint {path} is {description}")
     try:
         with warnings.catch_warnings():
             # torch announces it will hand a TorchScript file to torch.jit.load; it then
