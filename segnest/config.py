@@ -76,12 +76,14 @@ PRETRAIN_DATASETS = ("imagenet", "mini")
 INFERENCE_MODES = ("whole", "slide")
 EVAL_SPLITS = ("train", "val", "test")
 # pt2 (torch.export) first: the recommended format and the default; torchscript is legacy.
-EXPORT_FORMATS = ("pt2", "aoti", "onnx", "torchscript")
+EXPORT_FORMATS = ("pt2", "aoti", "onnx", "openvino", "torchscript")
 # The formats that take --end-to-end (uint8 image in, label map out).
 END_TO_END_FORMATS = ("pt2", "aoti", "onnx")
 # Convolution types ``segnest quantize`` tells apart (segnest.inference.quantize): 1x1,
 # dense kxk, grouped (Split-Attention's radix groups) and dilated dense (the ASPP's).
 QUANTIZE_LAYER_TYPES = ("pointwise", "dense", "grouped", "dilated")
+# The runtimes ``segnest quantize`` writes int8 models for.
+QUANTIZE_BACKENDS = ("onnxruntime", "openvino")
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
 BENCH_MODES = ("infer", "train")
 # --precision: float32, bf16 or fp16 autocast, or the fastest native one (runtime/precision.py).
@@ -361,7 +363,8 @@ class ExportConfig:
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     format: str = field(default="pt2", metadata=help_(
         "pt2: torch.export program (recommended); aoti: AOTInductor package compiled for "
-        "this machine; onnx: ONNX Runtime; torchscript: legacy", choices=EXPORT_FORMATS))
+        "this machine; onnx: ONNX Runtime; openvino: OpenVINO IR (.xml + .bin); torchscript: "
+        "legacy", choices=EXPORT_FORMATS))
     end_to_end: bool = field(default=False, metadata=help_(
         "uint8 N x H x W x C image in, uint8 label map out, pre- and post-processing in the "
         "graph (pt2, aoti, onnx)"))
@@ -376,7 +379,7 @@ class ExportConfig:
 
 @dataclass
 class QuantizeConfig:
-    """``segnest quantize``: an int8 ONNX model of a checkpoint for CPU inference."""
+    """``segnest quantize``: an int8 ONNX or OpenVINO model of a checkpoint for CPU inference."""
 
     checkpoint: str = field(default="", metadata=help_("segnest checkpoint (.pt)", required=True))
     out: str | None = field(
@@ -401,8 +404,11 @@ class QuantizeConfig:
     layer_types: str = field(
         default=",".join(QUANTIZE_LAYER_TYPES),
         metadata=help_("comma-separated convolution types to quantize, of "
-                       + ",".join(QUANTIZE_LAYER_TYPES)),
+                       + ",".join(QUANTIZE_LAYER_TYPES) + " (onnxruntime)"),
     )
+    backend: str = field(default="onnxruntime", metadata=help_(
+        "onnxruntime: int8 ONNX (.int8.onnx); openvino: NNCF int8 OpenVINO IR "
+        "(.int8.openvino.xml, needs segnest[openvino])", choices=QUANTIZE_BACKENDS))
 
 
 @dataclass

@@ -165,3 +165,17 @@ def save_tiny_checkpoint(path: Path, model_kwargs: dict, palette, classes=None,
         "iteration": 1,
     }, path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def measured_hardware(monkeypatch):
+    """Hardware decisions without timing this machine's CPU (no test depends on it): the
+    dilated convolutions measure faster in float32, as on the CPU that chose it first.
+    Tests of the decisions themselves patch the measurement again."""
+    from segnest.runtime import tuning
+
+    tuning.hardware_decisions.cache_clear()
+    monkeypatch.setattr(tuning, "measure_dilated", lambda dilation, dtype: (0.001, 0.002))
+    monkeypatch.setattr(tuning, "cpu_model", lambda: "Test CPU")
+    yield
+    tuning.hardware_decisions.cache_clear()

@@ -242,7 +242,7 @@ def test_bare_resume_means_auto():
     ("train", "SGD momentum [>= 0 and < 1]"),
     ("eval", "--mode {whole,slide}"),
     ("eval", "--split {train,val,test}"),
-    ("export", "--format {pt2,aoti,onnx,torchscript}"),
+    ("export", "--format {pt2,aoti,onnx,openvino,torchscript}"),
     ("pretrain", "--auto-augment {autoaugment,randaugment,none}"),
     ("pretrain", "--dataset {imagenet,mini}"),
     ("bench", "--mode {infer,train}"),

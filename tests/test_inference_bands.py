@@ -1,5 +1,7 @@
 """Specs for labels made band by band at the image's size, exact batches and confidence."""
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,47 @@ def test_batch_size_below_one_is_refused():
     with pytest.raises(Exception, match="batch size must be at least 1"):
         next(segment(conv_model(), enumerate(photos()), NUM_CLASSES, SETTINGS["whole"],
                      batch_size=0))
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """The largest number of bytes that the tensors made by operations hold at once
+    (storages counted once however many views share them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _release(self, key):
+        self.live[key][0] -= 1
+        if self.live[key][0] == 0:
+            self.current -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes():
+                key = value.untyped_storage().data_ptr()
+                if key not in self.live:
+                    self.live[key] = [0, value.untyped_storage().nbytes()]
+                    self.current += self.live[key][1]
+                    self.peak = max(self.peak, self.current)
+                self.live[key][0] += 1
+                weakref.finalize(value, self._release, key)
+        return out
+
+
+def test_memory_held_for_multi_scale_does_not_grow_with_the_number_of_scales(monkeypatch):
+    monkeypatch.setattr(strategies, "BAND_BYTES", 2**14)
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnest14", num_classes=NUM_CLASSES, stage_width=8,
+                         stem_width=8, head_channels=16).eval()
+    photo = photos([(120, 160)])[0]
+    peaks = []
+    for views in (1, 6):  # the same working size again and again: only the count grows
+        settings = InferenceSettings(scales=(1.0,) * views, flip=True, base_size=64)
+        with PeakLiveBytes() as meter:
+            banded(model, [photo], settings)
+        peaks.append(meter.peak)
+    working_probs = NUM_CLASSES * 48 * 64 * 4  # one view's probabilities at working size
+    # Holding each scale's working-size probabilities would add 5 of these.
+    assert peaks[1] - peaks[0] < working_probs

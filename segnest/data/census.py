@@ -32,11 +32,10 @@ import numpy as np
 
 from segnest.data.base import SegmentationDataset
 from segnest.data.folder import FolderDataset, colour_codes
-from segnest.data.mini import default_cache_dir
 from segnest.data.transforms import IGNORE_INDEX
 from segnest.errors import SegnestError
 from segnest.runtime.console import progress_bar
-from segnest.runtime.files import write_text_atomic
+from segnest.runtime.files import default_cache_dir, write_text_atomic
 
 # Part of the cache key: a change to what a census holds makes old cache files unused.
 CENSUS_VERSION = 2  # 2: masks keyed on their content hash (1: on size and mtime)

@@ -29,6 +29,7 @@ from PIL import Image
 from segnest.data.ade20k import ADE20K
 from segnest.data.base import SampleTransform
 from segnest.errors import SegnestError
+from segnest.runtime.files import default_cache_dir
 
 MINI_CLASSES = (
     "stripes", "checker", "noise", "gradient", "circle", "square", "triangle", "cross",
@@ -56,12 +57,6 @@ _SPLIT_IDS = {"train": 0, "val": 1}
 _NUM_STUFF = 4
 _SENSOR_NOISE_STD = 4.0
 _MIN_COLOR_DISTANCE = 110.0
-
-
-def default_cache_dir() -> Path:
-    """``$SEGNEST_CACHE`` or ``~/.cache/segnest``."""
-    env = os.environ.get("SEGNEST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "segnest"
 
 
 def _color_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
-"""Exported ONNX models as eval and predict run them: ``segnest eval``/``predict`` and
-``segnest.load_model`` take a logits ONNX file written by ``segnest export --format onnx``
-or ``segnest quantize`` (int8) in place of a checkpoint, so a user measures the model they
-will deploy through the same pipeline (resize, views, bands, metrics).
+"""Exported models as eval and predict run them: ``segnest eval``/``predict`` and
+``segnest.load_model`` take a logits ONNX file (``segnest export --format onnx``,
+``segnest quantize``) or an OpenVINO IR (``segnest export --format openvino``,
+``segnest quantize --backend openvino``) in place of a checkpoint, so a user measures the
+model they will deploy through the same pipeline (resize, views, bands, metrics).
 
 Everything else a checkpoint records comes from the file's export metadata
 (:func:`read_metadata`, which reads that of every format): classes, palette, mean/std, input
@@ -10,7 +11,9 @@ channels, base size and the dataset. The graph runs on the CPU with ONNX Runtime
 labels) has its own resize and argmax inside and takes no part in multi-scale or banded
 inference; it is refused with the way to measure it. The model refuses inputs outside
 the limits its metadata documents (channels, the smallest side) instead of returning
-labels for them.
+labels for them. ``--precision`` reaches OpenVINO as its inference precision hint
+(``auto``: bf16 where the CPU has it natively); ONNX Runtime runs a model as it is (fp32,
+or int8 where quantized).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 
 from segnest.errors import SegnestError
+from segnest.inference.openvino import OpenVinoModel, is_ir, read_ir_metadata
+from segnest.runtime.precision import precision_name, resolve_precision
 
 ONNX_SUFFIX = ".onnx"
 METADATA_KEY = "segnest"  # ONNX metadata_props key, AOTI metadata key
@@ -49,6 +54,8 @@ def require_extra(module: str, what: str, alternative: str = "") -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata JSON of a file written by ``segnest export`` (any format)."""
     path = Path(path)
+    if is_ir(path):
+        return read_ir_metadata(path)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -118,10 +125,12 @@ def _starts_like_onnx(path: Path) -> bool:
 
 
 
-def is_onnx_model(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an ONNX model (by its suffix: what the user asked for; its
-    content is then parsed, and a file that is not ONNX is one line)."""
-    return Path(path).suffix.lower() == ONNX_SUFFIX
+def is_exported_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an exported model rather than a checkpoint: an ONNX file (by
+    its suffix, what the user asked for; its content is then parsed, and a file that is not
+    ONNX is one line) or an OpenVINO IR graph (by content)."""
+    path = Path(path)
+    return path.suffix.lower() == ONNX_SUFFIX or (path.is_file() and is_ir(path))
 
 
 class OnnxModel:
@@ -164,26 +173,46 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
 
 
-def load_onnx_model(path: str | os.PathLike) -> tuple[OnnxModel, dict[str, Any]]:
-    """The model in the ONNX file at ``path`` and the checkpoint-like record of its
-    metadata (classes, palette, ``model_kwargs``, ``inference``, ``dataset``) that
-    :class:`~segnest.inference.predictor.Predictor` and ``segnest eval`` read."""
+def load_exported_model(path: str | os.PathLike, *, precision: str | None = None,
+                        device: str | None = None, compile: bool = False
+                        ) -> tuple[Any, dict[str, Any]]:
+    """``(runner, checkpoint-like record)`` of the export at ``path``: the model called like
+    a PyTorch model on CPU batches, and what :class:`~segnest.inference.predictor.Predictor`
+    and ``segnest eval`` read of a checkpoint (classes, palette, ``model_kwargs``,
+    ``inference``, ``dataset``, and ``exported``: format and quantization), from the
+    export's metadata. Flags that only apply to a PyTorch model are refused, not ignored."""
     path = Path(path)
     if not path.is_file():
         raise SegnestError(f"model {path} does not exist; pass a checkpoint (.pt) or a "
-                           "model written by segnest export --format onnx")
-    require_extra("onnxruntime", f"running {path}")
+                           "model written by segnest export (--format onnx or openvino)")
+    if device not in (None, "cpu"):
+        raise SegnestError(f"{path} is an exported model that runs on the CPU; drop --device "
+                           f"{device} or pass the checkpoint it was exported from")
+    if compile:
+        raise SegnestError(f"--compile applies to checkpoints; {path} is an exported "
+                           "model, already optimised by its runtime: drop --compile")
+    ir = is_ir(path)
+    if not ir:
+        require_extra("onnxruntime", f"running {path}")
     metadata = read_metadata(path)
-    if metadata.get("graph") != "logits":
+    if metadata.get("graph", "logits") != "logits":
         raise SegnestError(
             f"{path} is an end-to-end graph (image -> labels, its own resize inside), which "
             "eval and predict cannot run through their pipeline; export a logits graph "
-            "(segnest export --format onnx without --end-to-end) to measure it, or run it "
-            "with onnxruntime")
+            "(segnest export without --end-to-end) to measure it, or run it with its runtime")
     classes = list(metadata.get("classes") or ())
     if not classes:
         raise SegnestError(f"{path} records no classes in its metadata; export it again "
                            "with segnest export")
+    if ir:
+        dtype = resolve_precision(precision or "fp32", torch.device("cpu"))
+        runner: Any = OpenVinoModel(path, precision=precision_name(dtype))
+    elif precision not in (None, "fp32", "auto"):
+        raise SegnestError(f"--precision {precision}: ONNX Runtime runs {path} as it is (fp32, "
+                           "or int8 where quantized); drop --precision, or export with "
+                           "--format openvino for bf16")
+    else:
+        runner = OnnxModel(path, metadata=metadata)
     record = {
         "classes": classes,
         "palette": metadata.get("palette"),
@@ -198,17 +227,4 @@ def load_onnx_model(path: str | os.PathLike) -> tuple[OnnxModel, dict[str, Any]]
         "exported": {"format": metadata.get("format"),
                      "quantization": metadata.get("quantization")},
     }
-    return OnnxModel(path, metadata=metadata), record
-
-
-def exported_model_device(flags: Any, source: str) -> torch.device:
-    """The CPU, where ONNX Runtime runs an exported model; flags that only apply to a
-    PyTorch model are refused rather than ignored."""
-    if flags.device not in (None, "cpu"):
-        raise SegnestError(f"{source} runs on the CPU with ONNX Runtime; drop --device "
-                           f"{flags.device} or pass the checkpoint it was exported from")
-    for flag, given in (("--compile", flags.compile), ("--precision", flags.precision)):
-        if given and given not in ("auto", "fp32"):
-            raise SegnestError(f"{flag} applies to PyTorch checkpoints, not to the ONNX "
-                               f"model {source}; drop it")
-    return torch.device("cpu")
+    return runner, record

@@ -45,7 +45,7 @@ from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
 from segnest.data.census import take_census, unknown_colours_warning
 from segnest.errors import SegnestError
-from segnest.inference.backends import exported_model_device, is_onnx_model, load_onnx_model
+from segnest.inference.backends import is_exported_model, load_exported_model
 from segnest.inference.metrics import (
     ConfusionMatrix,
     format_table,
@@ -407,9 +407,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
-    if is_onnx_model(cfg.checkpoint):
-        model, checkpoint = load_onnx_model(cfg.checkpoint)
-        exported_model_device(cfg, str(cfg.checkpoint))
+    if is_exported_model(cfg.checkpoint):
+        # An ONNX or OpenVINO export: its metadata stands in for the checkpoint.
+        model, checkpoint = load_exported_model(cfg.checkpoint, precision=cfg.precision,
+                                                device=cfg.device, compile=cfg.compile)
     else:
         checkpoint = load_checkpoint(cfg.checkpoint)
         model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))

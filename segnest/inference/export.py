@@ -11,6 +11,9 @@ Formats (``--format``), with the default file name next to the checkpoint:
   ``torch._inductor.aoti_load_package(path)`` runs it without Python-level tracing.
   Exporting needs a C++ compiler and takes a minute or more.
 - ``onnx`` (``best.onnx``): ONNX opset 17 for ONNX Runtime and other ONNX runtimes.
+- ``openvino`` (``best.openvino.xml`` and its weights ``best.openvino.bin``): OpenVINO IR
+  for OpenVINO's CPU runtime (the optional extra ``segnest[openvino]``), logits graph
+  only; the metadata is in the graph's ``rt_info`` (:mod:`segnest.inference.openvino`).
 - ``torchscript`` (``best.torchscript.pt``): legacy; ``torch.jit`` is deprecated upstream in
   favour of ``torch.export``. Logits graph only.
 
@@ -79,6 +82,15 @@ from segnest.inference.backends import (
     require_extra,
 )
 from segnest.inference.backends import read_metadata as read_metadata  # its public place
+from segnest.inference.openvino import (
+    XML_SUFFIX,
+    OpenVinoModel,
+    StagedIR,
+    is_ir,
+    openvino,
+    to_openvino,
+    weights_path,
+)
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.inference.predictor import Predictor
 from segnest.inference.strategies import _resize, infer
@@ -86,7 +98,7 @@ from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
 
-SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx",
+SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "openvino": ".openvino.xml",
             "torchscript": ".torchscript.pt"}
 END_TO_END_SUFFIX = ".end2end"  # best.end2end.onnx: the file name tells the graphs apart
 ONNX_OPSET = 17
@@ -427,6 +439,8 @@ def run_export(cfg: ExportConfig) -> Path:
     if fmt == "onnx":
         require_extra("onnx", "--format onnx", alternative=" or use --format pt2")
     check_target(target, source, fmt)
+    if fmt == "openvino":
+        openvino()  # installed, or one line before any work
     if fmt == "aoti" and not has_cxx():
         raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
                            "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
@@ -445,13 +459,24 @@ def run_export(cfg: ExportConfig) -> Path:
                enumerate(check_sizes(cfg.size))]
     example = batches[0] if end_to_end else normalized(batches[0], predictor)
 
-    with atomic_path(target) as temp:
-        EXPORTERS[fmt](module, example, temp, end_to_end=end_to_end, metadata=metadata)
-        run = load_exported(fmt, temp)
-        results = (None if run is None else
-                   [verify(run, reference, predictor, batch, end_to_end) for batch in batches])
-        if results is not None:
+    if fmt == "openvino":
+        staged = StagedIR(to_openvino(module, example), target, metadata)
+        try:
+            run = OpenVinoModel(staged.xml)
+            results = [verify(run, reference, predictor, batch, end_to_end)
+                       for batch in batches]
             _refuse_unfaithful(results, batches, fmt, target)
+            staged.commit()
+        finally:
+            staged.discard()
+    else:
+        with atomic_path(target) as temp:
+            EXPORTERS[fmt](module, example, temp, end_to_end=end_to_end, metadata=metadata)
+            run = load_exported(fmt, temp)
+            results = (None if run is None else [verify(run, reference, predictor, batch,
+                                                        end_to_end) for batch in batches])
+            if results is not None:
+                _refuse_unfaithful(results, batches, fmt, target)
 
     graph = (f"uint8 image (N,H,W,{channels}) -> uint8 labels (N,H,W)" if end_to_end else
              f"normalized image (N,{channels},H,W) -> logits (N,{predictor.num_classes},H,W)")
@@ -505,6 +530,16 @@ def check_target(target: Path, checkpoint: Path, fmt: str) -> None:
     if target.exists() and not is_export(target, fmt):
         raise SegnestError(f"--out {target} exists and is not a {fmt} export; choose another "
                            "file name or delete that file yourself")
+    if fmt == "openvino":
+        if not target.name.endswith(XML_SUFFIX):
+            raise SegnestError(f"--out {target}: an OpenVINO model is an .xml graph beside "
+                               f"its .bin weights; give a name ending in {XML_SUFFIX}")
+        weights = weights_path(target)
+        refuse_input_file(weights, identities({checkpoint: f"the checkpoint {checkpoint}"}),
+                          "--out's weights file")
+        if weights.exists() and not target.exists():
+            raise SegnestError(f"{weights} exists without its graph {target}; choose another "
+                               "--out or delete that file yourself")
     prepare_folder(resolved(target).parent, "--out's folder")
 
 
@@ -517,6 +552,8 @@ def is_export(path: Path, fmt: str) -> bool:
     try:
         if fmt == "onnx":
             return _is_onnx_file(path)
+        if fmt == "openvino":
+            return is_ir(path)
         if not zipfile.is_zipfile(path):
             return False
         with zipfile.ZipFile(path) as archive:

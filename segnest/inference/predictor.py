@@ -32,7 +32,7 @@ from segnest.data.base import check_unit_range, image_array, read_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
-from segnest.inference.backends import exported_model_device, is_onnx_model, load_onnx_model
+from segnest.inference.backends import is_exported_model, load_exported_model
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, infer, inference_model, segment
 from segnest.inference.visualize import colorize, display_rgb, overlay
@@ -91,10 +91,12 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | os.PathLike, flags: InferenceFlags) -> Predictor:
-        """The predictor of a checkpoint file or an exported ONNX model
-        (:mod:`segnest.inference.backends`), with ``flags`` (validated)."""
-        if is_onnx_model(path):
-            model, record = load_onnx_model(path)
+        """The predictor of a checkpoint written by ``segnest train``, or of an exported
+        ONNX or OpenVINO logits model (:mod:`segnest.inference.backends`), with ``flags``
+        (validated)."""
+        if is_exported_model(path):
+            model, record = load_exported_model(path, precision=flags.precision,
+                                                device=flags.device, compile=flags.compile)
             return cls.from_checkpoint(record, flags, source=str(path), model=model)
         return cls.from_checkpoint(load_checkpoint(path), flags, source=str(path))
 
@@ -103,7 +105,8 @@ class Predictor:
                         source: str = "checkpoint", model: Model | None = None) -> Predictor:
         """The predictor a loaded checkpoint dict describes, with ``flags`` (validated)
         overriding its inference settings; ``source`` names the file in errors. ``model``:
-        a runnable exported model the dict describes (run on the CPU as it is)."""
+        a runnable exported model the dict describes, run on the CPU as it is (its flags
+        were checked by :func:`~segnest.inference.backends.load_exported_model`)."""
         settings = InferenceSettings.from_flags(flags, checkpoint)
         if model is None:
             device = resolve_device(flags.device)
@@ -111,7 +114,7 @@ class Predictor:
                                     fuse=flags.fuse_bn, compile=flags.compile,
                                     precision=resolve_precision(flags.precision, device))
         else:
-            device = exported_model_device(flags, source)
+            device = torch.device("cpu")
         num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
                           or len(checkpoint.get("classes") or ()))
         if not num_classes:
@@ -215,8 +218,9 @@ class Predictor:
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None = None,
                **settings: Any) -> Any:
     """A :class:`Predictor` for a segmentation checkpoint written by ``segnest train`` or a
-    logits ONNX model written by ``segnest export --format onnx`` or ``segnest quantize``;
-    a :class:`~segnest.inference.detection.DetectionPredictor` for a detection checkpoint
+    logits model written by ``segnest export``/``segnest quantize`` (ONNX, or OpenVINO
+    ``.xml``, whose ``precision`` is then OpenVINO's inference precision hint); a
+    :class:`~segnest.inference.detection.DetectionPredictor` for a detection checkpoint
     (its one setting: ``score_threshold``).
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
@@ -225,7 +229,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
     ``compile``, ``precision``.
     """
-    loaded = None if is_onnx_model(checkpoint) else load_checkpoint(checkpoint)
+    loaded = None if is_exported_model(checkpoint) else load_checkpoint(checkpoint)
     if loaded is not None and checkpoint_task(loaded) == "detection":
         from segnest.inference.detection import DetectionPredictor
 

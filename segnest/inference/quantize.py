@@ -1,4 +1,8 @@
-"""``segnest quantize``: int8 post-training quantization for CPU inference (ONNX Runtime).
+"""``segnest quantize``: int8 post-training quantization for CPU inference, in ONNX Runtime
+(``--backend onnxruntime``, the default, described first) or OpenVINO (``--backend
+openvino``: the model converted as ``segnest export --format openvino`` does, quantized by
+NNCF's post-training quantization calibrated on the same training images; see
+:mod:`segnest.inference.openvino`).
 
 The checkpoint's model (batch norms folded) is exported to ONNX as ``segnest export`` does,
 then ONNX Runtime's static quantization rewrites chosen convolutions as int8 QDQ pairs:
@@ -15,7 +19,8 @@ holds the types that ran faster in int8 than in fp32 (experiments/benchmarks/REA
 
 Before the file is written (atomically), the int8 model's labels are compared with the fp32
 model's on ``--check-images`` validation images, which calibration never saw; the agreement
-is printed, with a warning below ``AGREEMENT_WARNING``. ``--out`` follows the rules of
+and both models' mIoU on those images are printed, with a warning below
+``AGREEMENT_WARNING``. ``--out`` follows the rules of
 ``segnest export``: never the checkpoint, and only an earlier ONNX model may be replaced.
 
 ``segnest eval --checkpoint best.int8.onnx`` measures the result on a whole split
@@ -45,6 +50,14 @@ from segnest.inference.export import (
     export_onnx,
     require_extra,
 )
+from segnest.inference.metrics import ConfusionMatrix, percent
+from segnest.inference.openvino import (
+    OpenVinoModel,
+    StagedIR,
+    openvino,
+    quantize_ir,
+    to_openvino,
+)
 from segnest.inference.predictor import Predictor
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import (
@@ -58,7 +71,8 @@ from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
 
-SUFFIX = ".int8.onnx"
+# The default file name next to the checkpoint, per backend (config.QUANTIZE_BACKENDS).
+SUFFIXES = {"onnxruntime": ".int8.onnx", "openvino": ".int8.openvino.xml"}
 # Below this share of equal labels the int8 model is reported as suspect.
 AGREEMENT_WARNING = 0.95
 
@@ -157,21 +171,30 @@ def quantize_onnx(source: Path, target: Path, batches: Sequence[torch.Tensor],
 
 
 def label_agreement(reference: Any, candidate: Any, dataset: Any, count: int,
-                    settings: InferenceSettings) -> tuple[float, int]:
-    """Share of pixels where ``candidate``'s labels equal ``reference``'s under
-    ``settings``, over the first ``count`` images of ``dataset``; and the images used."""
+                    settings: InferenceSettings) -> dict[str, Any]:
+    """How ``candidate``'s labels under ``settings`` compare with ``reference``'s over the
+    first ``count`` images of ``dataset``: ``agreement`` (share of equal pixels),
+    ``images``, and the mIoU (percent) of each against the ground truth
+    (``reference_miou``, ``candidate_miou``)."""
     equal = total = images = 0
     num_classes = int(dataset.num_classes)
+    scores = {name: ConfusionMatrix(num_classes, dataset.ignore_index)
+              for name in ("reference", "candidate")}
     with torch.inference_mode():
         for index in range(min(count, len(dataset))):
-            image, _ = dataset.load(index)
+            image, mask = dataset.load(index)
+            target = torch.from_numpy(mask)
             # The banded labels eval and predict give (segment), for both models.
             (_, expected, _), = segment(reference, [(index, image)], num_classes, settings)
             (_, got, _), = segment(candidate, [(index, image)], num_classes, settings)
+            scores["reference"].update(expected.long(), target)
+            scores["candidate"].update(got.long(), target)
             equal += int((expected == got).sum())
             total += expected.numel()
             images += 1
-    return equal / max(total, 1), images
+    return {"agreement": equal / max(total, 1), "images": images,
+            "reference_miou": scores["reference"].compute()["mIoU"],
+            "candidate_miou": scores["candidate"].compute()["mIoU"]}
 
 
 def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any:
@@ -189,51 +212,82 @@ def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
-    """``segnest quantize``; returns the target, the quantized counts and the agreement."""
+    """``segnest quantize``; returns the target, the quantized counts (ONNX Runtime), the
+    agreement and the mIoU of both models on the check images."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    backend = cfg.backend
     layer_types = parse_layer_types(cfg.layer_types)
-    _onnxruntime()
+    if backend == "openvino":
+        openvino()  # installed, or one line before any work
+    else:
+        _onnxruntime()
     source = Path(cfg.checkpoint)
-    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIX)
-    check_target(target, source, "onnx")
+    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + SUFFIXES[backend])
+    check_target(target, source, "openvino" if backend == "openvino" else "onnx")
     checkpoint = load_checkpoint(cfg.checkpoint)
     model = inference_model(model_from_checkpoint(checkpoint, source=str(source)))
     settings = InferenceSettings.from_flags(InferenceFlags(), checkpoint, cfg.dataset)
     calibration = list(calibration_batches(_dataset(cfg, checkpoint, "train"),
                                            cfg.calibration_images, settings))
     val = _dataset(cfg, checkpoint, "val")
+    predictor = Predictor.from_checkpoint(checkpoint, InferenceFlags(device="cpu"),
+                                          source=str(source))
+    fmt = "openvino" if backend == "openvino" else "onnx"
+    # The classes, palette and normalisation travel with the model, as in every segnest
+    # export (read them with segnest.inference.export.read_metadata).
+    metadata = export_metadata(predictor, checkpoint, fmt, end_to_end=False)
+    # LogitsOnly must be in eval mode: the exporters restore the wrapper's mode on the
+    # whole model afterwards, and a model left training (dropout) would make the reference
+    # of the agreement check random.
+    logits = LogitsOnly(model).eval()
+    if backend == "openvino":
+        counts: dict[str, int] = {}
+        quantized = quantize_ir(to_openvino(logits, calibration[0]), calibration)
+        metadata["quantization"] = {
+            "dtype": "int8", "method": "NNCF post-training quantization, performance preset",
+            "calibration_images": len(calibration)}
+        staged = StagedIR(quantized, target, metadata)
+        try:
+            check = label_agreement(model, OpenVinoModel(staged.xml), val, cfg.check_images,
+                                    settings)
+            _report(check, settings, target)
+            staged.commit()
+        finally:
+            staged.discard()
+        what = "quantized to int8 with NNCF"
+        runtime = "run with openvino"
+    else:
+        with tempfile.TemporaryDirectory(prefix="segnest-quantize-") as folder:
+            fp32 = Path(folder) / "model.onnx"
+            with torch.no_grad():
+                export_onnx(logits, calibration[0], fp32, end_to_end=False)
+            with atomic_path(target) as temp:
+                counts = quantize_onnx(fp32, temp, calibration, layer_types)
+                metadata["quantization"] = {
+                    "dtype": "int8", "method": "onnxruntime static QDQ, per-channel weights",
+                    "layer_types": list(layer_types), "convolutions": counts,
+                    "calibration_images": len(calibration)}
+                add_onnx_metadata(temp, metadata)
+                check = label_agreement(model, OnnxModel(temp), val, cfg.check_images,
+                                        settings)
+                _report(check, settings, target)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        what = f"quantized {sum(counts.values())} convolutions to int8 ({kinds})"
+        runtime = "run with onnxruntime"
+    print(f"{what}, calibrated on {len(calibration)} training images -> {target}: normalized "
+          f"image (N,C,H,W) -> logits (N,classes,H,W), {runtime}")
+    return {"target": target, "counts": counts, **check}
 
-    with tempfile.TemporaryDirectory(prefix="segnest-quantize-") as folder:
-        fp32 = Path(folder) / "model.onnx"
-        with torch.no_grad():
-            # LogitsOnly must be in eval mode: the exporter restores the wrapper's mode
-            # on the whole model afterwards, and a model left training (dropout) would
-            # make the reference of the agreement check random.
-            export_onnx(LogitsOnly(model).eval(), calibration[0], fp32, end_to_end=False)
-        with atomic_path(target) as temp:
-            counts = quantize_onnx(fp32, temp, calibration, layer_types)
-            # The classes, palette and normalisation travel with the model, as in every
-            # segnest export (read them with segnest.inference.export.read_metadata).
-            predictor = Predictor.from_checkpoint(checkpoint, InferenceFlags(device="cpu"),
-                                                  source=str(source))
-            metadata = export_metadata(predictor, checkpoint, "onnx", end_to_end=False)
-            metadata["quantization"] = {
-                "dtype": "int8", "method": "onnxruntime static QDQ, per-channel weights",
-                "layer_types": list(layer_types), "convolutions": counts,
-                "calibration_images": len(calibration)}
-            add_onnx_metadata(temp, metadata)
-            agreement, images = label_agreement(model, OnnxModel(temp), val,
-                                                cfg.check_images, settings)
 
-    kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-    print(f"quantized {sum(counts.values())} convolutions to int8 ({kinds}; calibrated on "
-          f"{len(calibration)} training images) -> {target}: normalized image (N,C,H,W) -> "
-          f"logits (N,classes,H,W), run with onnxruntime")
-    print(f"int8 labels agree with fp32 on {100 * agreement:.2f}% of the pixels of {images} "
-          f"validation images ({settings.describe()})")
-    if agreement < AGREEMENT_WARNING:
+def _report(check: dict[str, Any], settings: InferenceSettings, target: Path) -> None:
+    """The agreement and the mIoU change, printed before the model is written."""
+    change = check["candidate_miou"] - check["reference_miou"]
+    print(f"int8 labels agree with fp32 on {100 * check['agreement']:.2f}% of the pixels of "
+          f"{check['images']} validation images ({settings.describe()}); mIoU "
+          f"{percent(check['reference_miou'])} -> {percent(check['candidate_miou'])} "
+          f"({change:+.2f})")
+    if check["agreement"] < AGREEMENT_WARNING:
         print(f"warning: int8 labels differ from fp32 on more than "
               f"{100 * (1 - AGREEMENT_WARNING):.0f}% of the pixels; measure its mIoU with "
               f"'segnest eval --checkpoint {target}' before using it, or quantize fewer "
               "--layer-types")
-    return {"target": target, "counts": counts, "agreement": agreement, "images": images}

@@ -13,8 +13,9 @@ rounding (tests: 1e-6, up- and down-scaling, odd sizes). Used twice by inference
   (an 8000 x 8000 RGB photo is 768 MB as float32); normalization is per channel and affine
   and the interpolation weights sum to one, so normalizing the gathered rows equals
   normalizing first;
-- :func:`upsample_band` brings working-resolution probabilities (classes last) to rows
-  ``y0:y1`` of the image's size.
+- :func:`upsample_band` brings a model's feature-resolution logits to rows of the working
+  size (``align_corners=True``, as segnest's DeepLabV3 upsamples), and working-resolution
+  probabilities (classes last) to rows ``y0:y1`` of the image's size.
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ from segnest.data.transforms import to_unit_range
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def bilinear_taps(in_size: int, out_size: int) -> Taps:
+def bilinear_taps(in_size: int, out_size: int, align_corners: bool = False) -> Taps:
     """``(i0, i1, lam)`` of length ``out_size``: output index ``o`` is
-    ``(1 - lam[o]) * x[i0[o]] + lam[o] * x[i1[o]]`` (align_corners=False, as PyTorch)."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    ``(1 - lam[o]) * x[i0[o]] + lam[o] * x[i1[o]]``, with PyTorch's source coordinates for
+    ``align_corners``."""
+    positions = torch.arange(out_size, dtype=torch.float32)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        source = positions * torch.tensor(scale, dtype=torch.float32)
+    else:
+        scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+        source = ((positions + 0.5) * scale - 0.5).clamp_(min=0)
     i0 = source.long()  # source >= 0, so truncation is floor
     i0.clamp_(max=in_size - 1)
     i1 = (i0 + 1).clamp_(max=in_size - 1)

@@ -12,8 +12,13 @@ Two paths give the same numbers:
   labels and the confidence (the largest averaged probability) at the image's own size are
   made a band of rows at a time (:mod:`segnest.inference.resample`): each scale's
   probabilities are upsampled to just those rows, summed and divided by the number of
-  views. Memory is bounded by the working-resolution probabilities plus one band, not by
-  ``C x H x W`` (a 4000 x 4000 photo and 150 classes: 9.6 GB per full-size copy);
+  views. For segnest's DeepLabV3 in whole mode (:func:`defers_upsampling`) each view is
+  kept as the model's feature-resolution logits (1/64 of the working pixels) and its
+  working-resolution probabilities are made, too, only for the rows a band needs, so the
+  memory held does not grow with the number of scales and flips: it is bounded by one
+  forward pass at the largest scale plus one band, not by ``C x H x W`` (a 4000 x 4000
+  photo and 150 classes: 9.6 GB per full-size copy); other models and slide mode hold
+  each scale's working-resolution probabilities.
   experiments/benchmarks/inference_memory.py measures it. Sliding-window sums live on the
   CPU.
 - :func:`multi_scale_inference` / :func:`infer` return the probabilities themselves at the
@@ -50,6 +55,7 @@ from segnest.models.pixelwise import channel_softmax
 from segnest.runtime.compiling import compile_model
 from segnest.runtime.memory import available_bytes
 from segnest.runtime.precision import Autocast
+from segnest.runtime.tuning import cast_weights_once, decide_for
 
 Model = Callable[[torch.Tensor], Any]
 
@@ -60,13 +66,15 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
     rounding (tests hold both paths to 1e-4).
 
     ``fuse`` folds every batch norm into the convolution before it (a copy; ``model`` is
-    left as it is). ``compile`` compiles the result with frozen weights
-    (:mod:`segnest.runtime.compiling`), valid only for a model that is not trained
-    afterwards, which is why training's validation never goes through here. Each new
-    input size compiles once more (tens of seconds on a CPU), so it pays off
-    on long runs over images of few sizes. ``precision`` (an autocast dtype from
+    left as it is). ``compile`` compiles the result with frozen weights, one graph per
+    input size (:mod:`segnest.runtime.compiling`), valid only for a model that is not
+    trained afterwards, which is why training's validation never goes through here. Each
+    new input size compiles once more (tens of seconds on a CPU), so it pays off on long
+    runs over images of few sizes. ``precision`` (an autocast dtype from
     :func:`segnest.runtime.precision.resolve_precision`; None: float32) runs the model in
-    channels_last under autocast, the layout oneDNN's bf16 convolutions want; the logits
+    channels_last under autocast, the layout oneDNN's bf16 convolutions want, with the
+    choices :func:`segnest.runtime.tuning.hardware_decisions` makes for this device (which
+    ASPP dilations stay float32) and the weights cast to ``precision`` once; the logits
     stay float32.
     """
     prepared = fuse_bn(model) if fuse else model.eval()
@@ -74,10 +82,17 @@ def inference_model(model: nn.Module, *, fuse: bool = True, compile: bool = Fals
         # Both change the layout of the weights: never that of the caller's model.
         prepared = copy.deepcopy(prepared) if prepared is model else prepared
     if precision is not None:
-        prepared = Autocast(prepared.to(memory_format=torch.channels_last), precision)
-    if not compile:
-        return prepared
-    return compile_model(prepared, frozen=True)
+        device = next(prepared.parameters()).device
+        decide_for(prepared, device, precision)
+        prepared = prepared.to(memory_format=torch.channels_last)
+        prepared = Autocast(cast_weights_once(prepared, precision), precision)
+    if compile:
+        prepared = compile_model(prepared, frozen=True)
+    if defers_upsampling(model) and prepared is not model:
+        # The wrappers pass ``upsample=False`` through: segment() keeps the logits at
+        # feature resolution between scales.
+        prepared.ALIGN_CORNERS = model.ALIGN_CORNERS
+    return prepared
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -104,13 +119,17 @@ def predict_logits(model: Model, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _probabilities(model: Model, x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    logits = predict_logits(model, x)
+def _check_classes(logits: torch.Tensor, num_classes: int) -> None:
     if logits.shape[1] != num_classes:
         raise SegnestError(
             f"model predicts {logits.shape[1]} classes but the dataset has {num_classes}; "
             "use a checkpoint trained for this dataset or set num_classes to match"
         )
+
+
+def _probabilities(model: Model, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    logits = predict_logits(model, x)
+    _check_classes(logits, num_classes)
     return channel_softmax(logits)
 
 
@@ -345,22 +364,86 @@ def _working_image(image: ImageLike, size: tuple[int, int],
     return _resize(image[None], size)[0]
 
 
-def _whole_views(model: Model, x: torch.Tensor, num_classes: int, flip: bool) -> torch.Tensor:
-    """Probabilities of the batch ``x``, summed with those of its mirror image."""
-    if not flip:
-        return whole_inference(model, x, num_classes)
+class HeldProbabilities:
+    """One image's probabilities at one scale's working size, held as they are."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        # Classes last (see upsample_band); a no-op for the channels_last probabilities
+        # segnest's models give on a CPU.
+        self.probs = probs.permute(1, 2, 0).contiguous()
+        self.size = tuple(self.probs.shape[:2])
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        """Rows ``y0:y1`` as ``(rows, w, C)`` (a view)."""
+        return self.probs[y0:y1]
+
+
+class DeferredProbabilities:
+    """One image's probabilities at one scale's working size, kept as the model's
+    feature-resolution logits (input / output stride per side: 1/64 of the pixels) and
+    made a band of rows at a time: the logits upsampled as the model upsamples them
+    (bilinear, its ``ALIGN_CORNERS``), softmax, and the mirror view's probabilities
+    added. What is held between scales is then a few MB per view, whatever the number of
+    scales."""
+
+    def __init__(self, logits: Sequence[torch.Tensor], size: tuple[int, int],
+                 align_corners: bool) -> None:
+        self.logits = [view.permute(1, 2, 0).contiguous() for view in logits]
+        self.size = size
+        low = self.logits[0].shape[:2]
+        self.taps = (bilinear_taps(low[0], size[0], align_corners),
+                     bilinear_taps(low[1], size[1], align_corners))
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        """Rows ``y0:y1`` as a new ``(rows, w, C)`` tensor."""
+        total: torch.Tensor | None = None
+        for logits in self.logits:
+            probs = upsample_band(logits, *self.taps, y0, y1).softmax(dim=-1)
+            total = probs if total is None else total.add_(probs)
+        return total
+
+
+WorkingProbabilities = HeldProbabilities | DeferredProbabilities
+
+
+def defers_upsampling(model: Model) -> bool:
+    """Whether ``model(x, upsample=False)`` returns its logits at feature resolution and
+    ``model.ALIGN_CORNERS`` says how it upsamples them (segnest's DeepLabV3 and the
+    wrappers :func:`inference_model` puts around it)."""
+    return isinstance(getattr(model, "ALIGN_CORNERS", None), bool)
+
+
+def _whole_views(model: Model, x: torch.Tensor, num_classes: int, flip: bool
+                 ) -> list[WorkingProbabilities]:
+    """Each image of the batch ``x``: its probabilities, plus those of its mirror image."""
     batch = x.shape[0]
-    probs = whole_inference(model, torch.cat([x, x.flip(-1)], dim=0), num_classes)
-    # Summing before resizing back is exact (resizing is linear) and halves the work; a
-    # new tensor, so that the mirrored half is freed while the other scales run.
-    return probs[:batch] + probs[batch:].flip(-1)
+    if defers_upsampling(model):
+        # The mirror images go through the model on their own: the activations of the
+        # largest scale, not the probabilities, bound the memory here, and a CPU runs a
+        # batch of two no faster than two batches of one.
+        def low_resolution(images: torch.Tensor) -> torch.Tensor:
+            out = model(images, upsample=False)
+            logits = (out["out"] if isinstance(out, dict) else out).float().cpu()
+            _check_classes(logits, num_classes)
+            return logits
+
+        views = [low_resolution(x)] + ([low_resolution(x.flip(-1)).flip(-1)] if flip else [])
+        size = tuple(x.shape[-2:])
+        return [DeferredProbabilities([view[i] for view in views], size, model.ALIGN_CORNERS)
+                for i in range(batch)]
+    inputs = torch.cat([x, x.flip(-1)], dim=0) if flip else x
+    probs = whole_inference(model, inputs, num_classes).cpu()
+    if flip:
+        # Summing before resizing back is exact (resizing is linear) and halves the work.
+        probs = probs[:batch] + probs[batch:].flip(-1)
+    return [HeldProbabilities(p) for p in probs]
 
 
 def _scale_probabilities(model: Model, inputs: list[torch.Tensor], num_classes: int,
                          settings: InferenceSettings, batch_size: int,
-                         device: torch.device) -> list[torch.Tensor]:
+                         device: torch.device) -> list[WorkingProbabilities]:
     """Each input's probabilities at its working size (CPU), flipped view added."""
-    results: list[torch.Tensor | None] = [None] * len(inputs)
+    results: list[WorkingProbabilities | None] = [None] * len(inputs)
     if settings.mode == "whole":
         buckets: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(inputs):
@@ -369,8 +452,8 @@ def _scale_probabilities(model: Model, inputs: list[torch.Tensor], num_classes: 
             for first in range(0, len(members), batch_size):
                 chosen = members[first: first + batch_size]
                 x = torch.stack([inputs[i] for i in chosen]).to(device)
-                probs = _whole_views(model, x, num_classes, settings.flip).cpu()
-                for i, p in zip(chosen, probs, strict=True):
+                for i, p in zip(chosen, _whole_views(model, x, num_classes, settings.flip),
+                                strict=True):
                     results[i] = p
         return results
     crop, stride = _slide_geometry(settings.window_size, settings.stride)
@@ -378,33 +461,39 @@ def _scale_probabilities(model: Model, inputs: list[torch.Tensor], num_classes: 
     per_view = 2 if settings.flip else 1
     for i, probs in enumerate(_slide_many(model, views, num_classes, crop, stride,
                                           batch_size * per_view, device)):
-        results[i] = probs[0] + probs[1].flip(-1) if settings.flip else probs[0]
+        results[i] = HeldProbabilities(probs[0] + probs[1].flip(-1) if settings.flip
+                                       else probs[0])
     return results
 
 
-def combine_bands(per_scale: Sequence[torch.Tensor], size: tuple[int, int], views: int,
-                  confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def combine_bands(per_scale: Sequence[WorkingProbabilities], size: tuple[int, int],
+                  views: int, confidence: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels (H x W; uint8 up to 256 classes, else int64) and, with ``confidence``, the
     largest probability (H x W float32) of the mean over ``views`` of the scales'
-    probabilities ``(C, h_s, w_s)`` upsampled to ``size``, made a band of rows at a time."""
+    working-size probabilities upsampled to ``size``, made a band of rows at a time: each
+    scale gives just the working rows the band's rows mix."""
     height, width = size
-    classes = per_scale[0].shape[0]
-    # Classes last (see upsample_band); a no-op for the channels_last probabilities
-    # segnest's models give on a CPU.
-    per_scale = [p.permute(1, 2, 0).contiguous() for p in per_scale]
+    classes = per_scale[0].rows(0, 1).shape[-1]
     labels = torch.empty(size, dtype=torch.uint8 if classes <= 256 else torch.int64)
     best = torch.empty(size) if confidence else None
-    taps = [(bilinear_taps(p.shape[0], height), bilinear_taps(p.shape[1], width))
+    taps = [(bilinear_taps(p.size[0], height), bilinear_taps(p.size[1], width))
             for p in per_scale]
     rows = max(1, BAND_BYTES // (classes * width * 4))
     for y0 in range(0, height, rows):
         y1 = min(height, y0 + rows)
         total: torch.Tensor | None = None
         for probs, (row_taps, col_taps) in zip(per_scale, taps, strict=True):
-            if tuple(probs.shape[:2]) == size:
-                band = probs[y0:y1] if total is not None else probs[y0:y1].clone()
+            if probs.size == size:
+                band = probs.rows(y0, y1)
+                if total is None and isinstance(probs, HeldProbabilities):
+                    band = band.clone()  # a view: the sum must not write into it
             else:
-                band = upsample_band(probs, row_taps, col_taps, y0, y1)
+                i0, i1, lam = (t[y0:y1] for t in row_taps)
+                first, last = int(i0.min()), int(i1.max()) + 1
+                working = probs.rows(first, last)
+                band = upsample_band(working, (i0 - first, i1 - first, lam), col_taps,
+                                     0, y1 - y0)
             total = band if total is None else total.add_(band)
         if views > 1:
             total /= views

@@ -65,20 +65,29 @@ class ASPP(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
-        # The dilated 3x3 branches (branches[1:-1]).
-        self.dilated = [False] + [True] * len(rates) + [False]
+        # The dilation of each branch (None: not dilated), and the dilations whose branches
+        # run in float32 under CPU autocast. Which is faster depends on the CPU (oneDNN's
+        # bf16 kernels for wide dilations on a small map were 1.4-6x slower than fp32 on
+        # one AMX CPU, 1.56-2.08x faster on an AVX-512 BF16 CPU without AMX:
+        # experiments/benchmarks/README.md); segnest.runtime.tuning decides it for the CPU
+        # at hand. Until it has, float32, as measured first.
+        self.branch_dilations = [None, *rates, None]
+        self.dilations = tuple(rates)
+        self.float32_dilations = frozenset(rates)
+
+    def float32_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the branches that run in float32 under CPU autocast."""
+        return [p for branch, rate in zip(self.branches, self.branch_dilations, strict=True)
+                if rate in self.float32_dilations for p in branch.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [_float32_on_cpu(branch, x) if dilated else branch(x)
-                for branch, dilated in zip(self.branches, self.dilated, strict=True)]
+        outs = [_float32_on_cpu(branch, x) if rate in self.float32_dilations else branch(x)
+                for branch, rate in zip(self.branches, self.branch_dilations, strict=True)]
         return self.project(torch.cat(outs, dim=1))
 
 
 def _float32_on_cpu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, in float32 when it would run under CPU autocast: oneDNN's bf16
-    convolutions do not skip the zero padding of the ASPP's wide dilations as its fp32
-    NHWC kernels do, and ran 1.4-6x slower than fp32 on an AMX CPU
-    (experiments/benchmarks/README.md)."""
+    """``module(x)``, in float32 when it would run under CPU autocast."""
     if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return module(x)
     with torch.autocast("cpu", enabled=False):

@@ -78,8 +78,9 @@ def load_checkpoint(
             f"checkpoint {path} does not exist; "
             "check the path given to --checkpoint / --resume / --pretrained"
         )
-    # torch.load reads safetensors files too where that package is installed: a checkpoint
-    # is refused as one either way (segnest writes none; --pretrained reads them itself).
+    # torch.load reads safetensors files too where that package is installed (nncf, timm
+    # and transformers bring it): a checkpoint is refused as one either way (segnest writes
+    # none; --pretrained reads them itself).
     if _is_safetensors_file(path):
         raise SegnestError(f"checkpoint {path} is {describe_file(path)}")
     # A truncated zip lacks its central directory, which torch cannot map; such a file is

@@ -76,6 +76,13 @@ if hasattr(errno, "EDQUOT"):  # not on Windows
         "free some space or choose another location (--work-dir / --out / --export)")
 
 
+def default_cache_dir() -> Path:
+    """segnest's cache folder (generated data, hardware measurements): ``$SEGNEST_CACHE``
+    or ``~/.cache/segnest``."""
+    env = os.environ.get("SEGNEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "segnest"
+
+
 def write_error(target: Path, error: OSError) -> SegnestError | None:
     """The user error for an ``OSError`` met while writing ``target``; None when the errno
     says nothing a user can act on (then the original error is the better report)."""

@@ -46,6 +46,7 @@ from segnest.runtime.precision import (
     precision_name,
     resolve_precision,
 )
+from segnest.runtime.tuning import hardware_decisions, model_dilations
 from segnest.tasks.segmentation.losses import segmentation_loss
 
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
@@ -155,6 +156,8 @@ def _describe(report: dict[str, Any]) -> str:
     options = ", ".join(k for k in ("fuse_bn", "compile", "checkpoint_activations",
                                     "channels_last") if report.get(k)) or "plain"
     options += f", {report['precision']}"
+    decisions = [f"  decided         {line}" if i == 0 else f"                  {line}"
+                 for i, line in enumerate(report["decisions"])]
     return "\n".join([
         f"segnest bench: {report['model']} {mode}, batch {report['batch']} at "
         f"{report['size']}x{report['size']} on {report['device']} ({options})",
@@ -165,6 +168,8 @@ def _describe(report: dict[str, Any]) -> str:
         f"{report['achieved_gflops']:.2f} GFLOP/s",
         f"  conv peak       {report['conv_peak_gflops']:.2f} GFLOP/s (3x3 conv probe); "
         f"achieved = {100 * report['fraction_of_conv_peak']:.1f}% of it",
+        f"  hardware        {report['hardware']}",
+        *decisions,
     ])
 
 
@@ -191,6 +196,8 @@ def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
             model.set_grad_checkpointing(True)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    # What inference_model decides for this hardware (the same call, cached): printed.
+    decisions = hardware_decisions(device.type, dtype, () if train else model_dilations(model))
     if not train:
         # Eval's model, eager (FLOPs are counted on it) and, with --compile, compiled.
         model = inference_model(model, fuse=cfg.fuse_bn, precision=dtype)
@@ -263,6 +270,8 @@ def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
         "achieved_gflops": flops / seconds / 1e9,
         "conv_peak_gflops": peak,
         "fraction_of_conv_peak": flops / seconds / 1e9 / peak,
+        "hardware": decisions.device,
+        "decisions": decisions.lines(),
     }
     if not quiet:
         print(json.dumps(report) if cfg.json else _describe(report))
