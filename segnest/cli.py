@@ -42,7 +42,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     """Without a name: each packaged recipe with what it trains, the published number it
     targets and the hardware it assumes. With a name: that recipe's YAML, as shipped."""
-    from segnest import config
+    from segnest.commands import config
 
     if args.name:
         print(config.find_recipe(args.name)[1], end="")
@@ -61,41 +61,46 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-def _command(config_name: str, runner: str, presets: str | None = None,
-             resolver: str = "segnest.config:resolve_config"
+def _command(settings: str, runner: str, presets: str | None = None,
+             resolver: str = "segnest.commands.config:resolve_config"
              ) -> Callable[[argparse.Namespace], int]:
-    """A command: its flags merged with the recipe and the presets named by ``presets`` (an
-    attribute of segnest.config) into the validated config ``config_name`` by ``resolver``
-    ("module:function", resolve_config's signature), then passed to ``runner``. The
-    runner's module (and torch) is imported only once the config is valid, so that a bad
-    flag is reported at once."""
+    """A command: its flags merged with the recipe and the presets ``presets`` into the
+    validated settings class ``settings`` by ``resolver``, then passed to ``runner`` (each
+    "module:name"; the resolver has resolve_config's signature). The runner's module (and
+    torch) is imported only once the settings are valid, so that a bad flag is reported at
+    once."""
 
     def handler(args: argparse.Namespace) -> int:
-        from segnest import config
-
         given = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
-        table = getattr(config, presets) if presets else None
-        cfg = _load(resolver)(getattr(config, config_name), given, table)
+        table = _load(presets) if presets else None
+        cfg = _load(resolver)(_load(settings), given, table)
         result = _load(runner)(cfg)
         if isinstance(result, dict) and result.get("interrupted"):
             raise RunStopped(result.get("signal"))  # exits with the signal's code
         return 0
 
+    handler.settings = settings  # type: ignore[attr-defined]
     return handler
 
 
+# Each command: its settings class (the flags), what runs it and the presets under its flags.
 COMMANDS = {
-    "train": _command("TrainConfig", "segnest.tasks.segmentation.task:run_train",
-                      "DATASET_PRESETS",
+    "train": _command("segnest.tasks.segmentation.config:TrainConfig",
+                      "segnest.tasks.segmentation.task:run_train",
+                      "segnest.presets:DATASET_PRESETS",
                       resolver="segnest.tasks.segmentation.presets:resolve_train_config"),
-    "eval": _command("EvalConfig", "segnest.inference.evaluate:run_eval"),
-    "predict": _command("PredictConfig", "segnest.inference.predict:run_predict"),
-    "export": _command("ExportConfig", "segnest.inference.export:run_export"),
-    "quantize": _command("QuantizeConfig", "segnest.inference.quantize:run_quantize"),
-    "pretrain": _command("PretrainConfig", "segnest.tasks.classification.task:run_pretrain",
-                         "PRETRAIN_PRESETS"),
-    "bench": _command("BenchConfig", "segnest.tools.bench:run_bench"),
-    "demo": _command("DemoConfig", "segnest.tools.demo:run_demo"),
+    "eval": _command("segnest.inference.config:EvalConfig", "segnest.inference.evaluate:run_eval"),
+    "predict": _command("segnest.inference.config:PredictConfig",
+                        "segnest.inference.predict:run_predict"),
+    "export": _command("segnest.inference.config:ExportConfig",
+                       "segnest.inference.export:run_export"),
+    "quantize": _command("segnest.inference.config:QuantizeConfig",
+                         "segnest.inference.quantize:run_quantize"),
+    "pretrain": _command("segnest.tasks.classification.config:PretrainConfig",
+                         "segnest.tasks.classification.task:run_pretrain",
+                         "segnest.tasks.classification.config:PRETRAIN_PRESETS"),
+    "bench": _command("segnest.tools.config:BenchConfig", "segnest.tools.bench:run_bench"),
+    "demo": _command("segnest.tools.config:DemoConfig", "segnest.tools.demo:run_demo"),
 }
 
 
@@ -117,25 +122,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     recipes.add_argument("name", nargs="?", metavar="NAME", help="print this recipe's YAML")
     handlers["recipes"] = cmd_recipes
 
-    from segnest import config
+    from segnest.commands.config import add_dataclass_arguments
 
-    commands = [
-        ("train", config.TrainConfig),
-        ("eval", config.EvalConfig),
-        ("predict", config.PredictConfig),
-        ("export", config.ExportConfig),
-        ("quantize", config.QuantizeConfig),
-        ("pretrain", config.PretrainConfig),
-        ("bench", config.BenchConfig),
-        ("demo", config.DemoConfig),
-    ]
-    for name, cls in commands:
+    for name, handler in COMMANDS.items():
+        cls = _load(handler.settings)
         summary = (cls.__doc__ or "").split(":", 1)[-1].strip()
         command = sub.add_parser(name, help=summary, description=summary)
         if name == "predict":
             command.add_argument("inputs", nargs="+", metavar="IMAGE|DIR",
                                  help="image files or folders")
-        config.add_dataclass_arguments(command, cls, skip=("inputs",))
+        add_dataclass_arguments(command, cls, skip=("inputs",))
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show full tracebacks for errors")
         handlers[name] = COMMANDS[name]

@@ -115,7 +115,7 @@ TINY_FLAGS = ["--backbone", "resnest14", "--stage-width", "8", "--stem-width", "
 
 
 def _tiny_train_config(data_root, work_dir, **overrides):
-    from segnest.config import TrainConfig
+    from segnest.tasks.segmentation.config import TrainConfig
 
     values = dict(dataset="folder", data_root=str(data_root), work_dir=str(work_dir),
                   iters=6, batch_size=2, base_size=48, crop_size=32, workers=0,

@@ -7,9 +7,7 @@ from dataclasses import fields
 import pytest
 
 from segnest.cli import build_parser, main
-from segnest.config import (
-    DATASET_PRESETS,
-    TrainConfig,
+from segnest.commands.config import (
     add_dataclass_arguments,
     packaged_recipes,
     read_recipe,
@@ -17,6 +15,8 @@ from segnest.config import (
 )
 from segnest.errors import SegnestError
 from segnest.models import create_model
+from segnest.presets import DATASET_PRESETS
+from segnest.tasks.segmentation.config import TrainConfig
 
 RECIPES = list(packaged_recipes())
 

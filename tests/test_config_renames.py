@@ -6,15 +6,12 @@ import argparse
 import torch
 
 from segnest.cli import build_parser
-from segnest.config import (
-    DATASET_PRESETS,
-    EvalConfig,
-    PretrainConfig,
-    TrainConfig,
-    add_dataclass_arguments,
-    resolve_config,
-)
+from segnest.commands.config import add_dataclass_arguments, resolve_config
+from segnest.inference.config import EvalConfig
 from segnest.models import create_model, model_from_checkpoint
+from segnest.presets import DATASET_PRESETS
+from segnest.tasks.classification.config import PretrainConfig
+from segnest.tasks.segmentation.config import TrainConfig
 
 
 def parse(cls, *argv: str):

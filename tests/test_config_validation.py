@@ -11,24 +11,15 @@ import pytest
 import torch
 
 from segnest.cli import build_parser, main
-from segnest.config import (
-    DATASET_PRESETS,
-    PRETRAIN_PRESETS,
-    BenchConfig,
-    DemoConfig,
-    EvalConfig,
-    ExportConfig,
-    PredictConfig,
-    PretrainConfig,
-    TrainConfig,
-    add_dataclass_arguments,
-    resolve_config,
-    stage_width_fits,
-    validate_config,
-)
+from segnest.commands.config import add_dataclass_arguments, resolve_config, validate_config
 from segnest.errors import SegnestError
+from segnest.inference.config import EvalConfig, ExportConfig, PredictConfig
 from segnest.models import create_model
-from segnest.models.resnest import RESNEST_VARIANTS
+from segnest.models.resnest import RESNEST_VARIANTS, stage_width_fits
+from segnest.presets import DATASET_PRESETS
+from segnest.tasks.classification.config import PRETRAIN_PRESETS, PretrainConfig
+from segnest.tasks.segmentation.config import TrainConfig
+from segnest.tools.config import BenchConfig, DemoConfig
 
 
 def base_argv(command: str, tmp: Path, tiny_flags: list[str]) -> list[str]:

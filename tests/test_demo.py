@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from segnest.config import DemoConfig
 from segnest.errors import RunStopped
+from segnest.tools.config import DemoConfig
 from segnest.tools.demo import run_demo
 
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import save_tiny_checkpoint
 
 import segnest
-from segnest.config import EvalConfig, ExportConfig, PredictConfig, QuantizeConfig
 from segnest.data import generate_palette
 from segnest.errors import SegnestError
+from segnest.inference.config import EvalConfig, ExportConfig, PredictConfig, QuantizeConfig
 from segnest.inference.evaluate import run_eval
 from segnest.inference.export import run_export
 from segnest.inference.predict import run_predict

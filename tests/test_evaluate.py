@@ -9,7 +9,6 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
-from segnest.config import EvalConfig, PredictConfig
 from segnest.data import (
     ADE20K,
     ADE20K_CLASSES,
@@ -20,6 +19,7 @@ from segnest.data import (
     Cityscapes,
 )
 from segnest.errors import SegnestError
+from segnest.inference.config import EvalConfig, PredictConfig
 from segnest.inference.evaluate import evaluate, run_eval
 from segnest.inference.settings import InferenceSettings
 from segnest.models import create_model
@@ -177,7 +177,7 @@ def test_run_eval_folds_batch_norms_unless_told_not_to(checkpoint: Path, monkeyp
 
 def test_multi_scale_flip_run_records_timing(checkpoint: Path):
     cfg = EvalConfig(checkpoint=str(checkpoint), device="cpu", workers=0, multi_scale=True,
-                     flip=True, scales="0.75,1.25")
+                     flip=True, scales=(0.75, 1.25))
     results = run_eval(cfg)
     timing = results["timing"]
     assert 0.0 < timing["forward_s"] <= timing["total_s"]
@@ -305,19 +305,20 @@ def test_inference_settings_from_flags_and_checkpoint():
     assert multi.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and multi.base_size == 520
     multi = from_flags(EvalConfig(checkpoint="x", multi_scale=True), ckpt)
     assert multi.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and multi.base_size == 64
-    slide = from_flags(PredictConfig(checkpoint="x", mode="slide", scales="1,1.5"), ckpt)
+    slide = from_flags(PredictConfig(checkpoint="x", mode="slide", scales=(1, 1.5)), ckpt)
     assert slide.mode == "slide" and slide.window_size == 48 and slide.scales == (1.0, 1.5)
     slide = from_flags(PredictConfig(checkpoint="x", mode="slide", window_size=40), ckpt)
     assert slide.window_size == 40
-    with pytest.raises(SegnestError, match="--scales"):
-        from_flags(EvalConfig(checkpoint="x", scales="0.5,big"), ckpt)
-    with pytest.raises(SegnestError, match="--scales"):
-        from_flags(EvalConfig(checkpoint="x", scales="0,1"), ckpt)
-    with pytest.raises(SegnestError, match="--mode"):
+    # Settings from Python are named in Python terms (the command line names its flags).
+    with pytest.raises(SegnestError, match="scales=.* is not a sequence of numbers"):
+        from_flags(EvalConfig(checkpoint="x", scales=(0.5, "big")), ckpt)
+    with pytest.raises(SegnestError, match=r"scales=\(0.0, 1.0\) is out of range"):
+        from_flags(EvalConfig(checkpoint="x", scales=(0, 1)), ckpt)
+    with pytest.raises(SegnestError, match="mode='tiles'"):
         from_flags(EvalConfig(checkpoint="x", mode="tiles"), ckpt)
-    with pytest.raises(SegnestError, match="--stride"):
+    with pytest.raises(SegnestError, match="stride 60 is larger than window_size 48"):
         from_flags(EvalConfig(checkpoint="x", mode="slide", stride=60), ckpt)
-    with pytest.raises(SegnestError, match="--window-size"):
+    with pytest.raises(SegnestError, match="window_size=0"):
         from_flags(EvalConfig(checkpoint="x", window_size=0), ckpt)
 
 

@@ -12,10 +12,11 @@ import torch
 from conftest import save_tiny_checkpoint
 
 import segnest
-from segnest.config import ExportConfig, validate_config
+from segnest.commands.config import validate_config
 from segnest.data import generate_palette
 from segnest.errors import SegnestError
 from segnest.inference import export
+from segnest.inference.config import ExportConfig
 from segnest.inference.export import (
     CeilAvgPool,
     check_images,

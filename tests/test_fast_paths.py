@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from segnest.config import BenchConfig
 from segnest.errors import SegnestError
 from segnest.inference.strategies import inference_model
 from segnest.models import create_model
 from segnest.models.fuse import fuse_bn
 from segnest.runtime import compiling
 from segnest.tools.bench import run_bench
+from segnest.tools.config import BenchConfig
 
 TINY = dict(stage_width=8, stem_width=8)
 

@@ -8,10 +8,10 @@ import torch
 from conftest import write_folder_dataset
 from PIL import Image
 
-from segnest.config import EvalConfig, PredictConfig
 from segnest.data.base import read_image
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
+from segnest.inference.config import EvalConfig, PredictConfig
 from segnest.inference.evaluate import run_eval
 from segnest.inference.predict import run_predict
 from segnest.inference.resample import resize_image

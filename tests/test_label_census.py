@@ -8,12 +8,14 @@ import pytest
 from PIL import Image
 
 from segnest import cli
-from segnest.config import EvalConfig, TrainConfig, resolve_config
+from segnest.commands.config import resolve_config
 from segnest.data import FolderDataset, build_dataset
 from segnest.data.census import check_train_labels, take_census
 from segnest.errors import SegnestError
 from segnest.inference import evaluate as evaluate_module
+from segnest.inference.config import EvalConfig
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.task import run_train
 
 

@@ -201,7 +201,7 @@ def test_train_with_ohem_and_auto_weights_end_to_end_from_the_command_line(
 
 
 def test_class_weights_flag_must_be_auto_or_a_file(tmp_path, tiny_train_config):
-    from segnest.config import validate_config
+    from segnest.commands.config import validate_config
 
     cfg = tiny_train_config(tmp_path, tmp_path / "run", class_weights="median")
     with pytest.raises(SegnestError, match="--class-weights 'median' is neither 'auto' nor a file"):
@@ -210,7 +210,7 @@ def test_class_weights_flag_must_be_auto_or_a_file(tmp_path, tiny_train_config):
 
 @pytest.mark.parametrize("setting", [{"ohem_thresh": 0.5}, {"ohem_min_kept": 100}])
 def test_ohem_settings_without_the_ohem_loss_are_refused(tmp_path, tiny_train_config, setting):
-    from segnest.config import validate_config
+    from segnest.commands.config import validate_config
 
     cfg = tiny_train_config(tmp_path, tmp_path / "run", **setting)
     with pytest.raises(SegnestError, match="applies to the OHEM loss only.*add --loss ohem"):

@@ -12,9 +12,9 @@ from conftest import save_tiny_checkpoint
 from test_export import CLASSES, NUM_CLASSES, checkpoint, reference_logits  # noqa: F401
 
 import segnest
-from segnest.config import ExportConfig, QuantizeConfig
 from segnest.data import generate_palette
 from segnest.errors import SegnestError
+from segnest.inference.config import ExportConfig, QuantizeConfig
 from segnest.inference.export import check_images, read_metadata, run_export
 from segnest.inference.openvino import OpenVinoModel
 from segnest.inference.quantize import run_quantize

@@ -20,9 +20,9 @@ from test_evaluate import (  # noqa: F401  (fixtures used by name)
 
 import segnest.inference.evaluate as evaluate_module
 from segnest import cli
-from segnest.config import EvalConfig, ExportConfig, PredictConfig
 from segnest.data import ADE20K, Cityscapes
 from segnest.errors import SegnestError
+from segnest.inference.config import EvalConfig, ExportConfig, PredictConfig
 from segnest.inference.evaluate import evaluate, run_eval
 from segnest.inference.export import run_export
 from segnest.inference.metrics import metric_warnings

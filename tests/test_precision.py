@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segnest.cli import main
-from segnest.config import PRECISIONS, BenchConfig, PretrainConfig, TrainConfig, resolve_config
+from segnest.commands.config import resolve_config
 from segnest.engine.schedule import PolyLR
 from segnest.errors import EXIT_ERROR, SegnestError
 from segnest.inference.strategies import inference_model, predict_logits
@@ -22,8 +22,12 @@ from segnest.runtime.precision import (
     requested_precision,
     resolve_precision,
 )
+from segnest.schema import PRECISIONS
+from segnest.tasks.classification.config import PretrainConfig
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.task import run_train, train_one_step
 from segnest.tools.bench import run_bench
+from segnest.tools.config import BenchConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

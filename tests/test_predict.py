@@ -6,9 +6,9 @@ import torch
 from conftest import save_tiny_checkpoint
 from PIL import Image
 
-from segnest.config import PredictConfig
 from segnest.data import generate_palette
 from segnest.errors import SegnestError
+from segnest.inference.config import PredictConfig
 from segnest.inference.predict import run_predict
 
 NUM_CLASSES = 5

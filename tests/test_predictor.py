@@ -9,8 +9,8 @@ from conftest import save_tiny_checkpoint
 from PIL import Image
 
 import segnest
-from segnest.config import PredictConfig
 from segnest.data import generate_palette
+from segnest.inference.config import PredictConfig
 from segnest.inference.predict import run_predict
 from segnest.inference.visualize import overlay
 from segnest.models import create_model
@@ -46,7 +46,7 @@ def images(tmp_path: Path) -> dict[str, Path]:
 def predicted_masks(checkpoint: Path, images: dict[str, Path], out: Path) -> dict[str, np.ndarray]:
     run_predict(PredictConfig(inputs=[str(p) for p in images.values()],
                               checkpoint=str(checkpoint), out=str(out), device="cpu",
-                              scales=",".join(map(str, SCALES)), flip=FLIP))
+                              scales=SCALES, flip=FLIP))
     return {name: np.asarray(Image.open(out / f"{name}_mask.png")) for name in images}
 
 
@@ -152,7 +152,7 @@ def test_unknown_inputs_outputs_and_settings_are_one_line(checkpoint: Path, pred
                        (lambda: predictor(np.zeros((8, 8, 3), np.uint8), output="logits"),
                         "output 'logits'"),
                        (lambda: segnest.load_model(checkpoint, scale=2.0), "no setting 'scale'"),
-                       (lambda: segnest.load_model(checkpoint, scales=[0.5, -1]), "--scales")):
+                       (lambda: segnest.load_model(checkpoint, scales=[0.5, -1]), "scales")):
         with pytest.raises(segnest.SegnestError, match=says) as error:
             call()
         assert "\n" not in str(error.value)
@@ -163,7 +163,7 @@ def test_predict_confidence_png_is_the_predictors_confidence_rounded(
     out = tmp_path / "out"
     run_predict(PredictConfig(inputs=[str(p) for p in images.values()],
                               checkpoint=str(checkpoint), out=str(out), device="cpu",
-                              scales=",".join(map(str, SCALES)), flip=FLIP,
+                              scales=SCALES, flip=FLIP,
                               save_confidence=True, batch_size=2))
     for name, path in images.items():
         saved = np.asarray(Image.open(out / f"{name}_confidence.png"))
@@ -177,8 +177,38 @@ def test_predict_confidence_png_is_the_predictors_confidence_rounded(
 
 
 def test_a_batch_size_below_one_is_one_line(checkpoint: Path):
-    with pytest.raises(segnest.SegnestError, match="--batch-size"):
+    with pytest.raises(segnest.SegnestError, match="batch_size=0"):
         segnest.load_model(checkpoint, device="cpu", batch_size=0)
+
+
+def test_load_model_takes_python_values_without_parsing_text(checkpoint: Path, monkeypatch):
+    """scales=[0.5, 1.0] reaches the strategy as numbers: the command line's text parsers
+    are never called (a call would fail here)."""
+    from segnest.commands import config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Python value went through the command line's text parser")
+
+    for name in ("parse_scales", "parse_names", "parse_setting", "validate_config"):
+        monkeypatch.setattr(config, name, refuse)
+    predictor = segnest.load_model(checkpoint, device="cpu", scales=[0.5, 1.0], flip=True)
+    assert predictor.settings.scales == (0.5, 1.0) and predictor.settings.flip is True
+    assert predictor(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32)
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"scales": [-1]}, "scales=(-1.0,) is out of range; every item must be a number > 0"),
+    ({"scales": "0.5,1.0"}, "scales='0.5,1.0' is not a sequence of numbers"),
+    ({"scales": [0.5, "big"]}, "is not a sequence of numbers"),
+    ({"flip": "yes"}, "flip='yes' is text, not true or false"),
+    ({"mode": "tiles"}, "mode='tiles' is not one of whole, slide"),
+    ({"base_size": 1.5}, "base_size=1.5 is not a whole number"),
+])
+def test_a_bad_python_value_is_named_in_python_terms(checkpoint: Path, settings, says):
+    with pytest.raises(segnest.SegnestError) as error:
+        segnest.load_model(checkpoint, device="cpu", **settings)
+    assert says in str(error.value)
+    assert "--" not in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("scale", [255.0, 1.5])

@@ -16,7 +16,7 @@ from torch import nn
 
 import segnest.tasks.classification.task as train_cls
 from segnest import create_model, load_pretrained
-from segnest.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
+from segnest.commands.config import resolve_config
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.sampling import SeededSamples
 from segnest.engine import state as run_state
@@ -25,6 +25,7 @@ from segnest.errors import SegnestError
 from segnest.models import model_from_checkpoint
 from segnest.models.resnest import Bottleneck
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.tasks.classification.config import PRETRAIN_PRESETS, PretrainConfig
 from segnest.tasks.classification.task import (
     build_batch_mixer,
     model_kwargs,

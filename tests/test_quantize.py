@@ -8,9 +8,10 @@ import torch
 from conftest import save_tiny_checkpoint
 
 from segnest.cli import main
-from segnest.config import QUANTIZE_LAYER_TYPES, QuantizeConfig, parse_layer_types
+from segnest.commands.config import parse_layer_types
 from segnest.data import build_dataset, generate_palette
 from segnest.errors import SegnestError
+from segnest.inference.config import QUANTIZE_LAYER_TYPES, QuantizeConfig
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

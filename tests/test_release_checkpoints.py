@@ -35,7 +35,7 @@ def class_folder(root: Path) -> Path:
 
 
 def test_release_segmentation_checkpoint_evaluates_to_its_release_numbers(tmp_path):
-    from segnest.config import EvalConfig
+    from segnest.inference.config import EvalConfig
     from segnest.inference.evaluate import run_eval
 
     data = write_folder_dataset(tmp_path / "data")
@@ -71,7 +71,7 @@ def test_release_segmentation_checkpoint_resumes_with_its_best_miou(tmp_path,
 
 
 def test_release_classification_checkpoint_resumes_with_its_best_top1(tmp_path):
-    from segnest.config import PretrainConfig
+    from segnest.tasks.classification.config import PretrainConfig
     from segnest.tasks.classification.task import run_pretrain
 
     data = class_folder(tmp_path / "images")

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from segnest.config import EvalConfig
+from segnest.inference.config import EvalConfig
 from segnest.inference.confusion import confusion_image, row_normalised
 from segnest.inference.evaluate import run_eval
 from segnest.inference.tensorboard import log_segmentation_results

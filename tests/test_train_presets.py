@@ -6,7 +6,8 @@ import os
 from conftest import write_folder_dataset
 from PIL import Image
 
-from segnest.config import DATASET_PRESETS, TrainConfig
+from segnest.presets import DATASET_PRESETS
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.presets import (
     folder_sizes,
     median_long_side,
@@ -66,7 +67,7 @@ def test_workers_asked_above_the_cores_are_kept_with_a_warning(monkeypatch, caps
 
 
 def test_without_a_gpu_the_folder_preset_trains_the_cpu_model(tmp_path, capsys):
-    from segnest.config import CPU_MODEL
+    from segnest.presets import CPU_MODEL
 
     root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
     cfg = resolve_train_config(TrainConfig, dict(dataset="folder", data_root=str(root),
@@ -133,7 +134,7 @@ def test_named_weights_pick_their_backbone_unless_one_is_given(tmp_path):
 
 
 def test_named_cpu_weights_get_the_cpu_presets_batch_and_lr(tmp_path, capsys):
-    from segnest.config import CPU_MODEL
+    from segnest.presets import CPU_MODEL
 
     root = write_folder_dataset(tmp_path / "d", n_train=4, n_val=2)
     cfg = _resolve(dataset="folder", data_root=str(root), device="cpu",

@@ -1,7 +1,7 @@
 """Training on real data without --pretrained says, once, that the backbone starts from
 scratch and what that costs; the mini set (the demo pretrains its own backbone) does not."""
 
-from segnest.config import TrainConfig
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.task import from_scratch_warning, run_train
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from segnest.config import BenchConfig
 from segnest.inference.strategies import inference_model, predict_logits
 from segnest.models import create_model
 from segnest.runtime import compiling, precision, tuning
 from segnest.runtime.precision import Autocast
 from segnest.tools.bench import run_bench
+from segnest.tools.config import BenchConfig
 
 BF16 = torch.bfloat16
 

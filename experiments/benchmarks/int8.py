@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from segnest.config import InferenceFlags, QuantizeConfig
 from segnest.data import build_dataset
+from segnest.inference.config import InferenceFlags, QuantizeConfig
 from segnest.inference.evaluate import evaluate
 from segnest.inference.export import LogitsOnly, export_onnx
 from segnest.inference.metrics import percent

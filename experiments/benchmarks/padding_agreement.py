@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segnest.config import InferenceFlags
 from segnest.data.mini import render_scene
 from segnest.data.transforms import to_normalized_tensors
+from segnest.inference.config import InferenceFlags
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import inference_model, whole_inference
 from segnest.models import model_from_checkpoint

@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from segnest.config import QuantizeConfig, parse_layer_types
+from segnest.commands.config import parse_layer_types
+from segnest.inference.config import QuantizeConfig
 from segnest.inference.export import LogitsOnly, export_onnx
 from segnest.inference.openvino import OpenVinoModel, StagedIR, quantize_ir, to_openvino
 from segnest.inference.quantize import OnnxModel, quantize_onnx

@@ -36,15 +36,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segnest.config import InferenceFlags, TrainConfig
 from segnest.data import build_dataset
 from segnest.engine.schedule import PolyLR
+from segnest.inference.config import InferenceFlags
 from segnest.inference.evaluate import evaluate
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, inference_model
 from segnest.models import create_model, model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.precision import NATIVE_BF16_FLAGS, cpu_native_bf16, for_training
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.task import train_one_step
 from segnest.tools.bench import time_interleaved
 

@@ -198,7 +198,7 @@ def bench_subprocess(args: argparse.Namespace, checkpoint: bool) -> dict:
     cfg = dict(model="deeplabv3_resnest50", size=args.train_size, batch=args.train_batch,
                mode="train", warmup=0, runs=1, checkpoint_activations=checkpoint,
                device="cpu")
-    code = ("import json, sys; from segnest.config import BenchConfig; "
+    code = ("import json, sys; from segnest.tools.config import BenchConfig; "
             "from segnest.tools.bench import run_bench; "
             "print(json.dumps(run_bench(BenchConfig(**json.loads(sys.argv[1])), quiet=True)))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], check=True,

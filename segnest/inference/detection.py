@@ -19,6 +19,7 @@ from segnest.data.base import read_rgb_image
 from segnest.inference.coco import encode_masks, low_resolution_masks
 from segnest.models.factory import model_from_checkpoint
 from segnest.runtime.distributed import resolve_device
+from segnest.runtime.record import CheckpointRecord
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 
@@ -77,7 +78,8 @@ class DetectionPredictor:
                         source: str = "checkpoint",
                         score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> DetectionPredictor:
         model = model_from_checkpoint(checkpoint, source=source, task="detection")
-        classes = checkpoint.get("classes") or [str(i) for i in range(1, model.num_classes + 1)]
+        classes = (CheckpointRecord.read(checkpoint).classes
+                   or [str(i) for i in range(1, model.num_classes + 1)])
         return cls(model, classes, resolve_device(device), score_threshold)
 
     @property

@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
 from segnest.data.census import take_census, unknown_colours_warning
 from segnest.errors import SegnestError
 from segnest.inference.backends import is_exported_model, load_exported_model
+from segnest.inference.config import EvalConfig
 from segnest.inference.metrics import (
     ConfusionMatrix,
     format_table,
@@ -94,7 +94,9 @@ from segnest.runtime.distributed import (
     init_distributed,
 )
 from segnest.runtime.precision import precision_name, resolve_precision
+from segnest.runtime.record import CheckpointRecord
 from segnest.runtime.threads import threads_beside_workers
+from segnest.schema import FlagNames, validate
 
 EVAL_PANELS = 4
 
@@ -399,14 +401,14 @@ def _colour_mask_warnings(dataset: Any) -> list[str]:
 def _trained_lr(checkpoint: dict[str, Any]) -> dict[str, float]:
     """``{"lr": base lr}`` the checkpoint's run trained with (its scheduler's, which holds
     the default the run computed when no --lr was given), or nothing when not recorded."""
-    base = (checkpoint.get("scheduler") or {}).get("base_lrs")
+    base = (CheckpointRecord.read(checkpoint).scheduler or {}).get("base_lrs")
     return {"lr": float(base[0])} if base else {}
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``segnest eval``: metrics of a checkpoint; writes metrics.json/metrics.md, TensorBoard
     logs and (with ``--save-pred``) prediction PNGs. Returns the metrics."""
-    cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    cfg = validate(cfg, FlagNames())  # a command's settings: named as its flags
     if is_exported_model(cfg.checkpoint):
         # An ONNX or OpenVINO export: its metadata stands in for the checkpoint.
         model, checkpoint = load_exported_model(cfg.checkpoint, precision=cfg.precision,
@@ -414,7 +416,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     else:
         checkpoint = load_checkpoint(cfg.checkpoint)
         model = model_from_checkpoint(checkpoint, source=str(cfg.checkpoint))
-    trained_dataset = checkpoint.get("dataset")
+    record = CheckpointRecord.read(checkpoint)
+    trained_dataset = record.dataset
     dataset_name = cfg.dataset or trained_dataset
     if not dataset_name:
         raise SegnestError(
@@ -422,18 +425,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
     data_root = cfg.data_root
     if data_root is None and dataset_name == trained_dataset:
-        data_root = (checkpoint.get("config") or {}).get("data_root")
+        data_root = record.trained("data_root")
     settings = InferenceSettings.from_flags(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
     precision = resolve_precision(cfg.precision, info.device)
     # Masks of the dataset trained on are read with the label map training used.
     label_map = None
     if dataset_name == trained_dataset:
-        label_map = (checkpoint.get("config") or {}).get("label_map")
-    in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
+        label_map = record.trained("label_map")
+    in_channels = record.in_channels
     dataset = build_dataset(dataset_name, data_root, cfg.split, label_map=label_map,
                             in_channels=in_channels)
-    check_same_classes(checkpoint.get("classes"), dataset, f"checkpoint {cfg.checkpoint}")
+    check_same_classes(record.classes, dataset, f"checkpoint {cfg.checkpoint}")
     data_warnings = _colour_mask_warnings(dataset)
     out_dir = resolved(cfg.out) if cfg.out else _default_out_dir(cfg, settings)
     _prepare_outputs(cfg, out_dir, dataset)
@@ -461,8 +464,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
         extra = {
             "checkpoint": str(Path(cfg.checkpoint).resolve()),
-            **({"exported": checkpoint["exported"]} if "exported" in checkpoint else {}),
-            "iteration": checkpoint.get("iteration"),
+            **({"exported": record.exported} if record.exported is not None else {}),
+            "iteration": record.iteration,
             "dataset": dataset_name,
             "data_root": str(dataset.root) if hasattr(dataset, "root") else data_root,
             "split": cfg.split,
@@ -473,7 +476,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "precision": precision_name(precision),
         }
         json_path, _ = save_results(results, dataset.classes, out_dir, extra=extra)
-        step = int(checkpoint.get("iteration") or 0)
+        step = int(record.iteration or 0)
 
         tensorboard_run = _tensorboard_run(cfg, settings)
 
@@ -484,7 +487,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             log_results_card(writer, f"{tensorboard_run.name} ({settings.describe()}, "
                              f"iteration {step})", results, step)
             evaluation = {**extra, **_trained_lr(checkpoint)}
-            log_hparams(writer, segmentation_hparams(checkpoint.get("config") or {}, evaluation),
+            log_hparams(writer, segmentation_hparams(record.config, evaluation),
                         [tag for tag, key in zip(METRIC_TAGS, HEADLINE_METRICS, strict=True)
                          if not math.isnan(results[key])],
                         name=session_name(tensorboard_run.name.replace("_", " "),

@@ -73,7 +73,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnest.config import MIN_INPUT_SIZE, ExportConfig, InferenceFlags, validate_config
 from segnest.errors import SegnestError
 from segnest.inference.backends import (
     METADATA_FILE,
@@ -82,6 +81,7 @@ from segnest.inference.backends import (
     require_extra,
 )
 from segnest.inference.backends import read_metadata as read_metadata  # its public place
+from segnest.inference.config import ExportConfig, InferenceFlags
 from segnest.inference.openvino import (
     XML_SUFFIX,
     OpenVinoModel,
@@ -97,6 +97,8 @@ from segnest.inference.strategies import _resize, infer
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
+from segnest.runtime.record import CheckpointRecord
+from segnest.schema import MIN_INPUT_SIZE, FlagNames, validate
 
 SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx", "openvino": ".openvino.xml",
             "torchscript": ".torchscript.pt"}
@@ -208,6 +210,7 @@ def export_metadata(predictor: Predictor, checkpoint: dict[str, Any], fmt: str,
     from segnest import __version__
 
     settings, channels = predictor.settings, predictor.in_channels
+    record = CheckpointRecord.read(checkpoint)
     if end_to_end:
         inputs = {"name": "image", "dtype": "uint8", "layout": "NHWC",
                   "shape": ["N", "H", "W", channels], "range": [0, 255]}
@@ -236,8 +239,7 @@ def export_metadata(predictor: Predictor, checkpoint: dict[str, Any], fmt: str,
         "mean": [float(v) for v in settings.mean], "std": [float(v) for v in settings.std],
         "in_channels": channels, "input": inputs, "output": outputs,
         "base_size": settings.base_size, "inference": inference,
-        "model": checkpoint.get("model_name"), "dataset": checkpoint.get("dataset"),
-        "iteration": checkpoint.get("iteration"),
+        "model": record.model_name, "dataset": record.dataset, "iteration": record.iteration,
     }
 
 
@@ -337,7 +339,7 @@ def add_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
 
 def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, *,
                        end_to_end: bool, metadata: dict[str, Any]) -> None:
-    assert not end_to_end, "validate_config refuses --end-to-end for torchscript"
+    assert not end_to_end, "the settings refuse --end-to-end for torchscript"
     with torch.no_grad(), warnings.catch_warnings():
         # torch.jit's deprecation notices are for segnest's maintainers, not its users.
         warnings.simplefilter("ignore", FutureWarning)
@@ -431,7 +433,7 @@ def verify(run: Runner, reference: nn.Module, predictor: Predictor, images: torc
 
 def run_export(cfg: ExportConfig) -> Path:
     """Export the checkpoint's model; raises SegnestError when the check fails."""
-    cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    cfg = validate(cfg, FlagNames())  # a command's settings: named as its flags
     fmt, end_to_end = cfg.format, cfg.end_to_end
     source = Path(cfg.checkpoint)
     suffix = (END_TO_END_SUFFIX if end_to_end else "") + SUFFIXES[fmt]
@@ -446,7 +448,7 @@ def run_export(cfg: ExportConfig) -> Path:
                            "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
                            "or use --format pt2")
     checkpoint = load_checkpoint(cfg.checkpoint)
-    predictor = Predictor.from_checkpoint(checkpoint, validate_config(InferenceFlags(
+    predictor = Predictor.from_checkpoint(checkpoint, validate(InferenceFlags(
         device="cpu")), source=str(source))
     settings = predictor.settings
     reference = LogitsOnly(predictor.model)

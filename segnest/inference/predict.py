@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segnest.config import PredictConfig, validate_config
 from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from segnest.errors import SegnestError
+from segnest.inference.config import PredictConfig
 from segnest.inference.outputs import (
     identities,
     is_within,
@@ -49,6 +49,7 @@ from segnest.inference.visualize import (
 from segnest.runtime.console import progress_bar
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
+from segnest.schema import FlagNames, validate
 
 
 def _output_names(stem: Path) -> tuple[Path, Path, Path, Path]:
@@ -175,7 +176,7 @@ def what_predict_wrote(cfg: PredictConfig, predictor: Predictor, count: int, out
 
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
-    cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    cfg = validate(cfg, FlagNames())  # a command's settings: named as its flags
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     images = collect_images(cfg.inputs, skip=cfg.out)
     prepare_folder(_check_outputs(cfg, images), "--out")

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segnest.config import InferenceFlags, validate_config
 from segnest.data.base import check_unit_range, image_array, read_image
 from segnest.data.palettes import generate_palette
 from segnest.data.transforms import to_normalized_tensors
 from segnest.errors import SegnestError
 from segnest.inference.backends import is_exported_model, load_exported_model
+from segnest.inference.config import InferenceFlags
 from segnest.inference.settings import InferenceSettings
 from segnest.inference.strategies import Model, infer, inference_model, segment
 from segnest.inference.visualize import colorize, display_rgb, overlay
@@ -41,6 +41,8 @@ from segnest.models.factory import checkpoint_task
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
+from segnest.runtime.record import CheckpointRecord
+from segnest.schema import validate
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # What a call returns per image: train ids (H x W uint8), class probabilities
@@ -115,25 +117,25 @@ class Predictor:
                                     precision=resolve_precision(flags.precision, device))
         else:
             device = torch.device("cpu")
-        num_classes = int(checkpoint.get("model_kwargs", {}).get("num_classes")
-                          or len(checkpoint.get("classes") or ()))
+        record = CheckpointRecord.read(checkpoint)
+        num_classes = record.num_classes
         if not num_classes:
             raise SegnestError(f"checkpoint {source} does not record its number of "
                                "classes; use a checkpoint written by 'segnest train'")
         if num_classes > 256:
             raise SegnestError(f"checkpoint {source} has {num_classes} classes; "
                                "uint8 masks hold at most 256")
-        classes = list(checkpoint.get("classes") or ())[:num_classes]
+        classes = list(record.classes or ())[:num_classes]
         classes += [f"class {i}" for i in range(len(classes), num_classes)]
-        palette = checkpoint.get("palette")
+        palette = record.palette
         if palette is not None and len(palette) >= num_classes:
             palette = np.asarray(palette, dtype=np.uint8)[:num_classes]
         else:
             palette = generate_palette(num_classes)
-        in_channels = int(checkpoint.get("model_kwargs", {}).get("in_chans", 3))
+        in_channels = record.in_channels
         return cls(model, settings, classes=classes, palette=palette,
                    in_channels=in_channels, device=device, batch_size=flags.batch_size,
-                   name=str(checkpoint.get("model_name", "model")))
+                   name=str(record.model_name or "model"))
 
     def read(self, image: ImageInput) -> np.ndarray:
         """``image`` as the model's input array (H x W x ``in_channels``), checked."""
@@ -225,7 +227,8 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
-    ``segnest predict``'s flags: ``scales`` (a sequence or ``"0.5,1.0"``), ``multi_scale``,
+    ``segnest predict``'s flags, with Python values: ``scales`` (a sequence of numbers, e.g.
+    ``[0.5, 1.0]``), ``multi_scale``,
     ``flip``, ``mode``, ``base_size``, ``window_size``, ``stride``, ``batch_size``, ``fuse_bn``,
     ``compile``, ``precision``.
     """
@@ -243,13 +246,9 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     if unknown:
         raise SegnestError(f"load_model() has no setting {unknown[0]!r}; the settings are "
                            f"{', '.join(SETTING_NAMES)}")
-    scales = settings.get("scales")
-    if isinstance(scales, Sequence) and not isinstance(scales, str):
-        settings["scales"] = ",".join(str(s) for s in scales)
-    elif isinstance(scales, (int, float)):
-        settings["scales"] = str(scales)
-    flags = validate_config(InferenceFlags(
-        **settings, device=None if device is None else str(device)))
+    if isinstance(settings.get("scales"), int | float):
+        settings["scales"] = (settings["scales"],)
+    flags = validate(InferenceFlags(**settings, device=None if device is None else str(device)))
     if loaded is None:
         return Predictor.load(checkpoint, flags)
     return Predictor.from_checkpoint(loaded, flags, source=str(checkpoint))

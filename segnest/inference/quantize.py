@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, validate_config
 from segnest.data import build_dataset
 from segnest.errors import SegnestError
 from segnest.inference.backends import OnnxModel
+from segnest.inference.config import InferenceFlags, QuantizeConfig
 from segnest.inference.export import (
     LogitsOnly,
     add_onnx_metadata,
@@ -70,6 +70,8 @@ from segnest.inference.strategies import (
 from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
+from segnest.runtime.record import CheckpointRecord
+from segnest.schema import FlagNames, validate
 
 # The default file name next to the checkpoint, per backend (config.QUANTIZE_BACKENDS).
 SUFFIXES = {"onnxruntime": ".int8.onnx", "openvino": ".int8.openvino.xml"}
@@ -198,25 +200,25 @@ def label_agreement(reference: Any, candidate: Any, dataset: Any, count: int,
 
 
 def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any:
-    trained = checkpoint.get("dataset")
+    record = CheckpointRecord.read(checkpoint)
+    trained = record.dataset
     name = cfg.dataset or trained
     if not name:
         raise SegnestError(f"checkpoint {cfg.checkpoint} does not name its dataset; pass "
                            "--dataset (and --data-root) for the calibration images")
-    trained_config = checkpoint.get("config") or {}
     same = name == trained
-    root = cfg.data_root or (trained_config.get("data_root") if same else None)
+    root = cfg.data_root or (record.trained("data_root") if same else None)
     return build_dataset(name, root, split,
-                         label_map=trained_config.get("label_map") if same else None,
-                         in_channels=int(checkpoint.get("model_kwargs", {}).get("in_chans", 3)))
+                         label_map=record.trained("label_map") if same else None,
+                         in_channels=record.in_channels)
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     """``segnest quantize``; returns the target, the quantized counts (ONNX Runtime), the
     agreement and the mIoU of both models on the check images."""
-    cfg = validate_config(cfg)  # as the command line does, for callers from Python
+    cfg = validate(cfg, FlagNames())  # a command's settings: named as its flags
     backend = cfg.backend
-    layer_types = parse_layer_types(cfg.layer_types)
+    layer_types = cfg.layer_types
     if backend == "openvino":
         openvino()  # installed, or one line before any work
     else:

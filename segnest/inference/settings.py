@@ -4,7 +4,8 @@ in one place for ``segnest eval``, ``segnest predict`` and training's validation
 - single scale (the default): one view whose long side is ``base_size`` (scale 1.0), as in
   the reference evaluation's single-scale numbers;
 - ``--multi-scale``: the dataset preset's scales (long side = ``base_size`` x scale);
-  ``--scales 0.5,1.0`` picks them explicitly (and implies multi-scale);
+  ``--scales 0.5,1.0`` (``scales=(0.5, 1.0)`` from Python) picks them explicitly (and
+  implies multi-scale);
 - ``--flip`` adds the mirrored view of every scale;
 - ``--mode slide``: sliding windows of ``--window-size`` with ``--stride`` (default 2/3 of
   the window), as the reference evaluates images larger than its crop.
@@ -21,9 +22,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from segnest.config import DATASET_PRESETS, INFERENCE_MODES, InferenceFlags, parse_scales
 from segnest.data.transforms import MEAN, STD, channel_statistics
 from segnest.errors import SegnestError
+from segnest.inference.config import INFERENCE_MODES, InferenceFlags
+from segnest.presets import DATASET_PRESETS
+from segnest.runtime.record import CheckpointRecord
+from segnest.schema import validate
 
 
 @dataclass(frozen=True)
@@ -42,21 +46,23 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in INFERENCE_MODES:
-            raise SegnestError(f"--mode {self.mode!r} is not an inference mode; use one of "
+            raise SegnestError(f"mode {self.mode!r} is not an inference mode; use one of "
                                f"{', '.join(INFERENCE_MODES)}")
-        if not self.scales or any(not math.isfinite(s) or s <= 0 for s in self.scales):
-            raise SegnestError(f"inference scales must be positive numbers, got {self.scales}")
-        for flag, value in (("--base-size", self.base_size), ("--window-size", self.window_size),
-                            ("--stride", self.stride)):
+        if not self.scales or any(isinstance(s, bool) or not isinstance(s, int | float)
+                                  or not math.isfinite(s) or s <= 0 for s in self.scales):
+            raise SegnestError(f"scales must be positive numbers, got {list(self.scales)}")
+        for name, value in (("base_size", self.base_size), ("window_size", self.window_size),
+                            ("stride", self.stride)):
             if value is not None and (isinstance(value, bool) or int(value) != value
                                       or value < 1):
-                raise SegnestError(f"{flag} must be a positive number of pixels, got {value}")
+                raise SegnestError(f"{name} must be a positive number of pixels, got {value}")
         if self.mode == "slide":
             if self.window_size is None:
-                raise SegnestError("--mode slide needs a window size; pass --window-size")
+                raise SegnestError("mode 'slide' needs a window size; give window_size "
+                                   "(--window-size)")
             if self.stride is not None and self.stride > self.window_size:
                 raise SegnestError(
-                    f"--stride {self.stride} is larger than --window-size {self.window_size} "
+                    f"stride {self.stride} is larger than window_size {self.window_size} "
                     "and would skip pixels; use a stride of at most the window size")
 
     @property
@@ -97,16 +103,17 @@ class InferenceSettings:
                    dataset: str | None = None) -> InferenceSettings:
         """Settings of an eval/predict command (see the module docstring). ``dataset``
         (default: the checkpoint's) names the preset that supplies the multi-scale scales."""
-        dataset = dataset or checkpoint.get("dataset")
+        flags = validate(flags)  # typed values, in Python terms
+        dataset = dataset or CheckpointRecord.read(checkpoint).dataset
         preset = DATASET_PRESETS.get(dataset, {}) if dataset else {}
         stored = stored_settings(checkpoint)
         if flags.scales:
-            scales = parse_scales(flags.scales)
+            scales = tuple(flags.scales)
         elif flags.multi_scale:
             if "scales" not in preset:
                 raise SegnestError(
-                    f"--multi-scale: no preset scales for dataset {dataset!r}; give them with "
-                    "--scales, e.g. --scales 0.5,0.75,1.0,1.25,1.5,1.75")
+                    f"multi-scale: no preset scales for dataset {dataset!r}; give them as "
+                    "scales (--scales 0.5,0.75,1.0,1.25,1.5,1.75)")
             scales = tuple(float(s) for s in preset["scales"])
         else:
             scales = (1.0,)
@@ -128,9 +135,6 @@ def _first_given(*values: Any) -> Any:
 
 
 def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The inference settings a training checkpoint recorded. Checkpoints of segnest 0.1
-    predate the record: their training config gives the same two sizes."""
-    if "inference" in checkpoint:
-        return dict(checkpoint["inference"])
-    trained = checkpoint.get("config") or {}
-    return {"base_size": trained.get("base_size"), "window_size": trained.get("crop_size")}
+    """The inference settings a training checkpoint recorded (segnest 0.1's: from its
+    training config, :meth:`CheckpointRecord.inference_sizes`)."""
+    return CheckpointRecord.read(checkpoint).inference_sizes()

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnest.config import INFERENCE_MODES
 from segnest.errors import SegnestError
+from segnest.inference.config import INFERENCE_MODES
 from segnest.inference.resample import bilinear_taps, resize_image, upsample_band
 from segnest.inference.settings import InferenceSettings
 from segnest.models.fuse import fuse_bn

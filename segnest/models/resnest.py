@@ -13,6 +13,7 @@ stride 16 only layer4 is dilated (2, first block 1). In a stride-1 stage the fir
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from segnest.models.registry import register_backbone
 from segnest.models.splat import DropBlock, NormLayer, SplitAttentionConv
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -69,6 +71,21 @@ class ShortcutPool(nn.AvgPool2d):
         if self.kernel_size == 1 and self.stride == 1:
             return x
         return super().forward(x)
+
+
+def stage_width_fits(variant: dict[str, Any], stage_width: int) -> bool:
+    """Whether ResNeSt ``variant`` (a row of RESNEST_VARIANTS) builds with ``stage_width``:
+    every stage's bottleneck width is a whole number of channels per radix split and group,
+    and the attention's hidden width divides into the groups."""
+    radix, groups = variant.get("radix", 0), variant.get("groups", 1)
+    width = variant.get("bottleneck_width", 64)
+    for stage in range(4):
+        group_width = int(stage_width * 2**stage * width / 64.0) * groups
+        if group_width < 1 or group_width % (groups * max(radix, 1)):
+            return False
+        if radix >= 1 and max(group_width * radix // 4, 32) % groups:
+            return False
+    return True
 
 
 @contextmanager
@@ -322,3 +339,12 @@ class ResNeSt(nn.Module):
             x = self.run_stage(name, x)
         x = torch.flatten(x.mean(dim=(2, 3)), 1)
         return self.fc(self.drop(x))
+
+
+def build_resnest(name: str, **overrides: Any) -> ResNeSt:
+    """ResNeSt variant ``name`` (a row of :data:`RESNEST_VARIANTS`) with ``overrides``."""
+    return ResNeSt(**{**RESNEST_VARIANTS[name], **overrides})
+
+
+for _name in RESNEST_VARIANTS:
+    register_backbone(_name, functools.partial(build_resnest, _name))

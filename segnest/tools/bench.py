@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from segnest.config import BenchConfig, TrainConfig, validate_config
+from segnest.commands.config import validate_config
 from segnest.errors import SegnestError
 from segnest.inference.strategies import inference_model
 from segnest.models import create_model
@@ -47,7 +47,9 @@ from segnest.runtime.precision import (
     resolve_precision,
 )
 from segnest.runtime.tuning import hardware_decisions, model_dilations
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.losses import segmentation_loss
+from segnest.tools.config import BenchConfig
 
 # Convolution peak probe: 256 -> 256 channels, 3x3, batch 2 at 128x128 (19.3 GFLOP).
 PROBE_SHAPE = (2, 256, 128, 128)

@@ -13,15 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from segnest.config import (
-    DATASET_PRESETS,
-    PRETRAIN_PRESETS,
-    DemoConfig,
-    EvalConfig,
-    PretrainConfig,
-    TrainConfig,
-    resolve_config,
-)
+from segnest.commands.config import resolve_config
 from segnest.data.mini import (
     MINI_CLASSES,
     ensure_mini_classification,
@@ -29,12 +21,17 @@ from segnest.data.mini import (
 )
 from segnest.engine.workdir import LAST_CHECKPOINT_NAME
 from segnest.errors import RunStopped
+from segnest.inference.config import EvalConfig
 from segnest.inference.evaluate import run_eval
 from segnest.inference.metrics import percent
+from segnest.presets import DATASET_PRESETS
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import resolve_precision
+from segnest.tasks.classification.config import PRETRAIN_PRESETS, PretrainConfig
 from segnest.tasks.classification.task import run_pretrain
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.task import run_train
+from segnest.tools.config import DemoConfig
 
 
 def _stage(number: int, text: str) -> float:

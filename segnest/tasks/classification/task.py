@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from segnest.config import PretrainConfig, validate_config
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
@@ -53,6 +52,8 @@ from segnest.runtime.distributed import (
     barrier,
 )
 from segnest.runtime.precision import autocast, precision_name
+from segnest.schema import FlagNames, validate
+from segnest.tasks.classification.config import PretrainConfig
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -213,8 +214,9 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_config(cfg: PretrainConfig, dist: DistInfo) -> PretrainConfig:
     """Catch settings that cannot work before any data is read or weight is built (every
-    flag's own rules, :func:`segnest.config.validate_config`, for callers from Python too)."""
-    cfg = validate_config(cfg)
+    flag's own rules, :func:`segnest.schema.validate` worded as flags, for callers from
+    Python too)."""
+    cfg = validate(cfg, FlagNames())
     check_run_flags(cfg, dist.device)
     if cfg.export:
         # Checked now, not after the pretraining: --export naming a folder, a checkpoint

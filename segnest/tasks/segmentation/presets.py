@@ -1,6 +1,6 @@
 """``segnest train``'s presets adapted to the data and the machine before the flags are read.
 
-The static presets (``segnest.config.DATASET_PRESETS``) cannot know a user's images or
+The static presets (``segnest.presets.DATASET_PRESETS``) cannot know a user's images or
 cores. Two values are derived here and enter the merge *as preset values*, so a recipe or a
 flag always wins over them (precedence: defaults < derived preset < recipe < command line):
 
@@ -12,7 +12,7 @@ flag always wins over them (precedence: defaults < derived preset < recipe < com
 - ``workers``: the preset's or default number, capped at the CPU count. A number the user
   gave is kept; above the CPU count it gets one warning line.
 - ``--dataset folder`` on a machine without a GPU: the model and batch of
-  ``segnest.config.CPU_MODEL`` (the demo's ResNeSt-14: minutes per run on two cores, where
+  ``segnest.presets.CPU_MODEL`` (the demo's ResNeSt-14: minutes per run on two cores, where
   ResNeSt-50 takes over a second per step), unless the user chose a backbone or gave
   ``--pretrained`` (whose weights fit their own backbone) or a CUDA ``--device``. When
   timm's ImageNet ResNeSt-14 (``CPU_PRETRAINED``) is in the Hugging Face cache, the preset
@@ -36,15 +36,11 @@ from typing import Any
 
 from PIL import Image
 
-from segnest.config import (
-    CPU_MODEL,
-    DATASET_PRESETS,
-    MIN_INPUT_SIZE,
-    TrainConfig,
-    load_recipe,
-    resolve_config,
-)
+from segnest.commands.config import load_recipe, resolve_config
 from segnest.models.weights import NAMED_WEIGHTS, named_weights
+from segnest.presets import CPU_MODEL, DATASET_PRESETS
+from segnest.schema import MIN_INPUT_SIZE
+from segnest.tasks.segmentation.config import TrainConfig
 
 # Enough headers for a stable median; reading them costs milliseconds even on a network disk.
 SIZE_SAMPLES = 300

@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from segnest.config import TrainConfig, validate_config
 from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
 from segnest.data.census import check_train_labels
 from segnest.data.sampling import EpochSampler, init_train_worker
@@ -48,11 +47,14 @@ from segnest.inference.tensorboard import (
 )
 from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
+from segnest.models.registry import model_name
 from segnest.models.weights import NAMED_WEIGHTS, resolve_pretrained
 from segnest.runtime.distributed import DistInfo, agree
 from segnest.runtime.files import write_text_atomic
 from segnest.runtime.precision import autocast, precision_name
+from segnest.schema import FlagNames, validate
 from segnest.tasks.segmentation.class_weights import class_weights_for, summary, write_class_weights
+from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.losses import Ohem, segmentation_loss
 
 
@@ -86,9 +88,9 @@ def collate_guarded(items: list[dict]) -> tuple[dict | None, list[str]]:
 
 def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
     """Catch settings that cannot work before any data is read or weight is built: every
-    flag's own rules (:func:`segnest.config.validate_config`, as the command line applies
-    them, for callers from Python) and those that depend on the processes."""
-    cfg = validate_config(cfg)
+    flag's own rules (:func:`segnest.schema.validate` worded as flags, as the command line
+    applies them, for callers from Python) and those that depend on the processes."""
+    cfg = validate(cfg, FlagNames())
     if cfg.batch_size == 1 and not dist.distributed:
         raise SegnestError(
             "--batch-size 1 on a single device cannot train: the BatchNorm after the global "
@@ -166,6 +168,8 @@ def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
 
 
 LOG_NAME = "train.log"
+# The head segnest train puts on --backbone (segnest.models.registry): the paper's.
+HEAD = "deeplabv3"
 
 
 def default_work_dir(cfg: TrainConfig) -> Path:
@@ -265,7 +269,7 @@ class SegmentationTask:
 
     def build_model(self, dist: DistInfo) -> BuiltModel:
         cfg = self.cfg
-        name = f"deeplabv3_{cfg.backbone}"
+        name = model_name(HEAD, cfg.backbone)
         kwargs = model_kwargs_for(cfg, self.train_set.num_classes)
         model = create_model(name, **kwargs)
         if cfg.pretrained:
