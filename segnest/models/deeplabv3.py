@@ -16,12 +16,18 @@ model's own layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from os import PathLike
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnest.models.resnest import ResNeSt
+from segnest.models.registry import register_head
+from segnest.models.resnest import RESNEST_VARIANTS, ResNeSt, build_resnest
 from segnest.models.splat import NormLayer
+from segnest.models.weights import load_pretrained
 
 # ASPP dilation rates per output stride (the rates scale with the feature resolution).
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
@@ -171,3 +177,25 @@ class DeepLabV3(nn.Module):
             return logits
         return F.interpolate(logits, size=size, mode="bilinear",
                              align_corners=self.ALIGN_CORNERS)
+
+
+@register_head("deeplabv3", task="segmentation", backbones=RESNEST_VARIANTS)
+def build_deeplabv3(
+    backbone_name: str,
+    num_classes: int,
+    aux: bool = True,
+    head_channels: int = 256,
+    output_stride: int = 8,
+    pretrained_backbone: str | PathLike | None = None,
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    **backbone_overrides: Any,
+) -> DeepLabV3:
+    """DeepLabV3 on ResNeSt variant ``backbone_name`` (stride 8 by default); every keyword
+    not of the head goes to the backbone (``stage_width``, ``dropblock_prob``, ...)."""
+    backbone = build_resnest(backbone_name, num_classes=0, output_stride=output_stride,
+                             norm_layer=norm_layer, **backbone_overrides)
+    if pretrained_backbone is not None:
+        load_pretrained(backbone, pretrained_backbone)
+    return DeepLabV3(
+        backbone, num_classes, aux=aux, head_channels=head_channels, norm_layer=norm_layer
+    )

@@ -1,110 +1,48 @@
 """Model factory: one name -> builder table, one ``create_model``, and the rebuilding of a
 trained model from a segnest checkpoint.
 
+Names are ``<head>_<backbone>`` or a bare backbone (:mod:`segnest.models.registry`).
 Backbone names (``resnest50``, ``resnet50d``, ...) build a :class:`ResNeSt`: with the
 default ``num_classes=0`` a feature backbone returning ``{"layer1".."layer4"}``, with
 ``num_classes > 0`` an ImageNet-style classifier. ``deeplabv3_<backbone>`` builds a
 :class:`DeepLabV3` segmentation model (stride 8 by default); its own arguments are
 ``num_classes``, ``aux``, ``head_channels`` and ``pretrained_backbone`` (a local checkpoint
 path), and every other keyword goes to the backbone (``output_stride``, ``stage_width``,
-``dropblock_prob``, ``norm_layer``, ...).
+``dropblock_prob``, ``norm_layer``, ...). The detection heads (``mask_rcnn_<backbone>``,
+...) take the arguments of :func:`segnest.models.detection.rcnn.build_rcnn`.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from os import PathLike
 from typing import Any
 
 from torch import nn
 
 from segnest.errors import SegnestError
-from segnest.models.deeplabv3 import DeepLabV3
-from segnest.models.detection.backbone import DETECTION_BACKBONES
-from segnest.models.detection.rcnn import ARCHITECTURES, build_rcnn
-from segnest.models.resnest import RESNEST_VARIANTS, ResNeSt
-from segnest.models.weights import extract_state_dict, load_pretrained, match_state_dict
-
-SEGMENTATION_PREFIX = "deeplabv3_"
-
-
-def build_backbone(name: str, **overrides: Any) -> ResNeSt:
-    return ResNeSt(**{**RESNEST_VARIANTS[name], **overrides})
-
-
-def build_deeplabv3(
-    backbone_name: str,
-    num_classes: int,
-    aux: bool = True,
-    head_channels: int = 256,
-    output_stride: int = 8,
-    pretrained_backbone: str | PathLike | None = None,
-    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-    **backbone_overrides: Any,
-) -> DeepLabV3:
-    backbone = build_backbone(
-        backbone_name,
-        num_classes=0,
-        output_stride=output_stride,
-        norm_layer=norm_layer,
-        **backbone_overrides,
-    )
-    if pretrained_backbone is not None:
-        load_pretrained(backbone, pretrained_backbone)
-    return DeepLabV3(
-        backbone, num_classes, aux=aux, head_channels=head_channels, norm_layer=norm_layer
-    )
-
-
-def detection_parts(name: str) -> tuple[str, str] | None:
-    """``(architecture, backbone)`` of a detection model name such as
-    ``mask_rcnn_resnest50``; None for other names."""
-    for architecture in ARCHITECTURES:
-        backbone = name.removeprefix(architecture + "_")
-        if backbone != name and backbone in DETECTION_BACKBONES:
-            return architecture, backbone
-    return None
+from segnest.models import registry
+from segnest.models.deeplabv3 import build_deeplabv3  # noqa: F401  registers the head
+from segnest.models.detection import rcnn  # noqa: F401  registers the detection heads
+from segnest.models.weights import extract_state_dict, match_state_dict
+from segnest.runtime.record import CheckpointRecord
 
 
 def list_models() -> list[str]:
-    """Every name ``create_model`` accepts: the backbones, the segmentation models, then
-    the detection models (``<architecture>_<backbone>``)."""
-    backbones = list(RESNEST_VARIANTS)
-    return (backbones + [SEGMENTATION_PREFIX + b for b in backbones]
-            + [f"{a}_{b}" for a in ARCHITECTURES for b in DETECTION_BACKBONES])
+    """Every name ``create_model`` accepts: the backbones, then each head on each of its
+    backbones (``deeplabv3_<backbone>``, ``<architecture>_<backbone>``)."""
+    return registry.model_names()
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a model by name; keyword arguments override the variant's defaults."""
-    if name in RESNEST_VARIANTS:
-        builder: Callable[..., nn.Module] = build_backbone
-        args: tuple = (name,)
-    elif (
-        name.startswith(SEGMENTATION_PREFIX)
-        and name[len(SEGMENTATION_PREFIX) :] in RESNEST_VARIANTS
-    ):
-        builder, args = build_deeplabv3, (name[len(SEGMENTATION_PREFIX) :],)
-    elif (parts := detection_parts(name)) is not None:
-        builder, args = build_rcnn, parts
-    else:
+    if registry.split_model_name(name) is None:
         close = difflib.get_close_matches(name, list_models(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise SegnestError(f"unknown model '{name}'.{hint} Valid names: {', '.join(list_models())}")
     try:
-        return builder(*args, **overrides)
+        return registry.build(name, **overrides)
     except TypeError as err:
         raise SegnestError(f"create_model('{name}'): {err}") from err
-
-
-# Keyword arguments renamed since they were first written into checkpoints.
-_RENAMED_KWARGS = {"base_width": "stage_width"}
-
-
-def canonical_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``model_kwargs`` as stored in a checkpoint, with renamed arguments under their
-    current names."""
-    return {_RENAMED_KWARGS.get(k, k): v for k, v in kwargs.items()}
 
 
 TASKS = ("segmentation", "classification", "detection")
@@ -115,17 +53,10 @@ _TASK_COMMANDS = {"segmentation": "segnest train", "classification": "segnest pr
 def checkpoint_task(checkpoint: dict) -> str | None:
     """The task a segnest checkpoint was trained for: its ``task`` entry, or for older
     checkpoints without one, what its ``model_name`` builds; None when neither says."""
-    task = checkpoint.get("task")
-    if task in TASKS:
-        return task
-    name = checkpoint.get("model_name")
-    if not isinstance(name, str):
-        return None
-    if name.startswith(SEGMENTATION_PREFIX) and name[len(SEGMENTATION_PREFIX):] in RESNEST_VARIANTS:
-        return "segmentation"
-    if detection_parts(name) is not None:
-        return "detection"
-    return "classification" if name in RESNEST_VARIANTS else None
+    record = CheckpointRecord.read(checkpoint)
+    if record.task in TASKS:
+        return record.task
+    return registry.model_task(record.model_name) if isinstance(record.model_name, str) else None
 
 
 def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint",
@@ -137,7 +68,8 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint",
     caller needs: a pretraining (classification) checkpoint given where a segmentation
     model is needed is refused with the way to use it instead.
     """
-    if "model_name" not in checkpoint or "model" not in checkpoint:
+    record = CheckpointRecord.read(checkpoint)
+    if record.model_name is None or record.weights is None:
         hint = (f"; to use its weights as a backbone pass it to segnest train --pretrained {source}"
                 if task == "segmentation" and extract_state_dict(checkpoint) else "")
         raise SegnestError(
@@ -145,15 +77,14 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint",
             f"use a .pt file written by '{_TASK_COMMANDS.get(task, 'segnest train')}'{hint}"
         )
     _check_task(checkpoint, source, task)
-    kwargs = canonical_model_kwargs(checkpoint.get("model_kwargs", {}))
-    model = create_model(checkpoint["model_name"], **kwargs)
+    model = create_model(record.model_name, **record.model_kwargs)
     state, _ = match_state_dict(model, extract_state_dict(checkpoint), source=source)
     model.load_state_dict(state, strict=False)
     return model
 
 
 def _check_task(checkpoint: dict, source: str, task: str) -> None:
-    name = checkpoint["model_name"]
+    name = CheckpointRecord.read(checkpoint).model_name
     found = checkpoint_task(checkpoint)
     if task == "segmentation" and found == "classification":
         raise SegnestError(
@@ -169,11 +100,12 @@ def _check_task(checkpoint: dict, source: str, task: str) -> None:
         raise SegnestError(
             f"{source} holds model '{name}', not a detection model (<architecture>_<backbone>,"
             " e.g. mask_rcnn_resnest50); pass a checkpoint from segnest train --model mask_rcnn")
-    if task == "segmentation" and not str(name).startswith(SEGMENTATION_PREFIX):
+    if task == "segmentation" and found != "segmentation":
+        heads = " or ".join(f"{head}_<backbone>" for head in registry.heads_of("segmentation"))
         raise SegnestError(
             f"{source} holds model '{name}', which is not a segmentation model (those are "
-            f"named {SEGMENTATION_PREFIX}<backbone>); eval/predict/export need a segmentation "
-            "checkpoint from segnest train"
+            f"named {heads}); eval/predict/export need a segmentation checkpoint from "
+            "segnest train"
         )
     if task == "classification" and found == "segmentation":
         raise SegnestError(

@@ -12,6 +12,7 @@ background internally, so object labels are 1..num_classes in targets and output
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 from os import PathLike
 from typing import Any
@@ -41,6 +42,7 @@ from segnest.models.detection.heads import (
     RCNNRoIHeads,
     RCNNTransform,
 )
+from segnest.models.registry import register_head
 from segnest.models.weights import load_pretrained
 
 # ImageNet statistics on [0, 1] images: detectron2's ResNeSt configs use the same values
@@ -256,3 +258,8 @@ class ClassAgnosticBoxPredictor(FastRCNNPredictor):
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__(in_channels, num_classes)
         self.bbox_pred = nn.Linear(in_channels, 4)
+
+
+for _architecture in ARCHITECTURES:
+    register_head(_architecture, task="detection", backbones=DETECTION_BACKBONES)(
+        functools.partial(build_rcnn, _architecture))
