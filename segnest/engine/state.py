@@ -32,11 +32,11 @@ from segnest.engine.workdir import (
     prune_periodic_checkpoints,
 )
 from segnest.errors import SegnestError
-from segnest.models.factory import canonical_model_kwargs
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 from segnest.runtime.distributed import (
     DistInfo,
 )
+from segnest.runtime.record import CheckpointRecord
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,12 @@ class BestMetric:
     def improves(self, value: float, best: float) -> bool:
         return value > best if self.higher_is_better else value < best
 
-    def stored_best(self, state: Mapping[str, Any]) -> float:
+    def stored_best(self, record: CheckpointRecord) -> float:
         """The best value a checkpoint holds (the worst possible when it holds none)."""
-        if self.checkpoint_key not in state:
+        if self.checkpoint_key not in record.extra:
             return self.worst
-        value = float(state[self.checkpoint_key])
-        return value if state.get("metric_unit") == "percent" else value * self.fraction_scale
+        value = float(record.extra[self.checkpoint_key])
+        return value if record.metric_unit == "percent" else value * self.fraction_scale
 
 
 def parameters_finite(model: nn.Module) -> bool:
@@ -125,29 +125,29 @@ class RunState:
         path = find_resume_checkpoint(self.work_dir) if resume == "auto" else Path(resume)
         if path is None:  # --resume auto on a first run: a new run, nothing worth saying
             return None
-        state = load_checkpoint(path)
-        self._check_compatible(path, state)
-        self.model.load_state_dict(state["model"])
-        self._restore_optimizer(path, state["optimizer"])
-        if state["scaler"] or not self.scaler.is_enabled():
+        record = CheckpointRecord.read(load_checkpoint(path))
+        self._check_compatible(path, record)
+        self.model.load_state_dict(record.weights)
+        self._restore_optimizer(path, record.optimizer)
+        if record.scaler or not self.scaler.is_enabled():
             # A run trained without a scaler (fp32, bf16) stored an empty one; fp16 starts one.
-            self.scaler.load_state_dict(state["scaler"])
-        self.iteration = int(state["iteration"])
-        self.position = int(state.get("position", self.iteration))
+            self.scaler.load_state_dict(record.scaler)
+        self.iteration = int(record.iteration)
+        self.position = int(record.position if record.position is not None else self.iteration)
         self.scheduler.resume_at(self.iteration)
-        self.best = self.best_metric.stored_best(state)
-        self.best_iteration = state.get("best_iteration")
+        self.best = self.best_metric.stored_best(record)
+        self.best_iteration = record.best_iteration
         if path.resolve() == (self.work_dir / LAST_CHECKPOINT_NAME).resolve():
             self.saved_iteration = self.iteration
-        self.metrics = dict(state.get("metrics") or {})
-        restore_rng_state(state["rng"][self.dist.rank])
+        self.metrics = dict(record.metrics)
+        restore_rng_state(record.rng[self.dist.rank])
         if self.dist.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
-            stored_precision = state.get("precision", "fp32")
+            stored_precision = record.precision or "fp32"
             if "precision" in self.record and stored_precision != self.record["precision"]:
                 print(f"precision: the checkpoint was trained in {stored_precision}, this run "
                       f"continues in {self.record['precision']} (the fp32 weights carry over)")
-            changed = self._changed_settings(state.get("config") or {})
+            changed = self._changed_settings(record.config)
             if changed:
                 print("settings changed since that checkpoint, taken from this command: "
                       + ", ".join(changed) + f"; the schedule continues at iteration "
@@ -174,23 +174,22 @@ class RunState:
                 if key in stored and key not in _NOT_COMPARED_ON_RESUME
                 and stored[key] != value]
 
-    def _check_compatible(self, path: Path, state: Mapping[str, Any]) -> None:
-        stored = {"task": state.get("task", "segmentation"),
-                  "model_name": state.get("model_name"),
-                  "model_kwargs": canonical_model_kwargs(state.get("model_kwargs") or {})}
+    def _check_compatible(self, path: Path, record: CheckpointRecord) -> None:
+        stored = {"task": record.task or "segmentation", "model_name": record.model_name,
+                  "model_kwargs": record.model_kwargs}
         if stored != self.identity:
             raise SegnestError(
                 f"--resume {path} was trained as {stored['task']} {stored['model_name']} "
                 f"{stored['model_kwargs']}, not {self.identity['task']} "
                 f"{self.identity['model_name']} {self.identity['model_kwargs']}; resume with the "
                 "same backbone, dataset and model flags, or start a new --work-dir")
-        ranks = len(state.get("rng") or ())
+        ranks = len(record.rng or ())
         if ranks != self.dist.world_size:
             raise SegnestError(
                 f"--resume {path} was written by {ranks} process(es), this run has "
                 f"{self.dist.world_size}; resume with the same number of processes to "
                 "continue exactly")
-        stored_config, config = state.get("config") or {}, self.record.get("config") or {}
+        stored_config, config = record.config, self.record.get("config") or {}
         for key in _FIXED_ON_RESUME:
             if key in stored_config and key in config and stored_config[key] != config[key]:
                 flag = "--" + key.replace("_", "-")
@@ -199,14 +198,14 @@ class RunState:
                     f"has {config[key]}; the run cannot continue exactly with another {flag}: "
                     f"resume with {flag} {stored_config[key]}, or start a new --work-dir")
         for key in _RECORD_FIXED_ON_RESUME:
-            if key in self.record and state.get(key) != self.record[key]:
+            if key in self.record and getattr(record, key) != self.record[key]:
                 raise SegnestError(
                     f"--resume {path} was trained with {key.replace('_', ' ')} "
-                    f"{state.get(key)}, this run has {self.record[key]}; the run cannot continue "
-                    f"exactly: resume with the same --{key.replace('_', '-')} and training data "
-                    "(the work folder's class_weights.txt holds the stored ones), or start a "
-                    "new --work-dir")
-        stored_epoch = state.get("iters_per_epoch", self.iters_per_epoch)
+                    f"{getattr(record, key)}, this run has {self.record[key]}; the run cannot "
+                    f"continue exactly: resume with the same --{key.replace('_', '-')} and "
+                    "training data (the work folder's class_weights.txt holds the stored ones), "
+                    "or start a new --work-dir")
+        stored_epoch = record.iters_per_epoch or self.iters_per_epoch
         if stored_epoch != self.iters_per_epoch:
             raise SegnestError(
                 f"--resume {path} was written by a run of {stored_epoch} iterations per epoch, "
@@ -214,24 +213,22 @@ class RunState:
                 "changed; resume on the same data with the same --batch-size")
 
     def payload(self, rng: list[dict]) -> dict[str, Any]:
-        return {
-            **self.record, **self.identity,
-            "model": self.model.state_dict(),
-            "iteration": self.iteration,
-            "position": self.position,
-            "epoch": self.epoch,  # completed epochs
-            "iters_per_epoch": self.iters_per_epoch,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-            self.best_metric.checkpoint_key: self.best,
-            "best_metric": self.best_metric.name,
-            "best_iteration": self.best_iteration,
-            "metrics": self.metrics,
-            "metric_unit": "percent",
-            "segnest_version": segnest.__version__,
-        }
+        """The checkpoint dict: the task's record and the model's identity, the weights and
+        where the run stands (:class:`~segnest.runtime.record.CheckpointRecord`)."""
+        record = CheckpointRecord.read({**self.record, **self.identity})
+        record.weights = self.model.state_dict()
+        record.iteration, record.position = self.iteration, self.position
+        record.epoch = self.epoch  # completed epochs
+        record.iters_per_epoch = self.iters_per_epoch
+        record.optimizer = self.optimizer.state_dict()
+        record.scheduler = self.scheduler.state_dict()
+        record.scaler = self.scaler.state_dict()
+        record.rng = rng
+        record.extra[self.best_metric.checkpoint_key] = self.best
+        record.best_metric, record.best_iteration = self.best_metric.name, self.best_iteration
+        record.metrics, record.metric_unit = self.metrics, "percent"
+        record.segnest_version = segnest.__version__
+        return record.state()
 
     def save(self, rng: list[dict], *, best: bool, keep: int) -> bool:
         """Write ``last.pt`` (and ``best.pt``, and a kept ``iter_<N>.pt``) on rank 0;

@@ -23,6 +23,7 @@ from segnest.runtime.distributed import (
     agree,
 )
 from segnest.runtime.lock import FolderLock
+from segnest.runtime.record import CheckpointRecord
 
 LAST_CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
@@ -197,7 +198,7 @@ def find_resume_checkpoint(work_dir: str | os.PathLike) -> Path | None:
 
 
 def _stored_iteration(path: Path, state: Mapping[str, Any]) -> float:
-    value = state.get("iteration")
+    value = CheckpointRecord.read(state).iteration
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     match = _PERIODIC_NAME.match(path.name)

@@ -29,6 +29,7 @@ from segnest.inference.coco import (
 from segnest.models.factory import model_from_checkpoint
 from segnest.runtime.distributed import DistInfo, broadcast_object, init_distributed
 from segnest.runtime.files import write_text_atomic
+from segnest.runtime.record import CheckpointRecord
 
 
 def evaluate_detection(model: nn.Module, dataset: CocoDetection, device: torch.device,
@@ -61,7 +62,8 @@ def evaluation_source(checkpoint: dict[str, Any], data_root: str | None, split: 
     """The validation annotations the run recorded, or ``split`` under ``data_root``."""
     if data_root:
         return coco_source(data_root, split)
-    recorded = checkpoint.get("val_annotations"), checkpoint.get("val_images")
+    record = CheckpointRecord.read(checkpoint)
+    recorded = record.val_annotations, record.val_images
     if not all(recorded):
         raise SegnestError(f"{source} records no validation set; pass --data-root (a folder "
                            "in COCO layout)")
@@ -76,7 +78,8 @@ def run_detection_eval(checkpoint: dict[str, Any], checkpoint_path: str, out: st
     model = model_from_checkpoint(checkpoint, source=checkpoint_path, task="detection")
     source = evaluation_source(checkpoint, data_root, split, checkpoint_path)
     dataset = CocoDetection(source)
-    if dataset.category_ids != checkpoint.get("category_ids", dataset.category_ids):
+    record = CheckpointRecord.read(checkpoint)
+    if dataset.category_ids != (record.category_ids or dataset.category_ids):
         raise SegnestError(f"{source.annotations} has other categories than {checkpoint_path} "
                            "was trained on; evaluate on a set with the same 'categories'")
     out_dir = Path(out or Path(checkpoint_path).with_suffix("").parent / "eval")
@@ -88,7 +91,7 @@ def run_detection_eval(checkpoint: dict[str, Any], checkpoint_path: str, out: st
     per_type = {k: v for k, v in metrics.items() if k in ("bbox", "segm")}
     print(format_table(per_type))
     payload = {**metrics, "checkpoint": str(Path(checkpoint_path).resolve()),
-               "iteration": checkpoint.get("iteration"), "annotations": str(source.annotations),
+               "iteration": record.iteration, "annotations": str(source.annotations),
                "images": len(dataset) if samples is None else min(samples, len(dataset)),
                "device": str(info.device), "world_size": info.world_size}
     out_dir.mkdir(parents=True, exist_ok=True)
