@@ -72,7 +72,7 @@ def test_quantized_model_runs_and_its_logits_follow_fp32(checkpoint, folder_data
 
     out = tmp_path / "model.int8.onnx"
     result = quantize(checkpoint, folder_dataset, out,
-                      layer_types=",".join(QUANTIZE_LAYER_TYPES))
+                      layer_types=QUANTIZE_LAYER_TYPES)
     assert result["target"] == out and out.is_file()
     assert not list(tmp_path.glob(".*partial"))
     x = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(3))
@@ -99,7 +99,7 @@ def test_quantized_model_runs_and_its_logits_follow_fp32(checkpoint, folder_data
 @pytest.mark.slow
 def test_only_the_chosen_layer_types_are_quantized(checkpoint, folder_dataset, tmp_path):
     out = tmp_path / "model.int8.onnx"
-    result = quantize(checkpoint, folder_dataset, out, layer_types="pointwise,dilated")
+    result = quantize(checkpoint, folder_dataset, out, layer_types=("pointwise", "dilated"))
     found = quantized_convs(out)
     assert set(found) == {"pointwise", "dilated"}
     assert found == result["counts"]

@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from segnest.commands.config import parse_layer_types
 from segnest.inference.config import QuantizeConfig
 from segnest.inference.export import LogitsOnly, export_onnx
 from segnest.inference.openvino import OpenVinoModel, StagedIR, quantize_ir, to_openvino
@@ -122,7 +121,7 @@ def inference_paths(size: int, only: set[str], folder: Path) -> dict[str, Step]:
         onnx_fp32 = folder / "segnest.onnx"
         with torch.no_grad():
             export_onnx(logits, x, onnx_fp32, end_to_end=False)
-        layer_types = parse_layer_types(QuantizeConfig().layer_types)
+        layer_types = QuantizeConfig().layer_types
         quantize_onnx(onnx_fp32, folder / "segnest.int8.onnx", calibration, layer_types)
         runners["segnest int8 ONNX Runtime"] = OnnxModel(folder / "segnest.int8.onnx")
         runners.update(openvino_paths("segnest", logits, x, calibration, folder))
