@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from segnest.errors import SegnestError
@@ -147,16 +148,18 @@ def _typed(name: str, value: Any, tp: Any, optional: bool, names: Names) -> Any:
             return value
         raise SegnestError(f"{what} is not a boolean; write true or false")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise SegnestError(f"{what} is not a whole number; write one such as 2")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SegnestError(f"{what} is not a finite number; write a whole number")
-        if isinstance(value, float) and not value.is_integer():
-            raise SegnestError(f"{what} is not a whole number; write {math.floor(value)} or "
-                               f"{math.ceil(value)}")
+        if not isinstance(value, numbers.Integral):  # a float (or NumPy's) of a whole value
+            value = float(value)
+            if not math.isfinite(value):
+                raise SegnestError(f"{what} is not a finite number; write a whole number")
+            if not value.is_integer():
+                raise SegnestError(f"{what} is not a whole number; write {math.floor(value)} "
+                                   f"or {math.ceil(value)}")
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise SegnestError(f"{what} is not a number; write one such as 0.01")
         if not math.isfinite(value):
             raise SegnestError(f"{what} is not a finite number; write one such as 0.01")
@@ -169,23 +172,33 @@ def _typed(name: str, value: Any, tp: Any, optional: bool, names: Names) -> Any:
             # A recipe's mapping for a "k:v,k:v" flag (label_map: {255: 1}).
             return ",".join(f"{key}:{item}" for key, item in value.items())
         raise SegnestError(f"{what} is not text; put it in quotes")
-    if item_type(tp) is float:
-        if (isinstance(value, str) or not isinstance(value, typing.Sequence) or not value
-                or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)):
-            raise SegnestError(f"{what} is not a sequence of numbers; give one such as "
-                               "(0.5, 1.0)")
-        return tuple(float(v) for v in value)
-    if item_type(tp) is str:
-        if (isinstance(value, str) or not isinstance(value, typing.Sequence) or not value
-                or not all(isinstance(v, str) for v in value)):
+    if item_type(tp) is not None:
+        items = _items(value)
+        if item_type(tp) is float:
+            if not items or any(isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                or not math.isfinite(v) for v in items):
+                raise SegnestError(f"{what} is not a sequence of finite numbers; give one "
+                                   "such as (0.5, 1.0)")
+            return tuple(float(v) for v in items)
+        if not items or not all(isinstance(v, str) for v in items):
             raise SegnestError(f"{what} is not a sequence of names; give one such as "
                                "('a', 'b')")
-        return tuple(dict.fromkeys(value))
+        return tuple(dict.fromkeys(items))
     if typing.get_origin(tp) is list:
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return list(value)
         raise SegnestError(f"{what} is not a list of text")
     return value
+
+
+def _items(value: Any) -> list[Any] | None:
+    """The items of a list, tuple or array; None for text, a mapping or a single value."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        return None
+    try:
+        return list(value)
+    except TypeError:  # a 0-d array
+        return None
 
 
 def _in_range(name: str, value: Any, meta: Mapping[str, Any], names: Names) -> None:

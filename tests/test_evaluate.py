@@ -310,7 +310,7 @@ def test_inference_settings_from_flags_and_checkpoint():
     slide = from_flags(PredictConfig(checkpoint="x", mode="slide", window_size=40), ckpt)
     assert slide.window_size == 40
     # Settings from Python are named in Python terms (the command line names its flags).
-    with pytest.raises(SegnestError, match="scales=.* is not a sequence of numbers"):
+    with pytest.raises(SegnestError, match="scales=.* is not a sequence of finite numbers"):
         from_flags(EvalConfig(checkpoint="x", scales=(0.5, "big")), ckpt)
     with pytest.raises(SegnestError, match=r"scales=\(0.0, 1.0\) is out of range"):
         from_flags(EvalConfig(checkpoint="x", scales=(0, 1)), ckpt)

@@ -196,10 +196,19 @@ def test_load_model_takes_python_values_without_parsing_text(checkpoint: Path, m
     assert predictor(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32)
 
 
+def test_numpy_numbers_are_python_values_too(checkpoint: Path):
+    predictor = segnest.load_model(checkpoint, device="cpu", scales=np.array([0.5, 1.0]),
+                                   base_size=np.int64(48), batch_size=np.int32(2))
+    assert predictor.settings.scales == (0.5, 1.0) and predictor.settings.base_size == 48
+    assert predictor.batch_size == 2 and type(predictor.settings.base_size) is int
+
+
 @pytest.mark.parametrize("settings, says", [
     ({"scales": [-1]}, "scales=(-1.0,) is out of range; every item must be a number > 0"),
-    ({"scales": "0.5,1.0"}, "scales='0.5,1.0' is not a sequence of numbers"),
-    ({"scales": [0.5, "big"]}, "is not a sequence of numbers"),
+    ({"scales": "0.5,1.0"}, "scales='0.5,1.0' is not a sequence of finite numbers"),
+    ({"scales": [0.5, "big"]}, "is not a sequence of finite numbers"),
+    ({"scales": [float("inf")]}, "scales=[inf] is not a sequence of finite numbers"),
+    ({"scales": []}, "scales=[] is not a sequence of finite numbers"),
     ({"flip": "yes"}, "flip='yes' is text, not true or false"),
     ({"mode": "tiles"}, "mode='tiles' is not one of whole, slide"),
     ({"base_size": 1.5}, "base_size=1.5 is not a whole number"),
