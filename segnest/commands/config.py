@@ -108,7 +108,8 @@ def add_dataclass_arguments(
         if f.name in skip:
             continue
         tp = field_types(cls)[f.name][0]
-        if item_type(tp) is not None:  # a tuple is typed as text: parse_setting reads it
+        listed = item_type(tp) is not None
+        if listed:  # a tuple is typed as comma-separated text: parse_setting reads it
             tp = str
         meta = {k: v for k, v in f.metadata.items() if k not in CONSTRAINTS}
         required = meta.pop("required", False)
@@ -133,7 +134,7 @@ def add_dataclass_arguments(
         else:
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
-            if "choices" in f.metadata:
+            if "choices" in f.metadata and not listed:
                 kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
         sections[f.name].add_argument(flag(f.name), **kwargs)
         if old_name is not None and tp is not bool:
