@@ -100,7 +100,7 @@ def _check_task(checkpoint: dict, source: str, task: str) -> None:
         raise SegnestError(
             f"{source} holds model '{name}', not a detection model (<architecture>_<backbone>,"
             " e.g. mask_rcnn_resnest50); pass a checkpoint from segnest train --model mask_rcnn")
-    if task == "segmentation" and found != "segmentation":
+    if task == "segmentation" and registry.model_task(str(name)) != "segmentation":
         heads = " or ".join(f"{head}_<backbone>" for head in registry.heads_of("segmentation"))
         raise SegnestError(
             f"{source} holds model '{name}', which is not a segmentation model (those are "
