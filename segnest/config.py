@@ -488,6 +488,9 @@ class PretrainConfig:
     )
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
     device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
+    skip_bad_samples: bool = field(
+        default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
+    )
 
 
 @dataclass

@@ -25,10 +25,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from segnest.config import PredictConfig, validate_config
+from segnest.data.bad_samples import BadSamplePolicy
 from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from segnest.errors import SegnestError
 from segnest.inference.outputs import (
@@ -173,6 +175,25 @@ def what_predict_wrote(cfg: PredictConfig, predictor: Predictor, count: int, out
         "resized to each image's size (--base-size sets the working size)"])
 
 
+def warn_bad_image(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def readable_images(images: Sequence[tuple[Path, Path]], read: Callable[[Path], Any],
+                    bad_images: BadSamplePolicy, bar: Any
+                    ) -> Iterator[tuple[tuple[Path, Any], Path]]:
+    """``((stem, image read), file)`` for each ``(file, stem)`` of :func:`collect_images`
+    that ``read`` can read; the others go to ``bad_images`` (counted on ``bar``)."""
+    for file, stem in images:
+        try:
+            image = read(file)
+        except SegnestError as err:
+            bad_images.check(str(err), str(file))
+            bar.update(1)
+            continue
+        yield (stem, image), file
+
+
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
@@ -182,22 +203,11 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     predictor = Predictor.load(cfg.checkpoint, cfg)
     out = Path(cfg.out)
     written: list[Path] = []
-    skipped = 0
     bar = progress_bar(total=len(images), desc="predict", unit="img")
+    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=warn_bad_image)
 
     def readable() -> Iterator[tuple[tuple[Path, np.ndarray], np.ndarray]]:
-        nonlocal skipped
-        for file, stem in images:
-            try:
-                image = predictor.read(file)
-            except SegnestError as err:
-                if not cfg.skip_bad_samples:
-                    raise SegnestError(f"{err}, or pass --skip-bad-samples to skip "
-                                       "unreadable images") from err
-                warnings.warn(f"skipping {file}: {err}", stacklevel=2)
-                skipped += 1
-                bar.update(1)
-                continue
+        for (stem, image), _ in readable_images(images, predictor.read, bad_images, bar):
             yield (stem, image), image
 
     for (stem, image), mask, confidence in predictor.segment(
@@ -215,6 +225,6 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     bar.close()
     save_legend(out, predictor.classes, predictor.palette)
     print(what_predict_wrote(cfg, predictor, len(written), out))
-    if skipped:
-        print(f"warning: {skipped} unreadable image(s) skipped")
+    if warning := bad_images.summary(bad_images.count):
+        print(warning)
     return written
