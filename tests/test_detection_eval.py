@@ -145,3 +145,26 @@ def test_load_model_of_a_detection_checkpoint_predicts_and_draws(mini_root, tmp_
     assert drawn.shape == (detections.height, detections.width, 3)
     with pytest.raises(SegnestError, match="score_threshold"):
         segnest.load_model(tmp_path / "best.pt", flip=True)
+
+
+def test_an_unreadable_image_stops_the_evaluation_or_is_left_out_of_it(mini_root, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    root = Path(shutil.copytree(mini_root, tmp_path / "coco"))
+    source = coco_source(root, "val")
+    data = json.loads(source.annotations.read_text())
+    broken = min(data["images"], key=lambda image: image["id"])
+    (source.images / broken["file_name"]).write_bytes(b"\x89PNG not really")
+    monkeypatch.setattr(detection_eval, "model_from_checkpoint",
+                        lambda *args, **kwargs: NoisyOracle(source.annotations))
+    checkpoint = checkpoint_for(nn.Linear(1, 1), "mask_rcnn_resnest14", {}, root)
+    with pytest.raises(SegnestError, match=f"{broken['file_name']}.*--skip-bad-samples"):
+        run_detection_eval(checkpoint, "best.pt", str(tmp_path / "stop"), None, device="cpu",
+                           data_root=str(root))
+    run_detection_eval(checkpoint, "best.pt", str(tmp_path / "skip"), str(tmp_path / "r.json"),
+                       device="cpu", data_root=str(root), skip_bad_samples=True)
+    written = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert written["skipped_samples"] == 1 and written["images"] == len(data["images"]) - 1
+    entries = json.loads((tmp_path / "r.json").read_text())
+    assert entries and broken["id"] not in {entry["image_id"] for entry in entries}
