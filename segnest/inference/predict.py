@@ -130,8 +130,12 @@ def _below_folder(skip: Path | None, scanned: Path) -> Callable[[Path], bool]:
     return below
 
 
-def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
-    """Refuse an --out that would replace or mix with an input; returns --out resolved."""
+def check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]],
+                  written_names: Callable[[Path], list[Path]] | None = None) -> Path:
+    """Refuse an --out that would replace or mix with an input; returns --out resolved.
+    ``written_names``: the files (relative to --out) written for an output stem, by
+    default a segmentation's."""
+    written_names = written_names or (lambda stem: _written_names(cfg, stem))
     out = resolved(cfg.out)
     folders = [resolved(raw) for raw in cfg.inputs if Path(raw).is_dir()]
     for folder in folders:
@@ -144,7 +148,7 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
     inputs.update(identities({cfg.checkpoint: f"the checkpoint {cfg.checkpoint}"}))
     refuse_input_file(out / LEGEND_NAME, inputs, "--out")
     for _, stem in images:
-        for name in _written_names(cfg, stem):
+        for name in written_names(stem):
             target = out / name
             refuse_input_file(target, inputs, "--out")
             for folder in folders:
@@ -199,7 +203,7 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     cfg = validate_config(cfg)  # as the command line does, for callers from Python
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     images = collect_images(cfg.inputs, skip=cfg.out)
-    prepare_folder(_check_outputs(cfg, images), "--out")
+    prepare_folder(check_outputs(cfg, images), "--out")
     predictor = Predictor.load(cfg.checkpoint, cfg)
     out = Path(cfg.out)
     written: list[Path] = []
