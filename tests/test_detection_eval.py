@@ -168,3 +168,28 @@ def test_an_unreadable_image_stops_the_evaluation_or_is_left_out_of_it(mini_root
     assert written["skipped_samples"] == 1 and written["images"] == len(data["images"]) - 1
     entries = json.loads((tmp_path / "r.json").read_text())
     assert entries and broken["id"] not in {entry["image_id"] for entry in entries}
+
+
+def test_segnest_eval_and_predict_dispatch_a_detection_checkpoint(mini_root, tmp_path):
+    from segnest.config import EvalConfig, PredictConfig
+    from segnest.runtime.checkpoint import save_checkpoint
+    from segnest.tasks.commands import run_eval, run_predict
+
+    torch.manual_seed(0)
+    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
+    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
+                                mini_root)
+    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
+    path = tmp_path / "best.pt"
+    save_checkpoint(checkpoint, path)
+    metrics = run_eval(EvalConfig(checkpoint=str(path), out=str(tmp_path / "e"), device="cpu",
+                                  samples=2))
+    assert "bbox_AP" in metrics and (tmp_path / "e" / "metrics.json").is_file()
+    with pytest.raises(SegnestError, match="^--flip does not apply to .* a detection checkpoint"):
+        run_eval(EvalConfig(checkpoint=str(path), flip=True))
+    photo = coco_source(mini_root, "val").images / "mini_val_00000.png"
+    written = run_predict(PredictConfig(inputs=[str(photo)], checkpoint=str(path),
+                                        out=str(tmp_path / "p"), device="cpu"))
+    assert [p.name for p in written] == ["mini_val_00000.json"]
+    assert "detections" in json.loads(written[0].read_text())
+    assert (tmp_path / "p" / "mini_val_00000.jpg").is_file()

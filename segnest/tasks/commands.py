@@ -30,6 +30,7 @@ from segnest.runtime.checkpoint import load_checkpoint
 from segnest.tasks.classification.evaluate import run_classification_eval
 from segnest.tasks.classification.predict import run_classification_predict
 from segnest.tasks.detection.evaluate import run_detection_eval
+from segnest.tasks.detection.predict import run_detection_predict
 
 # The flags every task's eval and predict take.
 COMMON = frozenset({"checkpoint", "device", "precision", "skip_bad_samples"})
@@ -38,13 +39,13 @@ _CLASSIFICATION = COMMON | {"fuse_bn", "compile"}
 
 @dataclass(frozen=True)
 class TaskCommands:
-    """How ``segnest eval`` and ``segnest predict`` handle one task's checkpoints.
-    ``evaluate``/``predict`` are None where the command does not handle the task yet."""
+    """How ``segnest eval`` and ``segnest predict`` handle one task's checkpoints: the
+    function each runs and the flags (config field names) it honours."""
 
     trained_by: str  # the command that writes such checkpoints, for messages
-    evaluate: Callable[[EvalConfig], Any] | None
+    evaluate: Callable[[EvalConfig], Any]
     eval_flags: frozenset[str]
-    predict: Callable[[PredictConfig], list[Path]] | None
+    predict: Callable[[PredictConfig], list[Path]]
     predict_flags: frozenset[str]
 
 
@@ -67,7 +68,7 @@ TASK_COMMANDS: dict[str, TaskCommands] = {
     "detection": TaskCommands(
         "segnest train --model <architecture>", _detection_eval,
         COMMON - {"precision"} | {"data_root", "split", "out", "save_pred", "samples"},
-        None, frozenset()),
+        run_detection_predict, COMMON - {"precision"} | {"inputs", "out"}),
 }
 
 
@@ -96,24 +97,17 @@ def _flags(names: frozenset[str]) -> str:
                                                                             "checkpoint")))
 
 
-def _commands(path: str, command: str) -> tuple[str, TaskCommands]:
-    task = task_of(path)
-    commands = TASK_COMMANDS[task]
-    if (commands.evaluate if command == "eval" else commands.predict) is None:
-        raise SegnestError(f"segnest {command} does not handle {task} checkpoints yet "
-                           f"({path}); use segnest.load_model({str(path)!r}) from Python")
-    return task, commands
-
-
 def run_eval(cfg: EvalConfig) -> Any:
     """``segnest eval``: the evaluation of the checkpoint's task."""
-    task, commands = _commands(cfg.checkpoint, "eval")
+    task = task_of(cfg.checkpoint)
+    commands = TASK_COMMANDS[task]
     check_flags(cfg, task, commands.eval_flags, "eval")
     return commands.evaluate(cfg)
 
 
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """``segnest predict``: the predictions of the checkpoint's task."""
-    task, commands = _commands(cfg.checkpoint, "predict")
+    task = task_of(cfg.checkpoint)
+    commands = TASK_COMMANDS[task]
     check_flags(cfg, task, commands.predict_flags, "predict")
     return commands.predict(cfg)
