@@ -80,6 +80,19 @@ def checkpoint_for(model: nn.Module, name: str, kwargs: dict, mini_root: Path) -
             "val_annotations": str(source.annotations), "val_images": str(source.images)}
 
 
+def saved_tiny_detector(mini_root: Path, path: Path) -> dict:
+    """A seeded, untrained tiny Mask R-CNN checkpoint with class names, saved at ``path``."""
+    from segnest.runtime.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
+    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
+                                mini_root)
+    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
+    save_checkpoint(checkpoint, path)
+    return checkpoint
+
+
 def test_metrics_json_equals_pycocotools_on_the_saved_predictions(mini_root, tmp_path,
                                                                   monkeypatch):
     annotations = coco_source(mini_root, "val").annotations
@@ -124,14 +137,8 @@ def test_a_segmentation_checkpoint_is_refused_with_the_reason(mini_root, tmp_pat
 
 def test_load_model_of_a_detection_checkpoint_predicts_and_draws(mini_root, tmp_path):
     import segnest
-    from segnest.runtime.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
-    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
-                                mini_root)
-    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
-    save_checkpoint(checkpoint, tmp_path / "best.pt")
+    checkpoint = saved_tiny_detector(mini_root, tmp_path / "best.pt")
     predictor = segnest.load_model(tmp_path / "best.pt", device="cpu", score_threshold=0.0)
     photo = coco_source(mini_root, "val").images / "mini_val_00000.png"
     detections = predictor(photo)
@@ -172,16 +179,10 @@ def test_an_unreadable_image_stops_the_evaluation_or_is_left_out_of_it(mini_root
 
 def test_segnest_eval_and_predict_dispatch_a_detection_checkpoint(mini_root, tmp_path):
     from segnest.config import EvalConfig, PredictConfig
-    from segnest.runtime.checkpoint import save_checkpoint
     from segnest.tasks.commands import run_eval, run_predict
 
-    torch.manual_seed(0)
-    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
-    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
-                                mini_root)
-    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
     path = tmp_path / "best.pt"
-    save_checkpoint(checkpoint, path)
+    saved_tiny_detector(mini_root, path)
     metrics = run_eval(EvalConfig(checkpoint=str(path), out=str(tmp_path / "e"), device="cpu",
                                   samples=2))
     assert "bbox_AP" in metrics and (tmp_path / "e" / "metrics.json").is_file()
