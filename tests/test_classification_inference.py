@@ -218,3 +218,31 @@ def test_a_release_classification_checkpoint_evaluates_to_its_recorded_top1_and_
                                         device="cpu"))
     top = json.loads(written[0].read_text())["top"]
     assert {entry["class"] for entry in top} == {"blue", "green", "red"}
+
+
+def test_folding_batch_norms_leaves_the_probabilities_unchanged(checkpoint, images):
+    image = images / "val" / "green" / "2.png"
+    fused = segnest.load_model(checkpoint, device="cpu")
+    plain = segnest.load_model(checkpoint, device="cpu", fuse_bn=False)
+    batch = fused.transform(fused.read(image)).unsqueeze(0)
+    torch.testing.assert_close(fused.probabilities(batch), plain.probabilities(batch),
+                               atol=1e-4, rtol=0)
+    assert fused.predict(image).names == plain.predict(image).names
+
+
+def test_a_checkpoint_pretrained_on_the_mini_set_evaluates_on_it_without_a_data_root(tmp_path):
+    from segnest.data.mini import MINI_CLASSES
+
+    torch.manual_seed(0)
+    kwargs = dict(TINY, num_classes=len(MINI_CLASSES))
+    path = tmp_path / "run" / "best.pt"
+    path.parent.mkdir()
+    torch.save({"model": create_model("resnest14", **kwargs).state_dict(),
+                "model_name": "resnest14", "model_kwargs": kwargs, "task": "classification",
+                "classes": sorted(MINI_CLASSES),
+                "config": {"dataset": "mini", "crop_size": 64, "crop_pct": 1.0}}, path)
+    metrics = run_eval(EvalConfig(checkpoint=str(path), device="cpu", workers=0, samples=16,
+                                  batch_size=8))
+    written = json.loads((tmp_path / "run" / "eval_val" / "metrics.json").read_text())
+    assert written["images"] == 16 and written["top1"] == pytest.approx(metrics["top1"])
+    assert written["data_root"].endswith("val")
