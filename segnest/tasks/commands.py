@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segnest.config import EvalConfig, PredictConfig
+from segnest.config import EvalConfig, PredictConfig, validate_config
 from segnest.config import _flag as flag_name
 from segnest.errors import SegnestError
 from segnest.inference.backends import is_exported_model
@@ -27,6 +27,8 @@ from segnest.inference.evaluate import run_eval as run_segmentation_eval
 from segnest.inference.predict import run_predict as run_segmentation_predict
 from segnest.models.factory import checkpoint_task
 from segnest.runtime.checkpoint import load_checkpoint
+from segnest.runtime.distributed import resolve_device
+from segnest.runtime.precision import resolve_precision
 from segnest.tasks.classification.evaluate import run_classification_eval
 from segnest.tasks.classification.predict import run_classification_predict
 from segnest.tasks.detection.evaluate import run_detection_eval
@@ -107,6 +109,8 @@ def run_eval(cfg: EvalConfig) -> Any:
 
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """``segnest predict``: the predictions of the checkpoint's task."""
+    cfg = validate_config(cfg)
+    resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     task = task_of(cfg.checkpoint)
     commands = TASK_COMMANDS[task]
     check_flags(cfg, task, commands.predict_flags, "predict")
