@@ -20,8 +20,8 @@ from segnest.config import EvalConfig, PredictConfig
 from segnest.errors import EXIT_ERROR, SegnestError
 from segnest.inference.classification import ClassifierPredictor
 from segnest.models import create_model
-from segnest.tasks import commands as task_commands
-from segnest.tasks.commands import run_eval, run_predict
+from segnest.tasks import dispatch
+from segnest.tasks.dispatch import run_eval, run_predict
 
 RELEASE = Path(__file__).parent / "data" / "release-0.1.0-classification.pt"
 TINY = dict(num_classes=3, stage_width=16, stem_width=16)
@@ -123,9 +123,9 @@ def test_a_segmentation_flag_given_with_a_classification_checkpoint_is_one_line(
     def no_work(*args, **kwargs):
         raise AssertionError("the flag must be refused before any work")
 
-    monkeypatch.setattr(task_commands, "TASK_COMMANDS", {
+    monkeypatch.setattr(dispatch, "TASK_COMMANDS", {
         task: dataclasses.replace(commands, evaluate=no_work, predict=no_work)
-        for task, commands in task_commands.TASK_COMMANDS.items()})
+        for task, commands in dispatch.TASK_COMMANDS.items()})
     if command == "eval":
         cfg = EvalConfig(checkpoint=str(checkpoint), **flags)
         call = run_eval

@@ -179,7 +179,7 @@ def test_an_unreadable_image_stops_the_evaluation_or_is_left_out_of_it(mini_root
 
 def test_segnest_eval_and_predict_dispatch_a_detection_checkpoint(mini_root, tmp_path):
     from segnest.config import EvalConfig, PredictConfig
-    from segnest.tasks.commands import run_eval, run_predict
+    from segnest.tasks.dispatch import run_eval, run_predict
 
     path = tmp_path / "best.pt"
     saved_tiny_detector(mini_root, path)
