@@ -16,6 +16,7 @@ bad samples were dropped may be unusable (empty, or one sample where BatchNorm n
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,12 @@ def collate_guarded(items: list[Any]) -> tuple[Any | None, list[BadSample]]:
     return (default_collate(good) if good else None), bad
 
 
+def python_warning(message: str) -> None:
+    """A ``UserWarning``: what the inference library (eval, predict) warns with, so that a
+    Python caller can filter or record it."""
+    warnings.warn(message, stacklevel=4)
+
+
 def _to_stderr(message: str) -> None:
     # tqdm.write keeps a progress bar on the terminal intact.
     from tqdm import tqdm
@@ -87,7 +94,7 @@ class BadSamplePolicy:
 
     ``what`` names the samples in the closing summary (``"image(s)"``); ``warn`` shows a
     warning line (default: stderr, beside the progress bar; the inference library passes
-    ``warnings.warn`` so that Python callers can filter them); ``show`` is False on the
+    :func:`python_warning`); ``show`` is False on the
     processes of a torchrun run other than the main one.
     """
 

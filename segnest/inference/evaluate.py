@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +42,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from segnest.config import EvalConfig, validate_config
 from segnest.data import Cityscapes, build_dataset
-from segnest.data.bad_samples import BadSample, BadSamplePolicy, skipped_warning
+from segnest.data.bad_samples import (
+    BadSample,
+    BadSamplePolicy,
+    python_warning,
+    skipped_warning,
+)
 from segnest.data.census import take_census, unknown_colours_warning
 from segnest.errors import SegnestError
 from segnest.inference.backends import is_exported_model, load_exported_model
@@ -165,10 +169,6 @@ class _EvalSamples(Dataset):
         return index, image, tensor, target
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
 def _single(batch: list) -> Any:
     return batch[0]
 
@@ -263,7 +263,7 @@ def evaluate(
     loader = DataLoader(_EvalSamples(dataset, indices, settings.mean, settings.std),
                         batch_size=1, shuffle=False, num_workers=workers, collate_fn=_single)
     built_panels: list[np.ndarray] = []
-    bad_samples = BadSamplePolicy(skip_bad_samples, warn=_warn)
+    bad_samples = BadSamplePolicy(skip_bad_samples, warn=python_warning)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

@@ -22,7 +22,6 @@ on an input file or the checkpoint (:mod:`segnest.inference.outputs`); that is c
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from segnest.config import PredictConfig, validate_config
-from segnest.data.bad_samples import BadSamplePolicy
+from segnest.data.bad_samples import BadSamplePolicy, python_warning
 from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from segnest.errors import SegnestError
 from segnest.inference.outputs import (
@@ -179,10 +178,6 @@ def what_predict_wrote(cfg: PredictConfig, predictor: Predictor, count: int, out
         "resized to each image's size (--base-size sets the working size)"])
 
 
-def warn_bad_image(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
 def readable_images(images: Sequence[tuple[Path, Path]], read: Callable[[Path], Any],
                     bad_images: BadSamplePolicy, bar: Any
                     ) -> Iterator[tuple[tuple[Path, Any], Path]]:
@@ -208,7 +203,7 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     out = Path(cfg.out)
     written: list[Path] = []
     bar = progress_bar(total=len(images), desc="predict", unit="img")
-    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=warn_bad_image)
+    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=python_warning)
 
     def readable() -> Iterator[tuple[tuple[Path, np.ndarray], np.ndarray]]:
         for (stem, image), _ in readable_images(images, predictor.read, bad_images, bar):

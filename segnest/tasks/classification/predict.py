@@ -16,14 +16,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from segnest.config import PredictConfig, validate_config
-from segnest.data.bad_samples import BadSamplePolicy
+from segnest.data.bad_samples import BadSamplePolicy, python_warning
 from segnest.inference.classification import ClassifierPredictor
 from segnest.inference.outputs import prepare_folder
 from segnest.inference.predict import (
     check_outputs,
     collect_images,
     readable_images,
-    warn_bad_image,
 )
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.console import progress_bar
@@ -45,7 +44,7 @@ def run_classification_predict(cfg: PredictConfig) -> list[Path]:
     predictor = ClassifierPredictor.from_checkpoint(
         load_checkpoint(cfg.checkpoint), str(cfg.checkpoint), cfg.device, fuse_bn=cfg.fuse_bn,
         compile=cfg.compile, precision=cfg.precision)
-    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=warn_bad_image)
+    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=python_warning)
     bar = progress_bar(total=len(images), desc="predict", unit="img")
     written: list[Path] = []
     for (stem, image), file in readable_images(images, predictor.read, bad_images, bar):

@@ -12,14 +12,13 @@ import json
 from pathlib import Path
 
 from segnest.config import PredictConfig, validate_config
-from segnest.data.bad_samples import BadSamplePolicy
+from segnest.data.bad_samples import BadSamplePolicy, python_warning
 from segnest.inference.detection import DetectionPredictor
 from segnest.inference.outputs import prepare_folder
 from segnest.inference.predict import (
     check_outputs,
     collect_images,
     readable_images,
-    warn_bad_image,
 )
 from segnest.inference.visualize import save_jpeg
 from segnest.runtime.checkpoint import load_checkpoint
@@ -39,7 +38,7 @@ def run_detection_predict(cfg: PredictConfig) -> list[Path]:
     out = prepare_folder(check_outputs(cfg, images, output_names), "--out")
     predictor = DetectionPredictor.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg.device,
                                                    source=str(cfg.checkpoint))
-    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=warn_bad_image)
+    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=python_warning)
     bar = progress_bar(total=len(images), desc="predict", unit="img")
     written: list[Path] = []
     for (stem, image), _ in readable_images(images, predictor.read, bad_images, bar):
