@@ -246,3 +246,43 @@ def test_a_checkpoint_pretrained_on_the_mini_set_evaluates_on_it_without_a_data_
     written = json.loads((tmp_path / "run" / "eval_val" / "metrics.json").read_text())
     assert written["images"] == 16 and written["top1"] == pytest.approx(metrics["top1"])
     assert written["data_root"].endswith("val")
+
+
+def _eval_worker(rank: int, port: int, checkpoint: str, data: str, out: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        metrics = run_eval(EvalConfig(checkpoint=checkpoint, data_root=data, device="cpu",
+                                      out=out, workers=0, batch_size=2))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_every_image_once_to_the_single_process_numbers(
+        checkpoint, images, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    alone = run_eval(EvalConfig(checkpoint=str(checkpoint), data_root=str(images), device="cpu",
+                                out=str(tmp_path / "alone"), workers=0))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(_eval_worker, args=(port, str(checkpoint), str(images), str(out)), nprocs=2,
+             join=True)
+    for rank in range(2):
+        metrics = json.loads((out / f"rank{rank}.json").read_text())
+        assert metrics["top1"] == pytest.approx(alone["top1"])
+        assert [(row["class"], row["images"]) for row in metrics["per_class"]] == [
+            (row["class"], row["images"]) for row in alone["per_class"]]
+        assert [row["top1"] for row in metrics["per_class"]] == pytest.approx(
+            [row["top1"] for row in alone["per_class"]])
+    assert json.loads((out / "metrics.json").read_text())["images"] == 15
