@@ -256,7 +256,7 @@ def _eval_worker(rank: int, port: int, checkpoint: str, data: str, out: str) -> 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         metrics = run_eval(EvalConfig(checkpoint=checkpoint, data_root=data, device="cpu",
-                                      out=out, workers=0, batch_size=2))
+                                      out=out, workers=0, batch_size=2, skip_bad_samples=True))
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         torch.distributed.destroy_process_group()
@@ -269,14 +269,16 @@ def test_two_processes_evaluate_every_image_once_to_the_single_process_numbers(
 
     import torch.multiprocessing as mp
 
-    alone = run_eval(EvalConfig(checkpoint=str(checkpoint), data_root=str(images), device="cpu",
-                                out=str(tmp_path / "alone"), workers=0))
+    data = Path(shutil.copytree(images, tmp_path / "data"))
+    (data / "val" / "green" / "4.png").write_bytes(b"\x89PNG not really")
+    alone = run_eval(EvalConfig(checkpoint=str(checkpoint), data_root=str(data), device="cpu",
+                                out=str(tmp_path / "alone"), workers=0, skip_bad_samples=True))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "two"
     out.mkdir()
-    mp.spawn(_eval_worker, args=(port, str(checkpoint), str(images), str(out)), nprocs=2,
+    mp.spawn(_eval_worker, args=(port, str(checkpoint), str(data), str(out)), nprocs=2,
              join=True)
     for rank in range(2):
         metrics = json.loads((out / f"rank{rank}.json").read_text())
@@ -285,4 +287,5 @@ def test_two_processes_evaluate_every_image_once_to_the_single_process_numbers(
             (row["class"], row["images"]) for row in alone["per_class"]]
         assert [row["top1"] for row in metrics["per_class"]] == pytest.approx(
             [row["top1"] for row in alone["per_class"]])
-    assert json.loads((out / "metrics.json").read_text())["images"] == 15
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["images"] == 14 and written["skipped_samples"] == 1  # summed over ranks
