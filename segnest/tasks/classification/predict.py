@@ -51,7 +51,8 @@ def run_classification_predict(cfg: PredictConfig) -> list[Path]:
         top = predictor.predict(image)
         path = out / json_name(stem)
         write_text_atomic(path, json.dumps({
-            "image": str(file), "model": predictor.name, "checkpoint": str(cfg.checkpoint),
+            "image": str(file), "model": predictor.name,
+            "checkpoint": str(Path(cfg.checkpoint).resolve()),
             "top": top.to_json()}, indent=2) + "\n")
         written.append(path)
         bar.update(1)
