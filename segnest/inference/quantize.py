@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, validate_config
+from segnest.config import (
+    MIN_INPUT_SIZE,
+    InferenceFlags,
+    QuantizeConfig,
+    parse_layer_types,
+    validate_config,
+)
 from segnest.data import build_dataset
 from segnest.errors import SegnestError
 from segnest.inference.backends import OnnxModel
@@ -239,7 +245,9 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     # LogitsOnly must be in eval mode: the exporters restore the wrapper's mode on the
     # whole model afterwards, and a model left training (dropout) would make the reference
     # of the agreement check random.
-    logits = LogitsOnly(model).eval()
+    # The int8 ONNX graph refuses images below its metadata's min_side as the fp32 export
+    # does; an OpenVINO graph cannot hold that check (export.MinSideGuard).
+    logits = LogitsOnly(model, min_side=None if backend == "openvino" else MIN_INPUT_SIZE).eval()
     if backend == "openvino":
         counts: dict[str, int] = {}
         quantized = quantize_ir(to_openvino(logits, calibration[0]), calibration)
