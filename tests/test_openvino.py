@@ -118,13 +118,19 @@ def test_precision_reaches_openvino_as_its_hint_and_onnx_refuses_bf16(checkpoint
             segnest.load_model(onnx_path, device="cpu", precision="bf16")
 
 
-def test_an_openvino_ir_is_held_to_its_min_side_by_segnests_loader(checkpoint):  # noqa: F811
-    """OpenVINO's Gather returns zeros for an index out of range, so an IR cannot hold the
-    guard the other formats carry; segnest's loader refuses what its metadata excludes."""
+def test_an_openvino_ir_refuses_an_image_below_its_min_side(checkpoint):  # noqa: F811
+    """Plain OpenVINO fails at the graph's guard node; segnest's loader says it in one line
+    before the runtime sees the input."""
     from segnest.inference.backends import load_exported_model
 
     xml = run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
     assert read_metadata(xml)["input"]["min_side"] == 32
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(xml)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    for height, width in [(16, 16), (48, 31)]:
+        with pytest.raises(Exception, match="input_outside_limits_min_side_32"):
+            compiled(torch.randn(1, 3, height, width).numpy())
     runner, _ = load_exported_model(xml)
     with pytest.raises(SegnestError, match="at least 32 pixels a side.*min_side.*16 x 40"):
         runner(torch.randn(1, 3, 16, 40))

@@ -11,10 +11,10 @@ channels, base size and the dataset. The graph runs on the CPU with ONNX Runtime
 labels) has its own resize and argmax inside and takes no part in multi-scale or banded
 inference; it is refused with the way to measure it. The model refuses inputs outside
 the limits its metadata documents (channels, the smallest side) instead of returning
-labels for them: an ONNX graph from segnest export holds that check itself, an OpenVINO
-IR cannot and is checked here. ``--precision`` reaches OpenVINO as its inference precision hint
-(``auto``: bf16 where the CPU has it natively); ONNX Runtime runs a model as it is (fp32,
-or int8 where quantized).
+labels for them (an exported graph also holds the smallest-side check itself; here it is
+one line, and it covers files exported before graphs held it). ``--precision`` reaches
+OpenVINO as its inference precision hint (``auto``: bf16 where the CPU has it natively);
+ONNX Runtime runs a model as it is (fp32, or int8 where quantized).
 """
 
 from __future__ import annotations
@@ -181,8 +181,9 @@ def check_input(x: torch.Tensor, path: Path, in_channels: int | None, min_side: 
 
 
 class CheckedIR:
-    """An :class:`OpenVinoModel` whose inputs are checked against its metadata first: an
-    OpenVINO graph cannot hold that check itself (see ``export.MinSideGuard``)."""
+    """An :class:`OpenVinoModel` whose inputs are checked against its metadata first, as
+    :class:`OnnxModel`'s are: one line instead of the runtime's error from the graph's own
+    guard (``export.MinSideGuard``), and a check for IRs exported before graphs held one."""
 
     def __init__(self, ir: OpenVinoModel, path: Path, metadata: dict[str, Any]) -> None:
         self.ir, self.path = ir, path

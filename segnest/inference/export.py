@@ -143,24 +143,24 @@ class MinSideGuard(nn.Module):
     - torch.export (pt2, aoti): ``torch._check`` on each side becomes a constraint on the
       program's dynamic height and width, checked on every call ("Guard failed:
       x.size()[2] >= 32").
-    - ONNX: the image times ``ones(1)[min(H, W) < min_side]`` (exactly 1.0 for a valid
-      image): an index out of range fails in ONNX Runtime, whose error names the node,
-      ``/input_outside_limits_min_side_32/...``. A Reshape to a mismatched shape would not
-      do: ONNX Runtime's ReshapeFusion rewrites such a shape to -1 and runs it.
-    - TorchScript: a scripted check that raises with the sizes and the limit.
+    - ONNX and OpenVINO (``gather``): the image times ``ones(1).gather(0, [min(H, W) <
+      min_side])``, exactly 1.0 for a valid image; the index out of range fails the
+      GatherElements node in ONNX Runtime and in OpenVINO's CPU plugin, whose errors name
+      the node, ``/input_outside_limits_min_side_32/...``. A Reshape to a mismatched shape
+      would not do (ONNX Runtime's ReshapeFusion rewrites such a shape to -1 and runs it),
+      nor an indexed Gather (OpenVINO folds it to the constant).
+    - TorchScript: a scripted check that raises with the sizes and the limit."""
 
-    OpenVINO holds none: its Gather returns zeros for an index out of range rather than
-    failing, so an OpenVINO IR relies on its metadata and segnest's loader."""
-
-    def __init__(self, min_side: int) -> None:
+    def __init__(self, min_side: int, gather: bool = False) -> None:
         super().__init__()
         self.min_side = min_side
+        self.gather = gather
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if self.gather or torch.onnx.is_in_onnx_export():
             sides = torch._shape_as_tensor(image)[2:]
             small = (sides.amin(0, keepdim=True) < self.min_side).to(torch.int64)
-            return image * image.new_ones(1)[small].view(1, 1, 1, 1)
+            return image * image.new_ones(1).gather(0, small).view(1, 1, 1, 1)
         if torch.jit.is_tracing():
             return _scripted_min_side_check()(image, self.min_side)
         for axis, side in (("height", image.shape[2]), ("width", image.shape[3])):
@@ -174,12 +174,13 @@ class LogitsOnly(nn.Module):
     """The segmentation model in eval mode, returning the main logits as a plain tensor;
     with ``min_side``, images with a smaller side are refused (:class:`MinSideGuard`)."""
 
-    def __init__(self, model: nn.Module, min_side: int | None = None) -> None:
+    def __init__(self, model: nn.Module, min_side: int | None = None,
+                 gather: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.guard = None if min_side is None else guard_name(min_side)
         if self.guard is not None:
-            self.add_module(self.guard, MinSideGuard(min_side))
+            self.add_module(self.guard, MinSideGuard(min_side, gather=gather))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.guard is not None:
@@ -523,11 +524,10 @@ def run_export(cfg: ExportConfig) -> Path:
     settings = predictor.settings
     reference = LogitsOnly(predictor.model)
     model = without_ceil_pools(predictor.model) if fmt in ("pt2", "aoti") else predictor.model
-    # The logits graph refuses what its metadata's min_side excludes (OpenVINO cannot hold
-    # the guard: see MinSideGuard); an end-to-end graph resizes any image itself.
-    min_side = None if fmt == "openvino" else MIN_INPUT_SIZE
+    # The logits graph refuses what its metadata's min_side excludes (MinSideGuard); an
+    # end-to-end graph resizes any image itself.
     module = (EndToEnd(model, settings.mean, settings.std, settings.base_size) if end_to_end
-              else LogitsOnly(model, min_side=min_side)).eval()
+              else LogitsOnly(model, min_side=MIN_INPUT_SIZE, gather=fmt == "openvino")).eval()
     metadata = export_metadata(predictor, checkpoint, fmt, end_to_end)
     channels = predictor.in_channels
     batches = [check_images(h, w, channels, seed) for seed, (h, w) in
