@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from segnest.config import PretrainConfig, validate_config
+from segnest.config import PRETRAIN_LR_RULE, PretrainConfig, linear_lr, validate_config
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
@@ -285,7 +285,7 @@ class ClassificationTask:
         return BuiltModel(create_model(self.cfg.backbone, **kwargs), self.cfg.backbone, kwargs)
 
     def default_lr(self, world_size: int) -> float:
-        return 0.1 * self.cfg.batch_size * world_size / 256
+        return linear_lr(PRETRAIN_LR_RULE, self.cfg.batch_size * world_size)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return build_param_groups(model, lr, self.cfg.weight_decay, no_decay_norm=True)
