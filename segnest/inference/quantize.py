@@ -45,7 +45,7 @@ from segnest.config import (
     parse_layer_types,
     validate_config,
 )
-from segnest.data import build_dataset
+from segnest.data import build_dataset, recorded_data_root
 from segnest.errors import SegnestError
 from segnest.inference.backends import OnnxModel
 from segnest.inference.export import (
@@ -211,7 +211,10 @@ def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any
                            "--dataset (and --data-root) for the calibration images")
     trained_config = checkpoint.get("config") or {}
     same = name == trained
-    root = cfg.data_root or (trained_config.get("data_root") if same else None)
+    root = cfg.data_root
+    if root is None and same and trained_config.get("data_root"):
+        root = str(recorded_data_root(trained_config["data_root"], cfg.checkpoint,
+                                      trained_config.get("work_dir")))
     return build_dataset(name, root, split,
                          label_map=trained_config.get("label_map") if same else None,
                          in_channels=int(checkpoint.get("model_kwargs", {}).get("in_chans", 3)))
