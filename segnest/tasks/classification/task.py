@@ -13,6 +13,7 @@ hands them to the training engine that ``segnest train`` shares
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from segnest.inference.tensorboard import (
     PRETRAINING_METRICS,
     PRETRAINING_TAGS,
     TB_FOLDER,
+    pretraining_hparams,
     training_tag,
 )
 from segnest.inference.visualize import denormalize
@@ -298,8 +300,9 @@ class ClassificationTask:
     def record(self) -> dict[str, Any]:
         return {"classes": self.classes}
 
-    def writer_hparams(self, training: Training) -> None:
-        return None
+    def writer_hparams(self, training: Training) -> dict[str, Any]:
+        return pretraining_hparams(dataclasses.asdict(self.cfg), training.lr,
+                                   training.images_per_step)
 
     def begin(self, training: Training) -> None:
         cfg = self.cfg
