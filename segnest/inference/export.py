@@ -141,8 +141,9 @@ class MinSideGuard(nn.Module):
     gets the guard it can hold:
 
     - torch.export (pt2, aoti): ``torch._check`` on each side becomes a constraint on the
-      program's dynamic height and width, checked on every call ("Guard failed:
-      x.size()[2] >= 32").
+      program's dynamic height and width, checked on every call of a pt2 program ("Guard
+      failed: x.size()[2] >= 32"); an AOTInductor package checks it only with
+      ``AOTI_RUNTIME_CHECK_INPUTS=1`` in the environment (torch's switch).
     - ONNX and OpenVINO (``gather``): the image times ``ones(1).gather(0, [min(H, W) <
       min_side])``, exactly 1.0 for a valid image; the index out of range fails the
       GatherElements node in ONNX Runtime and in OpenVINO's CPU plugin, whose errors name
