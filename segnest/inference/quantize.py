@@ -249,7 +249,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     # whole model afterwards, and a model left training (dropout) would make the reference
     # of the agreement check random.
     # The int8 ONNX graph refuses images below its metadata's min_side as the fp32 export
-    # does; an OpenVINO graph cannot hold that check (export.MinSideGuard).
+    # does (export.MinSideGuard); NNCF's quantization drops the OpenVINO form of that guard
+    # (tried), so an int8 IR is held to it by segnest's loader only.
     logits = LogitsOnly(model, min_side=None if backend == "openvino" else MIN_INPUT_SIZE).eval()
     if backend == "openvino":
         counts: dict[str, int] = {}
