@@ -61,6 +61,27 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
                  iters=900, workers=2, scales=(0.75, 1.0, 1.25)),
 }
 
+# The base learning rate without --lr: linear in the total batch (batch size x processes),
+# (lr, batch) it is stated for: the authors' segmentation script and ImageNet training.
+TRAIN_LR_RULE = (0.01, 16)
+PRETRAIN_LR_RULE = (0.1, 256)
+# Images per device per step without --batch-size (and a preset that sets it).
+TRAIN_BATCH_SIZE = 2
+PRETRAIN_BATCH_SIZE = 64
+
+
+def linear_lr(rule: tuple[float, int], total_batch: int) -> float:
+    """The learning rate ``rule`` gives a total batch: ``lr x total_batch / batch``."""
+    lr, batch = rule
+    return lr * total_batch / batch
+
+
+def _lr_rule_text(rule: tuple[float, int], batch_size: int) -> str:
+    """``--lr``'s default in --help: the number at the default batch, then the rule."""
+    return (f"{linear_lr(rule, batch_size):g} at batch {batch_size} on one process: "
+            f"lr = {rule[0]:g} x total batch / {rule[1]}")
+
+
 # ``segnest pretrain --dataset mini``: the bundled 64 px, 8-class set, about 1.5 minutes on
 # two CPU cores (no AutoAugment or mixup: they slow learning on this small set).
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -117,7 +138,9 @@ def help_(text: str, **extra: Any) -> dict[str, Any]:
 
     ``min`` / ``max``: inclusive bounds; ``above`` / ``below``: exclusive bounds;
     ``choices``: the allowed values; ``pattern``: (regular expression, how to write it).
-    Other keys (``required``, ``renamed_from``, ``const``) shape the flag.
+    Other keys (``required``, ``renamed_from``, ``const``) shape the flag;
+    ``default_shown`` is the default --help shows where the run computes it (a number and
+    its rule).
     """
     return {"help": text, **extra}
 
@@ -133,6 +156,31 @@ OVERWRITE_HELP = ("start a new run in a work folder that holds an earlier run's 
                   "deleting them (without it such a run is refused)")
 
 
+# --stem-width's default, the backbone's own (segnest.models.resnest.RESNEST_VARIANTS; a test
+# holds this text to the table).
+STEM_WIDTH_SHOWN = ("the backbone's: 32 for resnest14/26/50, the resnest50_fast variants and "
+                    "resnet50d/101d; 64 for resnest101/200/269")
+
+
+def _work_dirs(pattern: str, presets: dict[str, dict[str, Any]], dataset: str,
+               backbone: str) -> str:
+    """The default work folders in --help: ``pattern`` filled for the default dataset and
+    each preset that changes the backbone."""
+    shown = [pattern.format(dataset, backbone)]
+    shown += [f"{name}: {pattern.format(name.split()[0], preset['backbone'])}"
+              for name, preset in presets.items() if "backbone" in preset]
+    return f"{pattern.format('<dataset>', '<backbone>')}: " + "; ".join(shown)
+
+
+def _ohem_min_kept_text() -> str:
+    """--ohem-min-kept's default in --help (segnest.tasks.segmentation.losses keeps 1/10)."""
+    counts = [f"{name}: {int(0.1 * preset.get('batch_size', TRAIN_BATCH_SIZE) * crop**2)}"
+              for name, preset in DATASET_PRESETS.items()
+              if (crop := preset["crop_size"]) and name != "folder"]
+    return ("1/10 of its pixels, batch x crop x crop / 10: " + "; ".join(counts)
+            + "; folder: from the crop derived from its images")
+
+
 @dataclass
 class TrainConfig:
     """``segnest train``: DeepLabV3 on a ResNeSt backbone with the paper's recipe."""
@@ -141,7 +189,10 @@ class TrainConfig:
     backbone: str = field(default="resnest50", metadata=help_("backbone name (segnest models)"))
     data_root: str | None = field(
         default=None,
-        metadata=help_("dataset root (default: ./data/<dataset>, see datasets/README.md)"),
+        metadata=help_("dataset root, stored absolute (see datasets/README.md)",
+                       default_shown="ade20k: ./data/ade20k; cityscapes: ./data/cityscapes "
+                                     "($SEGNEST_DATA/<dataset> when set); folder: required; "
+                                     "mini: generated in the cache"),
     )
     config: str | None = field(
         default=None, metadata=help_("recipe YAML; its keys are these flags")
@@ -152,13 +203,16 @@ class TrainConfig:
                                      "see docs/recipes.md)")
     )
     iters: int | None = field(
-        default=None, metadata=help_("training iterations (overrides --epochs)", min=1)
+        default=None, metadata=help_("training iterations (overrides --epochs)", min=1,
+                                     default_shown="from --epochs")
     )
     epochs: int | None = field(default=None, metadata=help_("training epochs", min=1))
-    batch_size: int = field(default=2, metadata=help_("images per device per step", min=1))
+    batch_size: int = field(default=TRAIN_BATCH_SIZE,
+                            metadata=help_("images per device per step", min=1))
     lr: float | None = field(
         default=None,
-        metadata=help_("base learning rate (default 0.01 x total batch / 16)", above=0),
+        metadata=help_("base learning rate", above=0,
+                       default_shown=_lr_rule_text(TRAIN_LR_RULE, TRAIN_BATCH_SIZE)),
     )
     momentum: float = field(default=0.9, metadata=help_("SGD momentum", min=0, below=1))
     weight_decay: float = field(default=1e-4, metadata=help_("SGD weight decay", min=0))
@@ -187,12 +241,12 @@ class TrainConfig:
     photometric: bool = field(default=False, metadata=help_("photometric distortion"))
     output_stride: int | None = field(
         default=None,
-        metadata=help_("backbone output stride (default 8, the model's)", choices=OUTPUT_STRIDES),
+        metadata=help_("backbone output stride", choices=OUTPUT_STRIDES, default_shown="8"),
     )
     aux: bool = field(default=True, metadata=help_("auxiliary FCN head on layer3"))
     aux_weight: float = field(default=0.2, metadata=help_("weight of the auxiliary loss", min=0))
     head_channels: int | None = field(
-        default=None, metadata=help_("ASPP channels (default: the model's, 256)", min=1)
+        default=None, metadata=help_("ASPP channels", min=1, default_shown="256")
     )
     stage_width: int = field(
         default=64,
@@ -200,7 +254,8 @@ class TrainConfig:
                        renamed_from="base_width", min=1),
     )
     stem_width: int | None = field(
-        default=None, metadata=help_("backbone stem width (default: the variant's)", min=1)
+        default=None, metadata=help_("backbone stem width", min=1,
+                                     default_shown=STEM_WIDTH_SHOWN)
     )
     workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
     precision: str | None = field(
@@ -211,14 +266,20 @@ class TrainConfig:
         default=False, metadata=help_("recompute backbone activations in backward to save memory")
     )
     work_dir: str | None = field(
-        default=None, metadata=help_("output folder (default runs/<dataset>_<backbone>)")
+        default=None, metadata=help_("output folder", default_shown=_work_dirs(
+            "runs/{}_{}", {**DATASET_PRESETS, "folder without a GPU": CPU_MODEL},
+            "ade20k", "resnest50"))
     )
     resume: str | None = field(default=None, metadata=help_(RESUME_HELP, const="auto"))
     overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
     seed: int = field(default=0, metadata=help_("random seed", min=0, max=MAX_SEED))
     val_interval: int | None = field(
         default=None,
-        metadata=help_("validate every N iterations (default: 10 times per run)", min=1),
+        metadata=help_("validate every N iterations", min=1, default_shown=(
+            "a tenth of the run: " + "; ".join(
+                f"{name}: {preset['iters'] // 10} iterations" if preset.get("iters") else
+                f"{name}: {preset['epochs'] / 10:g} epochs"
+                for name, preset in DATASET_PRESETS.items()))),
     )
     val_samples: int | None = field(
         default=None, metadata=help_("validate on the first N images only (default all)", min=1)
@@ -249,13 +310,15 @@ class TrainConfig:
     )
     mean: str | None = field(
         default=None,
-        metadata=help_("per-channel mean on a 0-1 scale, comma-separated (default: ImageNet's "
-                       "for 3 channels; required otherwise)"),
+        metadata=help_("per-channel mean on a 0-1 scale, comma-separated",
+                       default_shown="ImageNet's, 0.485,0.456,0.406, for 3 channels; required "
+                                     "otherwise"),
     )
     std: str | None = field(
         default=None,
-        metadata=help_("per-channel standard deviation on a 0-1 scale, comma-separated "
-                       "(default: ImageNet's for 3 channels; required otherwise)"),
+        metadata=help_("per-channel standard deviation on a 0-1 scale, comma-separated",
+                       default_shown="ImageNet's, 0.229,0.224,0.225, for 3 channels; required "
+                                     "otherwise"),
     )
     class_weights: str | None = field(
         default=None,
@@ -273,8 +336,8 @@ class TrainConfig:
     )
     ohem_min_kept: int | None = field(
         default=None,
-        metadata=help_("--loss ohem: keep at least this many hardest pixels per device batch "
-                       "(default 1/10 of its pixels)", min=0),
+        metadata=help_("--loss ohem: keep at least this many hardest pixels per device batch",
+                       min=0, default_shown=_ohem_min_kept_text()),
     )
     device: str | None = field(
         default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE)
@@ -417,7 +480,7 @@ class PretrainConfig:
 
     dataset: str = field(
         default="imagenet",
-        metadata=help_("imagenet (a folder via --data) or the bundled mini set",
+        metadata=help_("imagenet (a folder via --data-root) or the bundled mini set",
                        choices=PRETRAIN_DATASETS),
     )
     data_root: str | None = field(
@@ -427,9 +490,12 @@ class PretrainConfig:
     backbone: str = field(default="resnest50", metadata=help_("backbone name"))
     config: str | None = field(default=None, metadata=help_("recipe YAML"))
     epochs: int = field(default=270, metadata=help_("training epochs", min=1))
-    batch_size: int = field(default=64, metadata=help_("images per device per step", min=1))
+    batch_size: int = field(default=PRETRAIN_BATCH_SIZE,
+                            metadata=help_("images per device per step", min=1))
     lr: float | None = field(
-        default=None, metadata=help_("base lr (default 0.1 x total batch / 256)", above=0)
+        default=None, metadata=help_("base lr", above=0,
+                                     default_shown=_lr_rule_text(PRETRAIN_LR_RULE,
+                                                                 PRETRAIN_BATCH_SIZE))
     )
     momentum: float = field(default=0.9, metadata=help_("SGD momentum", min=0, below=1))
     weight_decay: float = field(
@@ -464,14 +530,16 @@ class PretrainConfig:
         metadata=help_("planes of the backbone's first stage, doubled per stage (64 = published)",
                        renamed_from="base_width", min=1),
     )
-    stem_width: int | None = field(default=None, metadata=help_("backbone stem width", min=1))
+    stem_width: int | None = field(default=None, metadata=help_(
+        "backbone stem width", min=1, default_shown=STEM_WIDTH_SHOWN))
     workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
     precision: str | None = field(
         default=None, metadata=help_(TRAIN_PRECISION_HELP, choices=PRECISIONS))
     amp: bool = field(default=False, metadata=help_(AMP_HELP))
     compile: bool = field(default=False, metadata=help_("torch.compile the model"))
     work_dir: str | None = field(
-        default=None, metadata=help_("output folder (default runs/pretrain_<dataset>_<backbone>)"))
+        default=None, metadata=help_("output folder", default_shown=_work_dirs(
+            "runs/pretrain_{}_{}", PRETRAIN_PRESETS, "imagenet", "resnest50")))
     resume: str | None = field(default=None, metadata=help_(RESUME_HELP, const="auto"))
     overwrite: bool = field(default=False, metadata=help_(OVERWRITE_HELP))
     export: str | None = field(
@@ -632,6 +700,7 @@ def add_dataclass_arguments(
         required = meta.pop("required", False)
         old_name = meta.pop("renamed_from", None)
         const = meta.pop("const", None)
+        meta.pop("default_shown", None)
         bounds = _bounds_text(f.metadata)
         if bounds:
             meta["help"] += f" [{bounds}]"
@@ -689,7 +758,9 @@ def _default_text(f: dataclasses.Field, cls: type) -> str:
     # "ade20k: 180; cityscapes: 240; folder: 50".
     changed = [f"{name}: {_shown(preset[f.name])}" for name, preset in presets.items()
                if preset.get(f.name, value) != value]
-    if value is None and changed:
+    if "default_shown" in f.metadata:  # a default computed by the run, as a number
+        shown = "; ".join([f.metadata["default_shown"], *changed])
+    elif value is None and changed:
         shown = "; ".join(changed)
     else:
         shown = "; ".join([shown, *changed])

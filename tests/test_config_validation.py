@@ -271,7 +271,7 @@ def test_defaults_and_presets_pass_their_own_checks(cls, given):
 
 def test_every_constraint_key_is_one_the_validator_knows():
     known = {"help", "required", "renamed_from", "const", "min", "above", "max", "below",
-             "choices", "pattern"}
+             "choices", "pattern", "default_shown"}
     for cls in (TrainConfig, EvalConfig, PredictConfig, ExportConfig, PretrainConfig,
                 BenchConfig, DemoConfig):
         for f in fields(cls):

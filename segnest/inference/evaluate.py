@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segnest.config import EvalConfig, validate_config
-from segnest.data import Cityscapes, build_dataset
+from segnest.data import Cityscapes, build_dataset, recorded_data_root
 from segnest.data.bad_samples import (
     BadSample,
     BadSamplePolicy,
@@ -423,8 +423,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             f"checkpoint {cfg.checkpoint} does not name its dataset; pass --dataset"
         )
     data_root = cfg.data_root
-    if data_root is None and dataset_name == trained_dataset:
-        data_root = (checkpoint.get("config") or {}).get("data_root")
+    trained_config = checkpoint.get("config") or {}
+    if data_root is None and dataset_name == trained_dataset and trained_config.get("data_root"):
+        data_root = str(recorded_data_root(trained_config["data_root"], cfg.checkpoint,
+                                           trained_config.get("work_dir")))
     settings = InferenceSettings.from_flags(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
     precision = resolve_precision(cfg.precision, info.device)

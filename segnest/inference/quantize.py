@@ -38,8 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from segnest.config import InferenceFlags, QuantizeConfig, parse_layer_types, validate_config
-from segnest.data import build_dataset
+from segnest.config import (
+    MIN_INPUT_SIZE,
+    InferenceFlags,
+    QuantizeConfig,
+    parse_layer_types,
+    validate_config,
+)
+from segnest.data import build_dataset, recorded_data_root
 from segnest.errors import SegnestError
 from segnest.inference.backends import OnnxModel
 from segnest.inference.export import (
@@ -205,7 +211,10 @@ def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any
                            "--dataset (and --data-root) for the calibration images")
     trained_config = checkpoint.get("config") or {}
     same = name == trained
-    root = cfg.data_root or (trained_config.get("data_root") if same else None)
+    root = cfg.data_root
+    if root is None and same and trained_config.get("data_root"):
+        root = str(recorded_data_root(trained_config["data_root"], cfg.checkpoint,
+                                      trained_config.get("work_dir")))
     return build_dataset(name, root, split,
                          label_map=trained_config.get("label_map") if same else None,
                          in_channels=int(checkpoint.get("model_kwargs", {}).get("in_chans", 3)))
@@ -239,7 +248,10 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     # LogitsOnly must be in eval mode: the exporters restore the wrapper's mode on the
     # whole model afterwards, and a model left training (dropout) would make the reference
     # of the agreement check random.
-    logits = LogitsOnly(model).eval()
+    # The int8 ONNX graph refuses images below its metadata's min_side as the fp32 export
+    # does (export.MinSideGuard); NNCF's quantization drops the OpenVINO form of that guard
+    # (tried), so an int8 IR is held to it by segnest's loader only.
+    logits = LogitsOnly(model, min_side=None if backend == "openvino" else MIN_INPUT_SIZE).eval()
     if backend == "openvino":
         counts: dict[str, int] = {}
         quantized = quantize_ir(to_openvino(logits, calibration[0]), calibration)

@@ -197,6 +197,30 @@ def segmentation_hparams(training: Mapping[str, Any],
     }
 
 
+# HParams columns of a pretraining run, named (as HPARAM_COLUMNS) so that TensorBoard's
+# sorting by name shows these five first; the total batch (per device x processes) comes
+# sixth, the rest of the settings are in the run's ``config`` text.
+PRETRAINING_HPARAM_COLUMNS = ("backbone", "crop", "epochs", "lr", "mixing", "total_batch")
+
+
+def pretraining_hparams(training: Mapping[str, Any], lr: float,
+                        total_batch: int) -> dict[str, Any]:
+    """The HParams columns (:data:`PRETRAINING_HPARAM_COLUMNS`) of a pretraining run from
+    its settings ``training``, the learning rate it uses (a default it computed included)
+    and its total batch. ``mixing`` names mixup and CutMix with their alphas, or none."""
+    mixes = [f"{name} {training[key]:g}" for name, key in (("mixup", "mixup"),
+                                                           ("cutmix", "cutmix"))
+             if training.get(key)]
+    return {
+        "backbone": training.get("backbone"),
+        "crop": training.get("crop_size"),
+        "epochs": training.get("epochs"),
+        "lr": lr,
+        "mixing": "+".join(mixes) or "none",
+        "total_batch": total_batch,
+    }
+
+
 def session_name(kind: str, work_dir: str | os.PathLike) -> str:
     """An HParams row's name: when the run started, what it is and its work folder
     (``18:03:12 train folder_resnest14 12-05``); the part that differs comes first, as

@@ -13,6 +13,7 @@ hands them to the training engine that ``segnest train`` shares
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from segnest.config import PretrainConfig, validate_config
+from segnest.config import PRETRAIN_LR_RULE, PretrainConfig, linear_lr, validate_config
 from segnest.data.bad_samples import (
     BadSample,
     BadSamplePolicy,
@@ -49,6 +50,7 @@ from segnest.inference.tensorboard import (
     PRETRAINING_METRICS,
     PRETRAINING_TAGS,
     TB_FOLDER,
+    pretraining_hparams,
     training_tag,
 )
 from segnest.inference.visualize import denormalize
@@ -317,7 +319,7 @@ class ClassificationTask:
         return BuiltModel(create_model(self.cfg.backbone, **kwargs), self.cfg.backbone, kwargs)
 
     def default_lr(self, world_size: int) -> float:
-        return 0.1 * self.cfg.batch_size * world_size / 256
+        return linear_lr(PRETRAIN_LR_RULE, self.cfg.batch_size * world_size)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return build_param_groups(model, lr, self.cfg.weight_decay, no_decay_norm=True)
@@ -330,8 +332,9 @@ class ClassificationTask:
     def record(self) -> dict[str, Any]:
         return {"classes": self.classes}
 
-    def writer_hparams(self, training: Training) -> None:
-        return None
+    def writer_hparams(self, training: Training) -> dict[str, Any]:
+        return pretraining_hparams(dataclasses.asdict(self.cfg), training.lr,
+                                   training.images_per_step)
 
     def begin(self, training: Training) -> None:
         cfg = self.cfg

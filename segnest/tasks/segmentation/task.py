@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segnest.config import TrainConfig, validate_config
+from segnest.config import TRAIN_LR_RULE, TrainConfig, linear_lr, validate_config
 from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
 from segnest.data.bad_samples import (
     BadSample,
@@ -84,7 +84,7 @@ def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
 
 def default_lr(cfg: TrainConfig, world_size: int) -> float:
     """0.01 for a total batch of 16 (the authors' distributed script), scaled linearly."""
-    return 0.01 * cfg.batch_size * world_size / 16
+    return linear_lr(TRAIN_LR_RULE, cfg.batch_size * world_size)
 
 
 def model_kwargs_for(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
