@@ -149,8 +149,8 @@ TRAIN_DATASETS = DATASETS + tuple(d for d in DETECTION_DATASETS if d not in DATA
 # default); mini is the CPU demo's Mask R-CNN-ResNeSt-14 (segnest demo --task detection).
 DETECTION_PRESETS: dict[str, dict[str, Any]] = {
     "coco": dict(iters=90000, batch_size=2, warmup_iters=1000),
-    "mini": dict(backbone="resnest14", stage_width=16, detector_width=64, batch_size=4,
-                 lr=0.04, iters=1200, warmup_iters=100, train_min_size="96-128",
+    "mini": dict(backbone="resnest14", stage_width=16, detector_width=32, roi_batch_size=64,
+                 batch_size=4, lr=0.02, iters=250, warmup_iters=50, train_min_size="96-128",
                  test_min_size=128, max_size=160, workers=2),
 }
 # Fields that only segmentation reads; a detection model refuses them when set.
@@ -332,6 +332,9 @@ class TrainConfig:
     detector_width: int | None = field(default=None, metadata=help_(
         "detection: channels of the FPN and of the RPN, box and mask heads; the box head's "
         "fc has 4x (default: 256, the published width)", min=8))
+    roi_batch_size: int | None = field(default=None, metadata=help_(
+        "detection: RoIs sampled per image to train the box head, a quarter of them "
+        "positive at most (default: 512, detectron2's)", min=1))
 
 
 @dataclass
@@ -650,7 +653,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "logging": ("log_interval", "panels", "tensorboard"),
     "hardware": ("device", "precision", "amp", "compile", "checkpoint_activations"),
     "detection": ("model", "train_ann", "train_images", "val_ann", "val_images",
-                  "train_min_size", "test_min_size", "max_size", "detector_width"),
+                  "train_min_size", "test_min_size", "max_size", "detector_width",
+                  "roi_batch_size"),
 }
 
 
@@ -1127,7 +1131,7 @@ def _end_to_end_format(cfg: ExportConfig, names: _Names) -> None:
 # --------------------------------------------------------------------------- detection
 OWN_COCO_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
 DETECTION_FIELDS = ("train_min_size", "test_min_size", "max_size", "detector_width",
-                    *OWN_COCO_FIELDS)
+                    "roi_batch_size", *OWN_COCO_FIELDS)
 
 
 def is_detection(cfg: TrainConfig) -> bool:

@@ -95,6 +95,8 @@ def detection_model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]
     if cfg.detector_width is not None:
         kwargs.update(fpn_channels=cfg.detector_width, head_channels=cfg.detector_width,
                       box_fc_channels=FC_PER_CHANNEL * cfg.detector_width)
+    if cfg.roi_batch_size is not None:
+        kwargs["roi_batch_size_per_image"] = cfg.roi_batch_size
     return kwargs
 
 
@@ -258,8 +260,9 @@ class DetectionTask:
                           yaml.safe_dump(dataclasses.asdict(cfg)))
         data = cfg.train_ann or cfg.dataset
         print(f"training {training.model_name} on {data} ({len(self.train_set)} images, "
-              f"{self.plain_train_set.num_classes} classes) for {training.total_iters} iterations, {dist.world_size} x {training.device}, "
-              f"batch {cfg.batch_size}/device, lr {training.lr:g}, "
+              f"{self.plain_train_set.num_classes} classes) for {training.total_iters} "
+              f"iterations, {dist.world_size} x {training.device}, batch "
+              f"{cfg.batch_size}/device, lr {training.lr:g}, "
               f"{precision_name(training.precision)}; logs and checkpoints in "
               f"{training.work_dir}")
 
