@@ -143,6 +143,7 @@ SEGMENTATION_MODELS = ("deeplabv3",)
 DETECTION_MODELS = ("faster_rcnn", "mask_rcnn", "cascade_rcnn", "cascade_mask_rcnn")
 TRAIN_MODELS = SEGMENTATION_MODELS + DETECTION_MODELS
 DETECTION_DATASETS = ("coco", "mini")
+DEMO_TASKS = ("segmentation", "detection")
 TRAIN_DATASETS = DATASETS + tuple(d for d in DETECTION_DATASETS if d not in DATASETS)
 # Per-dataset settings of the detection models: COCO is the authors' 1x (90k iterations,
 # 2 images per device on 8 devices, 1000 warmup iterations; lr 0.02 x total batch / 16 by
@@ -571,11 +572,17 @@ class BenchConfig:
 class DemoConfig:
     """``segnest demo``: the whole pipeline on bundled data, in minutes, on a CPU."""
 
+    task: str = field(default="segmentation", metadata=help_(
+        "segmentation: pretrain a ResNeSt-14, train DeepLabV3 on it; detection: train Mask "
+        "R-CNN-ResNeSt-14 on the mini detection set, report box and mask AP",
+        choices=DEMO_TASKS))
     work_dir: str = field(default="runs/demo", metadata=help_("output folder"))
     pretrain_epochs: int = field(
         default=15, metadata=help_("classification pretraining epochs", min=1)
     )
-    iters: int = field(default=900, metadata=help_("segmentation training iterations", min=1))
+    iters: int | None = field(default=None, metadata=help_(
+        "training iterations (default: the mini presets': 900 segmentation, "
+        f"{DETECTION_PRESETS['mini']['iters']} detection)", min=1))
     compare_scratch: bool = field(
         default=False,
         metadata=help_("also train from scratch with the same budget and report both"),
