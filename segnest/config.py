@@ -151,7 +151,7 @@ TRAIN_DATASETS = DATASETS + tuple(d for d in DETECTION_DATASETS if d not in DATA
 DETECTION_PRESETS: dict[str, dict[str, Any]] = {
     "coco": dict(iters=90000, batch_size=2, warmup_iters=1000),
     "mini": dict(backbone="resnest14", stage_width=16, detector_width=32, roi_batch_size=64,
-                 batch_size=4, lr=0.02, iters=250, warmup_iters=50, train_min_size="96-128",
+                 batch_size=4, lr=0.02, iters=800, warmup_iters=100, train_min_size="96-128",
                  test_min_size=128, max_size=160, workers=2),
 }
 # Fields that only segmentation reads; a detection model refuses them when set.

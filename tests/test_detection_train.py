@@ -173,7 +173,7 @@ def test_the_model_decides_the_task_and_its_presets():
     from segnest.tasks.train import resolve_train_config
 
     detection = resolve_train_config(TrainConfig, {"model": "mask_rcnn", "dataset": "mini"})
-    assert (detection.iters, detection.detector_width, detection.crop_size) == (250, 32, None)
+    assert (detection.iters, detection.detector_width, detection.crop_size) == (800, 32, None)
     coco = resolve_train_config(TrainConfig, {"model": "faster_rcnn", "data_root": "/coco"})
     assert (coco.dataset, coco.iters, coco.warmup_iters) == ("coco", 90000, 1000)
     segmentation = resolve_train_config(TrainConfig, {"dataset": "mini"}, DATASET_PRESETS)
