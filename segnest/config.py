@@ -152,7 +152,7 @@ DETECTION_PRESETS: dict[str, dict[str, Any]] = {
     "coco": dict(iters=90000, batch_size=2, warmup_iters=1000),
     "mini": dict(backbone="resnest14", stage_width=16, detector_width=32, roi_batch_size=64,
                  batch_size=4, lr=0.02, iters=800, warmup_iters=100, train_min_size="96-128",
-                 test_min_size=128, max_size=160, workers=2),
+                 test_min_size=128, max_size=160, workers=2, val_interval=200),
 }
 # Fields that only segmentation reads; a detection model refuses them when set.
 SEGMENTATION_FIELDS = (
@@ -188,7 +188,8 @@ class TrainConfig:
     batch_size: int = field(default=2, metadata=help_("images per device per step", min=1))
     lr: float | None = field(
         default=None,
-        metadata=help_("base learning rate (default 0.01 x total batch / 16)", above=0),
+        metadata=help_("base learning rate (default 0.01 x total batch / 16; detection "
+                       "models 0.02 x total batch / 16)", above=0),
     )
     momentum: float = field(default=0.9, metadata=help_("SGD momentum", min=0, below=1))
     weight_decay: float = field(default=1e-4, metadata=help_("SGD weight decay", min=0))

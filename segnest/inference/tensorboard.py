@@ -33,6 +33,11 @@ share a chart:
 ``segmentation_images/...``             ``confusion_matrix``, ``legend`` and the
                                         ``image_gt_pred/<i>`` panels
 ``segmentation_per_class/IoU/<class>``  per-class IoU in percent
+``headline/detection_bbox_AP``, ``_segm_AP``  detection validation COCO AP in percent;
+                                        ``detection/`` holds its loss terms and the 12
+                                        numbers (``bbox_AP50`` ...),
+                                        ``detection_per_class/`` the per-class AP,
+                                        ``detection_images/gt_pred/<i>`` the panels
 ``config``                              text: the run's settings as YAML
 ====================================  ======================================================
 
