@@ -183,7 +183,8 @@ class DetectionTask:
         cfg = self.cfg
         has_masks = ARCHITECTURES[cfg.model][0]
         train_source, val_source = detection_sources(cfg)
-        for source, masks in ((train_source, has_masks), (val_source, False)):
+        # A mask model's validation needs ground-truth masks too: segm AP is computed on them.
+        for source, masks in ((train_source, has_masks), (val_source, has_masks)):
             check = check_coco(source, masks=masks)
             check.raise_errors()
             for note in check.notes if dist.is_main else ():
