@@ -296,3 +296,18 @@ def test_own_coco_data_trains_from_the_four_flags(tmp_path):
                                 val_images=str(images), iters=2, tensorboard=False))
     assert result["iteration"] == 2
     assert load_checkpoint(tmp_path / "run" / "last.pt")["val_images"] == str(images)
+
+
+def test_precision_comes_from_the_engine_bf16_trains_and_fp16_on_a_cpu_is_refused(
+        tmp_path, monkeypatch):
+    from segnest.runtime import precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)  # not this CPU's answer
+    result = run_detection(tiny(tmp_path / "bf16", tensorboard=False, iters=2,
+                                precision="bf16"))
+    state = load_checkpoint(tmp_path / "bf16" / "last.pt")
+    assert state["precision"] == "bf16" and result["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    with pytest.raises(SegnestError, match="fp16 needs a CUDA GPU"):
+        run_detection(tiny(tmp_path / "fp16", tensorboard=False, precision="fp16"))
+    assert not (tmp_path / "fp16").exists()
