@@ -85,9 +85,8 @@ def _command(config_name: str, runner: str, presets: str | None = None,
 
 
 COMMANDS = {
-    "train": _command("TrainConfig", "segnest.tasks.segmentation.task:run_train",
-                      "DATASET_PRESETS",
-                      resolver="segnest.tasks.segmentation.presets:resolve_train_config"),
+    "train": _command("TrainConfig", "segnest.tasks.train:run_train", "DATASET_PRESETS",
+                      resolver="segnest.tasks.train:resolve_train_config"),
     "eval": _command("EvalConfig", "segnest.tasks.dispatch:run_eval"),
     "predict": _command("PredictConfig", "segnest.tasks.dispatch:run_predict"),
     "export": _command("ExportConfig", "segnest.inference.export:run_export"),

@@ -181,11 +181,41 @@ def _ohem_min_kept_text() -> str:
             + "; folder: from the crop derived from its images")
 
 
+# --------------------------------------------------------------------------- detection
+# ``segnest train --model <architecture>``: the model decides the task (segnest.tasks.train).
+# Detection's fields are one block at the end of TrainConfig, its rules one block before
+# CHECKS; segmentation's fields keep their defaults there and detection refuses them.
+SEGMENTATION_MODELS = ("deeplabv3",)
+# The R-CNN architectures of segnest.models.detection.rcnn.ARCHITECTURES (a test keeps
+# the two equal; config.py does not import torch).
+DETECTION_MODELS = ("faster_rcnn", "mask_rcnn", "cascade_rcnn", "cascade_mask_rcnn")
+TRAIN_MODELS = SEGMENTATION_MODELS + DETECTION_MODELS
+DETECTION_DATASETS = ("coco", "mini")
+DEMO_TASKS = ("segmentation", "detection")
+TRAIN_DATASETS = DATASETS + tuple(d for d in DETECTION_DATASETS if d not in DATASETS)
+# Per-dataset settings of the detection models: COCO is the authors' 1x (90k iterations,
+# 2 images per device on 8 devices, 1000 warmup iterations; lr 0.02 x total batch / 16 by
+# default); mini is the CPU demo's Mask R-CNN-ResNeSt-14 (segnest demo --task detection).
+DETECTION_PRESETS: dict[str, dict[str, Any]] = {
+    "coco": dict(iters=90000, batch_size=2, warmup_iters=1000),
+    "mini": dict(backbone="resnest14", stage_width=16, detector_width=32, roi_batch_size=64,
+                 batch_size=4, lr=0.02, iters=800, warmup_iters=100, train_min_size="96-128",
+                 test_min_size=128, max_size=160, workers=2, val_interval=200),
+}
+# Fields that only segmentation reads; a detection model refuses them when set.
+SEGMENTATION_FIELDS = (
+    "no_decay_norm", "head_lr_mult", "poly_power", "min_lr", "crop_size", "base_size",
+    "scale_min", "scale_max", "cat_max_ratio", "photometric", "output_stride", "aux",
+    "aux_weight", "head_channels", "stem_width", "checkpoint_activations", "skip_bad_samples",
+    "label_map", "in_channels", "mean", "std", "class_weights", "loss", "ohem_thresh",
+    "ohem_min_kept")
+
+
 @dataclass
 class TrainConfig:
     """``segnest train``: DeepLabV3 on a ResNeSt backbone with the paper's recipe."""
 
-    dataset: str = field(default="ade20k", metadata=help_("dataset", choices=DATASETS))
+    dataset: str = field(default="ade20k", metadata=help_("dataset", choices=TRAIN_DATASETS))
     backbone: str = field(default="resnest50", metadata=help_("backbone name (segnest models)"))
     data_root: str | None = field(
         default=None,
@@ -212,7 +242,8 @@ class TrainConfig:
     lr: float | None = field(
         default=None,
         metadata=help_("base learning rate", above=0,
-                       default_shown=_lr_rule_text(TRAIN_LR_RULE, TRAIN_BATCH_SIZE)),
+                       default_shown=_lr_rule_text(TRAIN_LR_RULE, TRAIN_BATCH_SIZE)
+                       + "; detection models: 0.02 x total batch / 16"),
     )
     momentum: float = field(default=0.9, metadata=help_("SGD momentum", min=0, below=1))
     weight_decay: float = field(default=1e-4, metadata=help_("SGD weight decay", min=0))
@@ -342,6 +373,33 @@ class TrainConfig:
     device: str | None = field(
         default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE)
     )
+    # ----------------------------------------------------------------------- detection
+    model: str = field(default="deeplabv3", metadata=help_(
+        "deeplabv3 trains segmentation; faster_rcnn, mask_rcnn, cascade_rcnn or "
+        "cascade_mask_rcnn train COCO-format detection (docs/detection.md)",
+        choices=TRAIN_MODELS))
+    train_ann: str | None = field(default=None, metadata=help_(
+        "detection on own data: the training COCO annotation JSON (with --train-images, "
+        "--val-ann, --val-images)"))
+    train_images: str | None = field(default=None, metadata=help_(
+        "detection on own data: the folder the training JSON's file_name entries are in"))
+    val_ann: str | None = field(default=None, metadata=help_(
+        "detection on own data: the validation COCO annotation JSON"))
+    val_images: str | None = field(default=None, metadata=help_(
+        "detection on own data: the folder of the validation images"))
+    train_min_size: str | None = field(default=None, metadata=help_(
+        "detection: training short side, drawn from a range LOW-HIGH (640-800), from a "
+        "list (640,672,704) or fixed (800) (default: the authors' 640-800)"))
+    test_min_size: int | None = field(default=None, metadata=help_(
+        "detection: short side at validation and test (default: 800)", min=MIN_INPUT_SIZE))
+    max_size: int | None = field(default=None, metadata=help_(
+        "detection: longest side after resizing (default: 1333)", min=MIN_INPUT_SIZE))
+    detector_width: int | None = field(default=None, metadata=help_(
+        "detection: channels of the FPN and of the RPN, box and mask heads; the box head's "
+        "fc has 4x (default: 256, the published width)", min=8))
+    roi_batch_size: int | None = field(default=None, metadata=help_(
+        "detection: RoIs sampled per image to train the box head, a quarter of them "
+        "positive at most (default: 512, detectron2's)", min=1))
 
 
 @dataclass
@@ -586,11 +644,17 @@ class BenchConfig:
 class DemoConfig:
     """``segnest demo``: the whole pipeline on bundled data, in minutes, on a CPU."""
 
+    task: str = field(default="segmentation", metadata=help_(
+        "segmentation: pretrain a ResNeSt-14, train DeepLabV3 on it; detection: train Mask "
+        "R-CNN-ResNeSt-14 on the mini detection set, report box and mask AP",
+        choices=DEMO_TASKS))
     work_dir: str = field(default="runs/demo", metadata=help_("output folder"))
     pretrain_epochs: int = field(
         default=15, metadata=help_("classification pretraining epochs", min=1)
     )
-    iters: int = field(default=900, metadata=help_("segmentation training iterations", min=1))
+    iters: int | None = field(default=None, metadata=help_(
+        "training iterations (default: the mini presets': 900 segmentation, "
+        f"{DETECTION_PRESETS['mini']['iters']} detection)", min=1))
     compare_scratch: bool = field(
         default=False,
         metadata=help_("also train from scratch with the same budget and report both"),
@@ -667,6 +731,9 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                     "keep_checkpoints", "export", "val_interval", "val_samples"),
     "logging": ("log_interval", "panels", "tensorboard"),
     "hardware": ("device", "precision", "amp", "compile", "checkpoint_activations"),
+    "detection": ("model", "train_ann", "train_images", "val_ann", "val_images",
+                  "train_min_size", "test_min_size", "max_size", "detector_width",
+                  "roi_batch_size"),
 }
 
 
@@ -1143,11 +1210,112 @@ def _end_to_end_format(cfg: ExportConfig, names: _Names) -> None:
                            "model")
 
 
+# --------------------------------------------------------------------------- detection
+OWN_COCO_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
+DETECTION_FIELDS = ("train_min_size", "test_min_size", "max_size", "detector_width",
+                    "roi_batch_size", *OWN_COCO_FIELDS)
+
+
+def is_detection(cfg: TrainConfig) -> bool:
+    return cfg.model in DETECTION_MODELS
+
+
+def parse_min_sizes(text: str, flag: str = "--train-min-size") -> tuple[tuple[int, ...], str]:
+    """``"640-800"`` -> ``((640, 800), "range")``; ``"640,672"`` -> ``((640, 672),
+    "choice")``; ``"800"`` -> ``((800,), "choice")``; anything else is one SegnestError."""
+    text = str(text).strip()
+    sampling, separator = ("range", "-") if "-" in text else ("choice", ",")
+    try:
+        sizes = tuple(int(part) for part in text.split(separator))
+    except ValueError:
+        sizes = ()
+    if (not sizes or any(size < MIN_INPUT_SIZE for size in sizes)
+            or (sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]))):
+        raise SegnestError(f"{flag} {text!r} is not a size range, list or size of at least "
+                           f"{MIN_INPUT_SIZE} px; write e.g. {flag} 640-800, 640,672,704 or 800")
+    return sizes, sampling
+
+
+def _fields_of_the_model(cfg: TrainConfig, names: _Names) -> None:
+    """A flag the chosen model does not read is refused, not ignored."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    unread = SEGMENTATION_FIELDS if is_detection(cfg) else DETECTION_FIELDS
+    for name in unread:
+        if getattr(cfg, name) != defaults[name]:
+            kind = ("segmentation (--model deeplabv3)" if is_detection(cfg)
+                    else "detection models (--model mask_rcnn, ...)")
+            raise SegnestError(f"{names.show(name, getattr(cfg, name))} applies to {kind} "
+                               f"only, not to {names.show('model', cfg.model)}; drop it")
+
+
+def _dataset_of_the_model(cfg: TrainConfig, names: _Names) -> None:
+    if is_detection(cfg) and cfg.dataset not in DETECTION_DATASETS:
+        raise SegnestError(f"{names.show('dataset', cfg.dataset)} is a segmentation dataset; "
+                           f"{names.show('model', cfg.model)} trains on --dataset coco (with "
+                           "--data-root, or own data with --train-ann, --train-images, "
+                           "--val-ann, --val-images) or mini")
+    if not is_detection(cfg) and cfg.dataset not in DATASETS:
+        raise SegnestError(f"{names.show('dataset', cfg.dataset)} is a detection dataset; "
+                           "give --model faster_rcnn, mask_rcnn, cascade_rcnn or "
+                           "cascade_mask_rcnn, or a segmentation dataset")
+
+
+def _coco_data_given(cfg: TrainConfig, names: _Names) -> None:
+    if not is_detection(cfg):
+        return
+    given = [name for name in OWN_COCO_FIELDS if getattr(cfg, name)]
+    if given and len(given) < len(OWN_COCO_FIELDS):
+        missing = ", ".join(_flag(n) for n in OWN_COCO_FIELDS if n not in given)
+        raise SegnestError(f"own COCO-format data needs all four of --train-ann, "
+                           f"--train-images, --val-ann and --val-images; add {missing}")
+    if given and (cfg.dataset != "coco" or cfg.data_root):
+        raise SegnestError("--train-ann/--train-images/--val-ann/--val-images give the data; "
+                           f"drop {names.show('dataset', cfg.dataset)} or --data-root")
+    if not given and cfg.dataset == "coco" and not cfg.data_root:
+        raise SegnestError("--dataset coco needs --data-root (the folder holding "
+                           "annotations/instances_{train,val}2017.json, train2017/ and "
+                           "val2017/), or own data with --train-ann, --train-images, "
+                           "--val-ann and --val-images")
+
+
+def _detection_sizes(cfg: TrainConfig, names: _Names) -> None:
+    if cfg.train_min_size is not None:
+        parse_min_sizes(cfg.train_min_size)
+
+
+def _detection_backbone(cfg: TrainConfig, names: _Names) -> None:
+    if not is_detection(cfg):
+        return
+    from segnest.models.detection.backbone import DETECTION_BACKBONES
+    from segnest.models.resnest import RESNEST_VARIANTS
+
+    if cfg.backbone not in DETECTION_BACKBONES:
+        raise SegnestError(f"unknown {names.show('backbone', cfg.backbone)} for detection; "
+                           f"choose one of: {', '.join(DETECTION_BACKBONES)}")
+    if cfg.backbone in RESNEST_VARIANTS:
+        _backbone_fits(cfg, names)
+    elif cfg.stage_width != TrainConfig.stage_width:
+        raise SegnestError(f"{names.show('stage_width', cfg.stage_width)} applies to ResNeSt "
+                           f"backbones; {cfg.backbone} has torchvision's widths")
+
+
+def _segmentation_only(check: Check) -> Check:
+    def checked(cfg: TrainConfig, names: _Names) -> None:
+        if not is_detection(cfg):
+            check(cfg, names)
+    return checked
+
+
+DETECTION_CHECKS = (_fields_of_the_model, _dataset_of_the_model, _coco_data_given,
+                    _detection_sizes)
+
+
 # Rules in order: cheap ones first; those that import the models (and torch) last.
 CHECKS: dict[type, tuple[Check, ...]] = {
-    TrainConfig: (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
-                  _floor_below_lr, _class_weights_source, _ohem_settings_need_ohem,
-                  _amp_alias, _backbone_fits),
+    TrainConfig: (*DETECTION_CHECKS, _training_length, _warmup_within_iters, _scale_range,
+                  _segmentation_only(_crop_fits), _floor_below_lr, _class_weights_source,
+                  _ohem_settings_need_ohem, _amp_alias, _segmentation_only(_backbone_fits),
+                  _detection_backbone),
     InferenceFlags: (_scales_parse, _stride_within_window),
     EvalConfig: (_confidence_needs_save_pred,),
     PretrainConfig: (_warmup_within_epochs, _imagenet_needs_data, _amp_alias, _backbone_fits),

@@ -236,7 +236,8 @@ def test_bare_resume_means_auto():
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("train", "--dataset {ade20k,cityscapes,folder,mini}"),
+    ("train", "--dataset {ade20k,cityscapes,folder,mini,coco}"),
+    ("train", "--model {deeplabv3,faster_rcnn,mask_rcnn,cascade_rcnn,cascade_mask_rcnn}"),
     ("train", "--output-stride {8,16,32}"),
     ("train", "cpu, cuda or cuda:N"),
     ("train", "SGD momentum [>= 0 and < 1]"),

@@ -72,7 +72,9 @@ def test_checkpoint_carries_the_model_settings(folder_dataset, tmp_path, tiny_tr
         (dict(amp=True), "--amp needs a CUDA"),
         (dict(output_stride=4), "--output-stride"),
         (dict(backbone="resnest51"), "unknown --backbone"),
-        (dict(dataset="coco"), "--dataset .coco. is not one of"),
+        (dict(dataset="voc"), "--dataset .voc. is not one of"),
+        # COCO is a detection dataset: segmentation's model refuses it, naming the models.
+        (dict(dataset="coco"), "--dataset .coco. is a detection dataset; give --model"),
     ],
 )
 def test_bad_configuration_fails_before_work_starts(folder_dataset, tmp_path, overrides,

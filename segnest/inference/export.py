@@ -95,6 +95,7 @@ from segnest.inference.openvino import (
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.inference.predictor import Predictor
 from segnest.inference.strategies import _resize, infer
+from segnest.models.factory import checkpoint_task
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
@@ -513,13 +514,17 @@ def run_export(cfg: ExportConfig) -> Path:
     if fmt == "onnx":
         require_extra("onnx", "--format onnx", alternative=" or use --format pt2")
     check_target(target, source, fmt)
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    if checkpoint_task(checkpoint) == "detection":
+        from segnest.inference.detection_export import export_detection
+
+        return export_detection(cfg, checkpoint, target)
     if fmt == "openvino":
         openvino()  # installed, or one line before any work
     if fmt == "aoti" and not has_cxx():
         raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
                            "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
                            "or use --format pt2")
-    checkpoint = load_checkpoint(cfg.checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, validate_config(InferenceFlags(
         device="cpu")), source=str(source))
     settings = predictor.settings
