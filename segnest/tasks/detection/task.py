@@ -354,8 +354,9 @@ def _summary(run: Any, work_dir: Path) -> str:
     per_type = {k: v for k, v in run.metrics.items() if k in ("bbox", "segm")}
     best = work_dir / BEST_CHECKPOINT_NAME
     chosen = best if best.is_file() else work_dir / LAST_CHECKPOINT_NAME
-    return "\n".join([
-        f"last validation (iteration {run.iteration}):", format_table(per_type),
-        f"best bbox AP {run.best:.2f} at iteration {run.best_iteration}: {chosen}",
-        "next:", f"  segnest eval --checkpoint {chosen} --save-pred results.json",
-        f"  tensorboard --logdir {work_dir / TB_FOLDER}"])
+    lines = [f"last validation (iteration {run.iteration}):", format_table(per_type),
+             f"best bbox AP {run.best:.2f} at iteration {run.best_iteration}: {chosen}",
+             "next:", f"  segnest eval --checkpoint {chosen} --save-pred results.json"]
+    if (work_dir / TB_FOLDER).is_dir():  # not after --no-tensorboard
+        lines.append(f"  tensorboard --logdir {work_dir / TB_FOLDER}")
+    return "\n".join(lines)

@@ -366,7 +366,8 @@ def _summary(run: RunState, classes: list[str]) -> str:
              if best.is_file() else f"no best.pt: no validation had finite weights; {chosen}",
              "next:",
              f"  segnest eval --checkpoint {chosen} --multi-scale --flip",
-             f"  segnest predict IMAGES_OR_FOLDER --checkpoint {chosen} --out predictions",
-             f"  tensorboard --logdir {run.work_dir / TB_FOLDER}"]
+             f"  segnest predict IMAGES_OR_FOLDER --checkpoint {chosen} --out predictions"]
+    if (run.work_dir / TB_FOLDER).is_dir():  # not after --no-tensorboard
+        lines.append(f"  tensorboard --logdir {run.work_dir / TB_FOLDER}")
     return "\n".join(lines)
 
