@@ -31,7 +31,8 @@ def test_train_lr_shows_the_number_the_run_computes_and_the_rule():
     lr = default_lr(TrainConfig(), world_size=1)
     shown = flag_help("train", "--lr")
     assert f"(default: {lr:g} at batch {TrainConfig.batch_size} on one process: lr = 0.01 x " \
-           "total batch / 16; mini: 0.02; folder without a GPU: 0.02)" in shown
+           "total batch / 16; detection models: 0.02 x total batch / 16; mini: 0.02; folder " \
+           "without a GPU: 0.02)" in shown
     assert default_lr(TrainConfig(batch_size=16), world_size=1) == 0.01
 
 
@@ -91,3 +92,10 @@ def test_no_default_is_a_rule_without_its_number(command):
     text = help_text(command)
     for rule in ("the model's", "the variant's", "times per run", "(default 0.", "(default 8"):
         assert rule not in text, rule
+
+
+def test_train_lr_help_states_the_detection_rule_the_detection_task_computes_with():
+    from segnest.tasks.detection.task import BASE_BATCH, BASE_LR
+
+    assert f"detection models: {BASE_LR:g} x total batch / {BASE_BATCH};" in \
+        flag_help("train", "--lr")
