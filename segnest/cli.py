@@ -85,15 +85,14 @@ def _command(settings: str, runner: str, presets: str | None = None,
 
 # Each command: its settings class (the flags), what runs it and the presets under its flags.
 COMMANDS = {
-    "train": _command("segnest.tasks.segmentation.config:TrainConfig",
-                      "segnest.tasks.segmentation.task:run_train",
+    "train": _command("segnest.tasks.train:TrainFlags", "segnest.tasks.train:run_train",
                       "segnest.presets:DATASET_PRESETS",
-                      resolver="segnest.tasks.segmentation.presets:resolve_train_config"),
-    "eval": _command("segnest.inference.config:EvalConfig", "segnest.inference.evaluate:run_eval"),
+                      resolver="segnest.tasks.train:resolve_train_config"),
+    "eval": _command("segnest.inference.config:EvalConfig", "segnest.tasks.dispatch:run_eval"),
     "predict": _command("segnest.inference.config:PredictConfig",
-                        "segnest.inference.predict:run_predict"),
+                        "segnest.tasks.dispatch:run_predict"),
     "export": _command("segnest.inference.config:ExportConfig",
-                       "segnest.inference.export:run_export"),
+                       "segnest.tasks.dispatch:run_export"),
     "quantize": _command("segnest.inference.config:QuantizeConfig",
                          "segnest.inference.quantize:run_quantize"),
     "pretrain": _command("segnest.tasks.classification.config:PretrainConfig",
@@ -126,7 +125,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     for name, handler in COMMANDS.items():
         cls = _load(handler.settings)
-        summary = (cls.__doc__ or "").split(":", 1)[-1].strip()
+        summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split(":", 1)[-1].split())
         command = sub.add_parser(name, help=summary, description=summary)
         if name == "predict":
             command.add_argument("inputs", nargs="+", metavar="IMAGE|DIR",

@@ -51,7 +51,9 @@ def help_(text: str, **extra: Any) -> dict[str, Any]:
     ``min`` / ``max``: inclusive bounds; ``above`` / ``below``: exclusive bounds (of the
     value, or of each item of a tuple); ``choices``: the allowed values (of each item of a
     tuple); ``pattern``: (regular expression, how to write it).
-    Other keys (``required``, ``renamed_from``, ``const``) shape the command-line flag.
+    Other keys (``required``, ``renamed_from``, ``const``) shape the command-line flag;
+    ``default_shown`` is the default --help shows where the run computes it (a number and
+    its rule).
     """
     return {"help": text, **extra}
 

@@ -179,3 +179,23 @@ def measured_hardware(monkeypatch):
     monkeypatch.setattr(tuning, "cpu_model", lambda: "Test CPU")
     yield
     tuning.hardware_decisions.cache_clear()
+
+
+CLASSIFICATION_CLASSES = ("blue", "green", "red")
+
+
+def write_class_folder(root: Path, counts: dict[str, int] | None = None, size: int = 32,
+                       seed: int = 0) -> Path:
+    """An image-classification folder in pretraining's layout, ``root/<split>/<class>/``,
+    of ``size`` px images tinted by class (blue, green, red); ``counts``: images per class
+    per split (default 8 train, 4 val)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (counts or {"train": 8, "val": 4}).items():
+        for index, name in enumerate(CLASSIFICATION_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for number in range(count):
+                pixels = rng.integers(0, 120, (size, size, 3))
+                pixels[..., 2 - index] += 120
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{number}.png")
+    return root

@@ -227,7 +227,8 @@ def test_bare_resume_means_auto():
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("train", "--dataset {ade20k,cityscapes,folder,mini}"),
+    ("train", "--dataset {ade20k,cityscapes,folder,mini,coco}"),
+    ("train", "--model {deeplabv3,faster_rcnn,mask_rcnn,cascade_rcnn,cascade_mask_rcnn}"),
     ("train", "--output-stride {8,16,32}"),
     ("train", "cpu, cuda or cuda:N"),
     ("train", "SGD momentum [>= 0 and < 1]"),
@@ -262,7 +263,7 @@ def test_defaults_and_presets_pass_their_own_checks(cls, given):
 
 def test_every_constraint_key_is_one_the_validator_knows():
     known = {"help", "required", "renamed_from", "const", "min", "above", "max", "below",
-             "choices", "pattern"}
+             "choices", "pattern", "default_shown"}
     for cls in (TrainConfig, EvalConfig, PredictConfig, ExportConfig, PretrainConfig,
                 BenchConfig, DemoConfig):
         for f in fields(cls):

@@ -56,3 +56,18 @@ def test_the_demo_ends_by_naming_its_classes_and_the_own_data_command(tmp_path):
     assert all(name in text for name in MINI_CLASSES)
     assert f"segnest predict PHOTO.jpg --checkpoint {tmp_path / 'train' / 'last.pt'}" in text
     assert text.splitlines()[-1].strip() == "segnest train --dataset folder --data-root DIR"
+
+
+@pytest.mark.slow
+def test_detection_demo_trains_mask_rcnn_and_reports_box_and_mask_ap(tmp_path, capsys):
+    cfg = DemoConfig(task="detection", work_dir=str(tmp_path / "demo"), iters=4, workers=0,
+                     device="cpu")
+    result = run_demo(cfg)
+    out = capsys.readouterr().out
+    assert "box AP" in out and "mask AP" in out
+    metrics = json.loads((tmp_path / "demo" / "detection" / "eval" / "metrics.json").read_text())
+    assert metrics["bbox_AP"] == result["metrics"]["bbox_AP"]
+    assert metrics["segm_AP"] is not None and result["train"]["iteration"] == 4
+    # A second run resumes the training instead of starting over.
+    again = run_demo(cfg)
+    assert again["metrics"]["bbox_AP"] == result["metrics"]["bbox_AP"]

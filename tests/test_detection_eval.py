@@ -80,6 +80,19 @@ def checkpoint_for(model: nn.Module, name: str, kwargs: dict, mini_root: Path) -
             "val_annotations": str(source.annotations), "val_images": str(source.images)}
 
 
+def saved_tiny_detector(mini_root: Path, path: Path) -> dict:
+    """A seeded, untrained tiny Mask R-CNN checkpoint with class names, saved at ``path``."""
+    from segnest.runtime.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
+    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
+                                mini_root)
+    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
+    save_checkpoint(checkpoint, path)
+    return checkpoint
+
+
 def test_metrics_json_equals_pycocotools_on_the_saved_predictions(mini_root, tmp_path,
                                                                   monkeypatch):
     annotations = coco_source(mini_root, "val").annotations
@@ -124,14 +137,8 @@ def test_a_segmentation_checkpoint_is_refused_with_the_reason(mini_root, tmp_pat
 
 def test_load_model_of_a_detection_checkpoint_predicts_and_draws(mini_root, tmp_path):
     import segnest
-    from segnest.runtime.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model("mask_rcnn_resnest14", num_classes=4, **TINY)
-    checkpoint = checkpoint_for(model, "mask_rcnn_resnest14", {"num_classes": 4, **TINY},
-                                mini_root)
-    checkpoint["classes"] = ["circle", "square", "triangle", "cross"]
-    save_checkpoint(checkpoint, tmp_path / "best.pt")
+    checkpoint = saved_tiny_detector(mini_root, tmp_path / "best.pt")
     predictor = segnest.load_model(tmp_path / "best.pt", device="cpu", score_threshold=0.0)
     photo = coco_source(mini_root, "val").images / "mini_val_00000.png"
     detections = predictor(photo)
@@ -145,3 +152,45 @@ def test_load_model_of_a_detection_checkpoint_predicts_and_draws(mini_root, tmp_
     assert drawn.shape == (detections.height, detections.width, 3)
     with pytest.raises(SegnestError, match="score_threshold"):
         segnest.load_model(tmp_path / "best.pt", flip=True)
+
+
+def test_an_unreadable_image_stops_the_evaluation_or_is_left_out_of_it(mini_root, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    root = Path(shutil.copytree(mini_root, tmp_path / "coco"))
+    source = coco_source(root, "val")
+    data = json.loads(source.annotations.read_text())
+    broken = min(data["images"], key=lambda image: image["id"])
+    (source.images / broken["file_name"]).write_bytes(b"\x89PNG not really")
+    monkeypatch.setattr(detection_eval, "model_from_checkpoint",
+                        lambda *args, **kwargs: NoisyOracle(source.annotations))
+    checkpoint = checkpoint_for(nn.Linear(1, 1), "mask_rcnn_resnest14", {}, root)
+    with pytest.raises(SegnestError, match=f"{broken['file_name']}.*--skip-bad-samples"):
+        run_detection_eval(checkpoint, "best.pt", str(tmp_path / "stop"), None, device="cpu",
+                           data_root=str(root))
+    run_detection_eval(checkpoint, "best.pt", str(tmp_path / "skip"), str(tmp_path / "r.json"),
+                       device="cpu", data_root=str(root), skip_bad_samples=True)
+    written = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert written["skipped_samples"] == 1 and written["images"] == len(data["images"]) - 1
+    entries = json.loads((tmp_path / "r.json").read_text())
+    assert entries and broken["id"] not in {entry["image_id"] for entry in entries}
+
+
+def test_segnest_eval_and_predict_dispatch_a_detection_checkpoint(mini_root, tmp_path):
+    from segnest.inference.config import EvalConfig, PredictConfig
+    from segnest.tasks.dispatch import run_eval, run_predict
+
+    path = tmp_path / "best.pt"
+    saved_tiny_detector(mini_root, path)
+    metrics = run_eval(EvalConfig(checkpoint=str(path), out=str(tmp_path / "e"), device="cpu",
+                                  samples=2))
+    assert "bbox_AP" in metrics and (tmp_path / "e" / "metrics.json").is_file()
+    with pytest.raises(SegnestError, match="^--flip does not apply to .* a detection checkpoint"):
+        run_eval(EvalConfig(checkpoint=str(path), flip=True))
+    photo = coco_source(mini_root, "val").images / "mini_val_00000.png"
+    written = run_predict(PredictConfig(inputs=[str(photo)], checkpoint=str(path),
+                                        out=str(tmp_path / "p"), device="cpu"))
+    assert [p.name for p in written] == ["mini_val_00000.json"]
+    assert "detections" in json.loads(written[0].read_text())
+    assert (tmp_path / "p" / "mini_val_00000.jpg").is_file()

@@ -101,6 +101,55 @@ def test_logits_export_matches_pytorch_at_any_batch_and_size(checkpoint, tmp_pat
         assert (exported - reference_logits(checkpoint, x)).abs().max() <= 1e-4
 
 
+def _export_without_guard(fmt: str, checkpoint: Path, path: Path) -> None:
+    """The logits graph as segnest exported it before graphs held their input limits."""
+    from segnest.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(torch.load(checkpoint, weights_only=True),
+                                          validate_config(export.InferenceFlags(device="cpu")))
+    model = (without_ceil_pools(predictor.model) if fmt == "pt2" else predictor.model)
+    example = torch.randn(2, 3, 48, 48)
+    export.EXPORTERS[fmt](export.LogitsOnly(model).eval(), example, path, end_to_end=False,
+                          metadata={})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("fmt", LOGITS_FORMATS)
+def test_a_logits_graph_run_directly_refuses_an_image_below_its_min_side(checkpoint, tmp_path,
+                                                                        fmt):
+    """Without segnest in between: ONNX Runtime, torch.jit.load and torch.export.load raise
+    an error naming the limit for a side below the metadata's min_side, and give a valid
+    image exactly the logits of a graph without the guard."""
+    skip_without_onnx(fmt)
+    path = run_export(ExportConfig(checkpoint=str(checkpoint), format=fmt, size=48,
+                                   out=str(tmp_path / f"model.{fmt}")))
+    assert read_metadata(path)["input"]["min_side"] == 32
+    # What each runtime says: the failing node's name, the scripted message, the program's
+    # constraint on the dynamic size.
+    said = {"onnx": "Name:'/input_outside_limits_min_side_32/",
+            "torchscript": "this model takes at least 32 pixels a side",
+            "pt2": ">= 32"}[fmt]
+    for height, width in [(16, 16), (48, 31), (31, 48)]:
+        with pytest.raises(Exception) as refused:
+            run_in_own_runtime(fmt, path, torch.randn(1, 3, height, width))
+        assert said in str(refused.value)
+    unguarded = tmp_path / f"unguarded.{fmt}"
+    _export_without_guard(fmt, checkpoint, unguarded)
+    for batch, height, width in [(1, 32, 32), (2, 33, 61), (1, 40, 56)]:
+        x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
+        guarded, before = run_in_own_runtime(fmt, path, x), run_in_own_runtime(fmt, unguarded, x)
+        if fmt == "pt2":
+            # Knowing H, W >= 32, torch.export proves the ASPP's input already channels_last
+            # and drops a copy: the convolutions then add in another order (float rounding,
+            # as far from eager PyTorch as before).
+            assert (guarded - before).abs().max() <= 1e-6
+            reference = reference_logits(checkpoint, x)
+            assert ((guarded - reference).abs().max()
+                    <= 2 * max((before - reference).abs().max(), 1e-7))
+        else:
+            assert torch.equal(guarded, before)
+
+
 @pytest.mark.parametrize("fmt", END_TO_END_FORMATS)
 def test_end_to_end_export_gives_segnest_predicts_labels(checkpoint, tmp_path, fmt):
     skip_without_onnx(fmt)
@@ -283,7 +332,11 @@ def test_ceil_avg_pool_equals_the_ceil_mode_pool_it_replaces():
 @pytest.mark.slow
 @pytest.mark.skipif(not has_cxx(), reason="AOTInductor compiles C++")
 @pytest.mark.parametrize("end_to_end", [False, True])
-def test_aoti_package_runs_at_any_batch_and_size(checkpoint, tmp_path, end_to_end):
+def test_aoti_package_runs_at_any_batch_and_size(checkpoint, tmp_path, end_to_end,
+                                                monkeypatch):
+    # AOTInductor checks a program's input constraints (the logits graph's min_side) only
+    # with torch's switch on, read once per loaded program.
+    monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
     path = run_export(ExportConfig(checkpoint=str(checkpoint), format="aoti", size=32,
                                    end_to_end=end_to_end))
     assert path.name == ("best.end2end.aoti.pt2" if end_to_end else "best.aoti.pt2")
@@ -300,6 +353,9 @@ def test_aoti_package_runs_at_any_batch_and_size(checkpoint, tmp_path, end_to_en
             x = normalized(images)
             exported = run_in_own_runtime("aoti", path, x)
             assert (exported - reference_logits(checkpoint, x)).abs().max() <= 1e-4
+    if not end_to_end:  # the compiled program keeps the logits graph's min_side
+        with pytest.raises(Exception, match="32"):
+            run_in_own_runtime("aoti", path, torch.randn(2, 3, 16, 40))
 
 
 @pytest.mark.parametrize("content", [b"\x08\x09\x12\x07pytorch", b"\x08" + b"\xff" * 64],

@@ -241,3 +241,30 @@ def test_train_takes_timm_weights_by_name_from_the_cache_and_says_what_it_loaded
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HF_HUB_OFFLINE" in err[0] and "resnest14d.gluon_in1k" in err[0]
     assert not (caches / "run2").exists()  # refused before the work folder was made
+
+
+def test_a_damaged_official_file_in_the_torch_hub_cache_is_refused_with_what_to_delete(caches):
+    """As torch.hub's check_hash: the cached file's sha256 must start with the hex digits of
+    its name; resolving the name already refuses it, naming the file to delete, and does not
+    download over it."""
+    folder = caches / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    cached = folder / "resnest50-528c19ca.pth"
+    cached.write_bytes(b"truncated download")
+    with pytest.raises(SegnestError) as err:
+        resolve_pretrained("resnest50")
+    message = str(err.value)
+    assert "\n" not in message and "not 528c19ca" in message
+    assert f"delete {cached} and run again to download it anew" in message
+    assert cached.read_bytes() == b"truncated download"
+
+
+def test_a_damaged_hub_blob_names_the_blob_to_delete(caches):
+    cached = put_in_hf_cache(caches / "hf" / "hub", "timm/resnest14d.gluon_in1k",
+                             "pytorch_model.bin", classifier_state())
+    blob = cached.resolve()
+    blob.write_bytes(blob.read_bytes()[:-10])  # a truncated download
+    with pytest.raises(SegnestError) as err:
+        load_pretrained(create_model("resnest14", num_classes=1000), TIMM_14)
+    message = str(err.value)
+    assert "\n" not in message and f"delete {blob} and run again" in message

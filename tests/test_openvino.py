@@ -106,7 +106,7 @@ def test_load_model_runs_an_openvino_or_onnx_export_as_the_checkpoint(checkpoint
 def test_precision_reaches_openvino_as_its_hint_and_onnx_refuses_bf16(checkpoint, monkeypatch):  # noqa: F811
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
     xml = run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
-    hints = {name: str(segnest.load_model(xml, device="cpu", precision=name).model.compiled
+    hints = {name: str(segnest.load_model(xml, device="cpu", precision=name).model.ir.compiled
                        .get_property("INFERENCE_PRECISION_HINT"))
              for name in ("fp32", "bf16")}
     assert hints == {"fp32": "<Type: 'float32'>", "bf16": "<Type: 'bfloat16'>"}
@@ -116,3 +116,22 @@ def test_precision_reaches_openvino_as_its_hint_and_onnx_refuses_bf16(checkpoint
         onnx_path = run_export(ExportConfig(checkpoint=str(checkpoint), format="onnx", size=48))
         with pytest.raises(SegnestError, match="ONNX Runtime runs"):
             segnest.load_model(onnx_path, device="cpu", precision="bf16")
+
+
+def test_an_openvino_ir_refuses_an_image_below_its_min_side(checkpoint):  # noqa: F811
+    """Plain OpenVINO fails at the graph's guard node; segnest's loader says it in one line
+    before the runtime sees the input."""
+    from segnest.inference.backends import load_exported_model
+
+    xml = run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
+    assert read_metadata(xml)["input"]["min_side"] == 32
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(xml)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    for height, width in [(16, 16), (48, 31)]:
+        with pytest.raises(Exception, match="input_outside_limits_min_side_32"):
+            compiled(torch.randn(1, 3, height, width).numpy())
+    runner, _ = load_exported_model(xml)
+    with pytest.raises(SegnestError, match="at least 32 pixels a side.*min_side.*16 x 40"):
+        runner(torch.randn(1, 3, 16, 40))
+    assert runner(torch.randn(1, 3, 32, 40)).shape == (1, NUM_CLASSES, 32, 40)

@@ -241,8 +241,7 @@ def test_interrupted_inference_says_to_rerun_not_to_resume(command, monkeypatch,
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(f"segnest.inference.{'evaluate' if command == 'eval' else 'predict'}"
-                        f".run_{command}", interrupted)
+    monkeypatch.setattr(f"segnest.tasks.dispatch.run_{command}", interrupted)
     args = ["eval", "--checkpoint", "x.pt"] if command == "eval" else [
         "predict", "photo.jpg", "--checkpoint", "x.pt"]
     assert cli.main(args) == 130

@@ -117,16 +117,12 @@ def test_colorize_and_overlay_use_the_checkpoint_palette(images: dict[str, Path]
 
 
 def test_a_checkpoint_that_is_not_a_segmentation_one_is_one_line(tmp_path: Path):
+    # A classification checkpoint is not among these: it loads as a ClassifierPredictor
+    # (tests/test_classification_inference.py).
     torch.manual_seed(0)
     weights = tmp_path / "weights.pt"
     torch.save({"model": create_model("deeplabv3_resnest14", **TINY).state_dict()}, weights)
-    backbone_kwargs = dict(num_classes=10, stage_width=8, stem_width=8)
-    pretrained = tmp_path / "pretrain.pt"
-    torch.save({"model": create_model("resnest14", **backbone_kwargs).state_dict(),
-                "model_name": "resnest14", "model_kwargs": backbone_kwargs,
-                "task": "classification"}, pretrained)
     for path, says in ((weights, "not a segnest training checkpoint"),
-                       (pretrained, "classification pretraining checkpoint"),
                        (tmp_path / "missing.pt", "does not exist")):
         with pytest.raises(segnest.SegnestError) as error:
             segnest.load_model(path, device="cpu")

@@ -340,3 +340,37 @@ def test_no_flag_is_spelled_no_no():
         text = parser._subparsers._group_actions[0].choices[command].format_help()
         assert "--no-no-" not in text
     assert parser.parse_args(["train", "--no-decay-norm"]).no_decay_norm is True
+
+
+def test_pretraining_hparams_rows_are_named_apart_and_show_the_columns_that_matter(
+        tmp_path, image_folder):
+    """As for segmentation: TensorBoard sorts HParams columns by name and shows the first
+    five, so those five are the settings that tell pretraining runs apart; the metrics are
+    the pretraining headline; two runs' rows have different names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from segnest.inference.tensorboard import PRETRAINING_TAGS
+
+    names = []
+    for run, overrides in (("a", {"mixup": 0.0}), ("b", {"mixup": 0.2, "cutmix": 1.0})):
+        run_pretrain(tiny_config(image_folder, tmp_path / run, tensorboard=True, **overrides))
+        events = EventAccumulator(str(tmp_path / run / "tb" / "pretrain")).Reload()
+        content = events.PluginTagToContent("hparams")
+        data = plugin_data_pb2.HParamsPluginData
+        experiment = data.FromString(content["_hparams_/experiment"]).experiment
+        start = data.FromString(content["_hparams_/session_start_info"]).session_start_info
+        names.append(start.group_name)
+        columns = [info.name for info in experiment.hparam_infos]
+        assert sorted(columns)[:5] == ["backbone", "crop", "epochs", "lr", "mixing"]
+        assert "amp" not in columns and len(columns) == 6
+        values = {key: value.string_value or value.number_value
+                  for key, value in start.hparams.items()}
+        assert values["backbone"] == "resnest14" and values["crop"] == SIZE
+        # the learning rate the run computed for its batch, not "default"
+        assert values["lr"] == pytest.approx(0.1 * 8 / 256)
+        assert values["total_batch"] == 8
+        assert values["mixing"] == ("none" if run == "a" else "mixup 0.2+cutmix 1")
+        assert [info.name.tag for info in experiment.metric_infos] == list(PRETRAINING_TAGS)
+    assert names[0] != names[1]
+    assert names[0][8:].startswith(" pretrain a ") and names[1][8:].startswith(" pretrain b ")

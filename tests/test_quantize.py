@@ -94,6 +94,13 @@ def test_quantized_model_runs_and_its_logits_follow_fp32(checkpoint, folder_data
     assert len(metadata["classes"]) == NUM_CLASSES and metadata["graph"] == "logits"
     assert metadata["quantization"]["dtype"] == "int8"
     assert sorted(metadata["quantization"]["layer_types"]) == sorted(QUANTIZE_LAYER_TYPES)
+    # Run directly, the int8 graph refuses a side below its metadata's min_side, as the
+    # fp32 export does.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="input_outside_limits_min_side_32"):
+        session.run(None, {"image": np.zeros((1, 3, 16, 40), np.float32)})
 
 
 @pytest.mark.slow

@@ -218,3 +218,11 @@ def test_a_refused_run_leaves_nothing_behind(folder_dataset, tmp_path, tiny_trai
         train_seg.run_train(tiny_train_config(folder_dataset, work, iters=None, epochs=2,
                                               warmup_iters=50, resume="auto"))
     assert contents() == before
+
+
+def test_the_summary_suggests_tensorboard_only_when_the_run_wrote_it(folder_dataset, tmp_path,
+                                                                     tiny_train_config, capsys):
+    train_seg.run_train(tiny_train_config(folder_dataset, tmp_path / "run", iters=2,
+                                          tensorboard=False))
+    out = capsys.readouterr().out
+    assert "segnest eval --checkpoint" in out and "tensorboard --logdir" not in out

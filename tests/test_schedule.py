@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from segnest.engine.schedule import PolyLR, WarmupCosineLR
+from segnest.engine.schedule import PolyLR, WarmupCosineLR, WarmupStepLR
 from segnest.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -86,8 +86,9 @@ def test_get_last_lr_reports_the_optimizer_learning_rates():
     [
         lambda opt: PolyLR(opt, total_iters=30, power=0.9, min_lr=1e-4, warmup_iters=5),
         lambda opt: WarmupCosineLR(opt, total_iters=30, warmup_iters=5, min_lr=1e-5),
+        lambda opt: WarmupStepLR(opt, total_iters=30, steps=[10, 20], warmup_iters=5),
     ],
-    ids=["poly", "cosine"],
+    ids=["poly", "cosine", "step"],
 )
 def test_resuming_from_a_checkpoint_continues_the_schedule_identically(build, tmp_path):
     optimizer = make_optimizer()
@@ -147,3 +148,23 @@ def test_schedules_reject_impossible_lengths(kwargs):
         PolyLR(make_optimizer(), **kwargs)
     with pytest.raises(ValueError):
         WarmupCosineLR(make_optimizer(), **kwargs)
+
+
+def test_warmup_step_is_the_authors_1x_schedule():
+    """detectron2's WarmupMultiStepLR (linear warmup from 0.001) at the 1x schedule's
+    iterations: 90k, steps at 60k and 80k, 1000 warmup iterations; groups keep their ratio."""
+    optimizer = make_optimizer(backbone_lr=0.02, head_multiplier=2.0)
+    scheduler = WarmupStepLR(optimizer, total_iters=90_000, steps=[60_000, 80_000],
+                             gamma=0.1, warmup_iters=1000, warmup_ratio=0.001)
+    expected = {0: 0.02 * 0.001, 500: 0.02 * (0.001 + 0.999 * 0.5), 1000: 0.02,
+                59_999: 0.02, 60_000: 0.002, 79_999: 0.002, 80_000: 0.0002, 90_000: 0.0002,
+                95_000: 0.0002}
+    for iteration, lr in expected.items():
+        backbone, head = scheduler.lrs_at(iteration)
+        assert backbone == pytest.approx(lr) and head == pytest.approx(2 * lr), iteration
+
+
+@pytest.mark.parametrize("steps", [[20, 10], [0, 10], [10, 31]])
+def test_warmup_step_refuses_steps_outside_the_run_or_out_of_order(steps):
+    with pytest.raises(ValueError, match="steps"):
+        WarmupStepLR(make_optimizer(), total_iters=30, steps=steps)

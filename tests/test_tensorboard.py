@@ -165,7 +165,7 @@ def test_help_shows_each_flags_default():
     assert "SGD momentum [>= 0 and < 1] (default: 0.9)" in flat
     assert "--aux, --no-aux auxiliary FCN head on layer3 (default: on)" in flat
     # --batch-size, and the presets that change it
-    assert "(default: 2; mini: 8; folder without a GPU: 8)" in flat
+    assert "(default: 2; mini: 8; folder without a GPU: 8; mini detection: 4)" in flat
     # --crop-size: no built-in value, each preset's number
     assert "(default: ade20k: 480; cityscapes: 768; folder: 480; mini: 96)" in flat
     # sections instead of one flat list

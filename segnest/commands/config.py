@@ -64,7 +64,7 @@ class _RenamedFlag(argparse.Action):
 
 
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("backbone", "pretrained", "output_stride", "aux", "aux_weight",
+    "model": ("model", "backbone", "pretrained", "output_stride", "aux", "aux_weight",
               "head_channels", "stage_width", "stem_width", "dropblock_prob", "final_drop",
               "last_gamma", "in_channels", "loss", "ohem_thresh", "ohem_min_kept",
               "class_weights"),
@@ -79,6 +79,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                     "keep_checkpoints", "export", "val_interval", "val_samples"),
     "logging": ("log_interval", "panels", "tensorboard"),
     "hardware": ("device", "precision", "amp", "compile", "checkpoint_activations"),
+    "detection": ("train_ann", "train_images", "val_ann", "val_images", "train_min_size",
+                  "test_min_size", "max_size", "detector_width", "roi_batch_size"),
 }
 
 
@@ -115,6 +117,7 @@ def add_dataclass_arguments(
         required = meta.pop("required", False)
         old_name = meta.pop("renamed_from", None)
         const = meta.pop("const", None)
+        meta.pop("default_shown", None)
         bounds = bounds_text(f.metadata)
         if bounds:
             meta["help"] += f" [{bounds}]"
@@ -170,7 +173,9 @@ def _default_text(f: dataclasses.Field, cls: type) -> str:
     # "ade20k: 180; cityscapes: 240; folder: 50".
     changed = [f"{name}: {_shown(preset[f.name])}" for name, preset in presets.items()
                if preset.get(f.name, value) != value]
-    if value is None and changed:
+    if "default_shown" in f.metadata:  # a default computed by the run, as a number
+        shown = "; ".join([f.metadata["default_shown"], *changed])
+    elif value is None and changed:
         shown = "; ".join(changed)
     else:
         shown = "; ".join([shown, *changed])

@@ -12,6 +12,7 @@ from segnest.data.base import (
     SegmentationDataset,
     default_data_root,
     read_rgb_image,
+    recorded_data_root,
 )
 from segnest.data.cityscapes import CITYSCAPES_CLASSES, LABEL_TO_TRAIN, TRAIN_TO_LABEL, Cityscapes
 from segnest.data.folder import FolderDataset
@@ -76,5 +77,6 @@ __all__ = [
     "Cityscapes", "DATASET_NAMES", "FolderDataset", "LABEL_TO_TRAIN", "MEAN", "MINI_CLASSES",
     "MINI_PALETTE", "STD", "SegEvalTransform", "SegTrainTransform", "SegmentationDataset",
     "TRAIN_TO_LABEL", "build_dataset", "default_data_root", "ensure_mini_classification",
+    "recorded_data_root",
     "ensure_mini_segmentation", "generate_palette", "read_rgb_image", "seed_worker",
 ]

@@ -42,6 +42,36 @@ def default_data_root(dataset: str) -> Path:
     return Path(base) / dataset if base else Path("data") / dataset
 
 
+def recorded_data_root(root: str, checkpoint: str | os.PathLike,
+                       work_dir: str | None = None) -> Path:
+    """The dataset folder a checkpoint's config records as ``root``. segnest 0.1 stored a
+    relative ``--data-root`` as typed, relative to the folder training ran in; it is looked
+    for in the current folder, then in that folder where the recorded (relative)
+    ``work_dir`` tells it (``<there>/runs/x/best.pt`` for ``runs/x``), then beside the
+    checkpoint's folder and each folder above it. Not found: one SegnestError naming where
+    it looked."""
+    path = Path(root).expanduser()
+    if path.is_absolute():
+        return path
+    folder = Path(checkpoint).resolve().parent
+    tried = [Path.cwd() / path]
+    run = Path(work_dir) if work_dir else None
+    if run is not None and not run.is_absolute() and run.parts and (
+            folder.parts[-len(run.parts):] == run.parts):
+        tried.append(Path(*folder.parts[:-len(run.parts)]) / path)
+    tried += [parent / path for parent in (folder, *folder.parents)]
+    for candidate in dict.fromkeys(tried):
+        if candidate.is_dir():
+            if candidate != tried[0]:
+                print(f"segnest: checkpoint {checkpoint} records the data root '{root}' "
+                      f"relative to the folder it was trained in; using {candidate}")
+            return candidate
+    raise SegnestError(
+        f"checkpoint {checkpoint} records the data root '{root}' relative to the folder it "
+        f"was trained in, and it is not at {tried[0]} nor at {root} beside {folder} or a "
+        f"folder above it; pass the dataset folder with --data-root")
+
+
 def missing_layout_error(looked_at: Path, layout: str, own_data: bool = False
                          ) -> SegnestError:
     """The error for a dataset root or split folder that is not there. ``own_data``: a

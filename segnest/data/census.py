@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from segnest.data.bad_samples import stop_message
 from segnest.data.base import SegmentationDataset
 from segnest.data.folder import FolderDataset, colour_codes
 from segnest.data.transforms import IGNORE_INDEX
@@ -216,8 +217,7 @@ def judge_labels(census: LabelCensus, dataset: SegmentationDataset,
     if census.unreadable:
         first = next(iter(census.unreadable.values()))
         if not skip_bad_samples:
-            raise SegnestError(f"{first} (or pass --skip-bad-samples to skip unreadable "
-                               "samples with a warning)")
+            raise SegnestError(stop_message(first))
         warnings.append(f"{len(census.unreadable)} {split} mask(s) cannot be read and will "
                         f"be skipped: {_listed(list(census.unreadable))}")
     counts = census.train_id_counts

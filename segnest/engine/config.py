@@ -8,6 +8,7 @@ Torch-free: the command line imports it to build its flags."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from segnest.errors import SegnestError
 from segnest.schema import DEVICE, DEVICE_HELP, PRECISION_HELP, PRECISIONS, Names, help_
@@ -17,6 +18,33 @@ MAX_SEED = 2**32 - 1
 CHECKPOINT_INTERVAL = 1000
 TRAIN_PRECISION_HELP = PRECISION_HELP + " (default: fp32, fp16 with --amp)"
 AMP_HELP = "the same as --precision fp16: fp16 autocast with a gradient scaler, CUDA only"
+# --stem-width's default, the backbone's own (segnest.models.resnest.RESNEST_VARIANTS; a test
+# holds this text to the table).
+STEM_WIDTH_SHOWN = ("the backbone's: 32 for resnest14/26/50, the resnest50_fast variants and "
+                    "resnet50d/101d; 64 for resnest101/200/269")
+
+
+def linear_lr(rule: tuple[float, int], total_batch: int) -> float:
+    """The learning rate a task's ``rule`` (lr, the batch it is stated for) gives a total
+    batch (batch size x processes): ``lr x total_batch / batch``."""
+    lr, batch = rule
+    return lr * total_batch / batch
+
+
+def lr_rule_text(rule: tuple[float, int], batch_size: int) -> str:
+    """``--lr``'s default in --help: the number at the default batch, then the rule."""
+    return (f"{linear_lr(rule, batch_size):g} at batch {batch_size} on one process: "
+            f"lr = {rule[0]:g} x total batch / {rule[1]}")
+
+
+def work_dirs_text(pattern: str, presets: dict[str, dict[str, Any]], dataset: str,
+                   backbone: str) -> str:
+    """The default work folders in --help: ``pattern`` filled for the default dataset and
+    each preset that changes the backbone."""
+    shown = [pattern.format(dataset, backbone)]
+    shown += [f"{name}: {pattern.format(name.split()[0], preset['backbone'])}"
+              for name, preset in presets.items() if "backbone" in preset]
+    return f"{pattern.format('<dataset>', '<backbone>')}: " + "; ".join(shown)
 
 
 def _amp_alias(cfg: TrainingConfig, names: Names) -> None:
@@ -27,7 +55,7 @@ def _amp_alias(cfg: TrainingConfig, names: Names) -> None:
                            "of them")
 
 
-def _backbone_fits(cfg: TrainingConfig, names: Names) -> None:
+def backbone_fits(cfg: TrainingConfig, names: Names) -> None:
     """The backbone exists and ``stage_width`` splits into its radix x cardinality groups
     (the Split-Attention convolutions need whole channels per group)."""
     from segnest.models.resnest import RESNEST_VARIANTS, stage_width_fits  # torch: last
@@ -53,9 +81,9 @@ def _backbone_fits(cfg: TrainingConfig, names: Names) -> None:
 class TrainingConfig:
     """The flags of every training command (a task's config adds its own)."""
 
-    # Cross-field rules (segnest.schema.validate); a task's own run before these, so that
-    # those importing the models (and torch) come last.
-    checks = (_amp_alias, _backbone_fits)
+    # Cross-field rules (segnest.schema.validate); a task's own run before these. A task
+    # whose backbones are ResNeSt's variants lists ``backbone_fits`` last (it imports torch).
+    checks = (_amp_alias,)
 
     dataset: str = field(default="", metadata=help_("dataset"))
     backbone: str = field(default="resnest50", metadata=help_("backbone name (segnest models)"))
@@ -73,9 +101,8 @@ class TrainingConfig:
         metadata=help_("planes of the backbone's first stage, doubled per stage (64 = published)",
                        renamed_from="base_width", min=1),
     )
-    stem_width: int | None = field(
-        default=None, metadata=help_("backbone stem width (default: the variant's)", min=1)
-    )
+    stem_width: int | None = field(default=None, metadata=help_(
+        "backbone stem width", min=1, default_shown=STEM_WIDTH_SHOWN))
     workers: int = field(default=4, metadata=help_("data loader workers per process", min=0))
     precision: str | None = field(
         default=None, metadata=help_(TRAIN_PRECISION_HELP, choices=PRECISIONS))
@@ -99,3 +126,44 @@ class TrainingConfig:
     )
     tensorboard: bool = field(default=True, metadata=help_("write TensorBoard logs"))
     device: str | None = field(default=None, metadata=help_(DEVICE_HELP, pattern=DEVICE))
+
+
+def _training_length(cfg: IterationTrainingConfig, names: Names) -> None:
+    if cfg.iters is None and cfg.epochs is None:
+        raise SegnestError(f"give the training length with {names.name('iters')} or "
+                           f"{names.name('epochs')}")
+
+
+def _warmup_within_iters(cfg: IterationTrainingConfig, names: Names) -> None:
+    # The schedule accepts warmup == iters (the whole run warms up); longer cannot run.
+    if cfg.iters is not None and cfg.warmup_iters > cfg.iters:
+        raise SegnestError(f"{names.show('warmup_iters', cfg.warmup_iters)} is longer than "
+                           f"the run ({names.show('iters', cfg.iters)}); lower the warmup")
+
+
+@dataclass
+class IterationTrainingConfig(TrainingConfig):
+    """The flags of a training command counted in iterations (optimizer steps) that starts
+    from backbone weights and validates during the run: segmentation and detection."""
+
+    checks = (_training_length, _warmup_within_iters)
+
+    pretrained: str | None = field(
+        default=None, metadata=help_("backbone weights: a checkpoint file or ImageNet weights "
+                                     "by name (resnest50, timm:resnest14d.gluon_in1k, ...; "
+                                     "see docs/recipes.md)")
+    )
+    iters: int | None = field(
+        default=None, metadata=help_("training iterations (overrides --epochs)", min=1,
+                                     default_shown="from --epochs")
+    )
+    warmup_iters: int = field(default=0, metadata=help_("linear warmup iterations", min=0))
+    val_interval: int | None = field(
+        default=None, metadata=help_("validate every N iterations (default: a tenth of the run)",
+                                     min=1))
+    val_samples: int | None = field(
+        default=None, metadata=help_("validate on the first N images only (default all)", min=1)
+    )
+    panels: int = field(
+        default=4, metadata=help_("validation images shown in TensorBoard", min=0)
+    )

@@ -11,9 +11,10 @@ channels, base size and the dataset. The graph runs on the CPU with ONNX Runtime
 labels) has its own resize and argmax inside and takes no part in multi-scale or banded
 inference; it is refused with the way to measure it. The model refuses inputs outside
 the limits its metadata documents (channels, the smallest side) instead of returning
-labels for them. ``--precision`` reaches OpenVINO as its inference precision hint
-(``auto``: bf16 where the CPU has it natively); ONNX Runtime runs a model as it is (fp32,
-or int8 where quantized).
+labels for them (an exported graph also holds the smallest-side check itself; here it is
+one line, and it covers files exported before graphs held it). ``--precision`` reaches
+OpenVINO as its inference precision hint (``auto``: bf16 where the CPU has it natively);
+ONNX Runtime runs a model as it is (fp32, or int8 where quantized).
 """
 
 from __future__ import annotations
@@ -161,16 +162,37 @@ class OnnxModel:
         self.min_side = int(graph_input.get("min_side") or 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or (self.in_channels is not None and x.shape[1] != self.in_channels):
-            raise SegnestError(f"{self.path} takes (N, {self.in_channels}, H, W) images, got "
-                               f"shape {tuple(x.shape)}")
-        if min(x.shape[-2:]) < self.min_side:
-            raise SegnestError(
-                f"{self.path} takes images of at least {self.min_side} pixels a side (its "
-                f"metadata's min_side), got {x.shape[-2]} x {x.shape[-1]} at the working "
-                "resolution; raise --base-size or the scales")
+        check_input(x, self.path, self.in_channels, self.min_side)
         images = x.detach().cpu().float().contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
+
+
+def check_input(x: torch.Tensor, path: Path, in_channels: int | None, min_side: int) -> None:
+    """Refuse a batch outside the limits an export's metadata documents (its channels, its
+    smallest side) in one line, before the runtime sees it."""
+    if x.ndim != 4 or (in_channels is not None and x.shape[1] != in_channels):
+        raise SegnestError(f"{path} takes (N, {in_channels}, H, W) images, got "
+                           f"shape {tuple(x.shape)}")
+    if min(x.shape[-2:]) < min_side:
+        raise SegnestError(
+            f"{path} takes images of at least {min_side} pixels a side (its "
+            f"metadata's min_side), got {x.shape[-2]} x {x.shape[-1]} at the working "
+            "resolution; raise --base-size or the scales")
+
+
+class CheckedIR:
+    """An :class:`OpenVinoModel` whose inputs are checked against its metadata first, as
+    :class:`OnnxModel`'s are: one line instead of the runtime's error from the graph's own
+    guard (``export.MinSideGuard``), and a check for IRs exported before graphs held one."""
+
+    def __init__(self, ir: OpenVinoModel, path: Path, metadata: dict[str, Any]) -> None:
+        self.ir, self.path = ir, path
+        self.in_channels = metadata.get("in_channels")
+        self.min_side = int((metadata.get("input") or {}).get("min_side") or 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.path, self.in_channels, self.min_side)
+        return self.ir(x)
 
 
 def load_exported_model(path: str | os.PathLike, *, precision: str | None = None,
@@ -206,7 +228,8 @@ def load_exported_model(path: str | os.PathLike, *, precision: str | None = None
                            "with segnest export")
     if ir:
         dtype = resolve_precision(precision or "fp32", torch.device("cpu"))
-        runner: Any = OpenVinoModel(path, precision=precision_name(dtype))
+        runner: Any = CheckedIR(OpenVinoModel(path, precision=precision_name(dtype)), path,
+                                metadata)
     elif precision not in (None, "fp32", "auto"):
         raise SegnestError(f"--precision {precision}: ONNX Runtime runs {path} as it is (fp32, "
                            "or int8 where quantized); drop --precision, or export with "

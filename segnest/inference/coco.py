@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from segnest.data.bad_samples import BadSamplePolicy
 from segnest.data.coco import require_pycocotools
+from segnest.errors import SegnestError
 from segnest.runtime.distributed import all_gather_objects
 from segnest.runtime.files import write_text_atomic
 
@@ -132,17 +134,25 @@ def low_resolution_masks(model: torch.nn.Module):
 
 @torch.no_grad()
 def collect_coco_results(model: torch.nn.Module, dataset, device: torch.device | str,
-                         rank: int = 0, world_size: int = 1) -> CocoResults:
+                         rank: int = 0, world_size: int = 1,
+                         bad_samples: BadSamplePolicy | None = None) -> CocoResults:
     """Run the R-CNN ``model`` (eval mode) over this rank's share of ``dataset`` (a
     ``CocoDetection``: every ``world_size``-th image from ``rank``) and gather every
-    rank's results."""
+    rank's results. An image that cannot be read goes to ``bad_samples`` (default: stop);
+    a skipped one is not among the results' ``image_ids``, so the evaluation leaves it
+    out instead of counting its objects as missed."""
+    bad_samples = bad_samples or BadSamplePolicy(skip=False, what="image(s)")
     results = CocoResults(dataset.category_ids)
     was_training = model.training
     model.eval()
     try:
         with low_resolution_masks(model):
             for index in range(rank, len(dataset), world_size):
-                image, target = dataset[index]
+                try:
+                    image, target = dataset[index]
+                except SegnestError as err:
+                    bad_samples.check(str(err), f"image {index}")
+                    continue
                 prediction = model([image.to(device)])[0]
                 results.add(int(target["image_id"]), prediction, *image.shape[-2:])
     finally:

@@ -126,6 +126,25 @@ class DetectionPredictor:
         return canvas.permute(1, 2, 0).numpy()
 
 
+def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                      classes: list[str], masks: np.ndarray | None = None,
+                      alpha: float = 0.45) -> np.ndarray:
+    """The image with its annotated instances drawn as :meth:`DetectionPredictor.draw`
+    draws detections (the same colour per class), each labelled with its class name."""
+    names = [classes[int(label) - 1] for label in labels]
+    detections = Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels),
+                            names, np.ones(len(names), np.float32), None, *image.shape[:2])
+    canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    colours = [_colour(int(label)) for label in labels]
+    if masks is not None and len(names):
+        canvas = draw_segmentation_masks(canvas, torch.from_numpy(np.asarray(masks, bool)),
+                                         alpha=alpha, colors=colours)
+    if len(names):
+        canvas = draw_bounding_boxes(canvas, torch.from_numpy(detections.boxes), labels=names,
+                                     colors=colours, width=2)
+    return canvas.permute(1, 2, 0).numpy()
+
+
 def _colour(label: int) -> tuple[int, int, int]:
     """A distinct, stable colour per label."""
     rng = np.random.default_rng(label * 7919)

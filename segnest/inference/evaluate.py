@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +40,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from segnest.data import Cityscapes, build_dataset
+from segnest.data import Cityscapes, build_dataset, recorded_data_root
+from segnest.data.bad_samples import (
+    BadSample,
+    BadSamplePolicy,
+    python_warning,
+    skipped_warning,
+)
 from segnest.data.census import take_census, unknown_colours_warning
 from segnest.errors import SegnestError
 from segnest.inference.backends import is_exported_model, load_exported_model
@@ -135,8 +140,9 @@ class _EvalSamples(Dataset):
     it (normalized and resized by the inference strategy), else the item's normalized
     tensor.
 
-    Loading errors travel as data, so that DataLoader workers do not die on a bad file and
-    the main process decides whether to skip it.
+    Loading errors travel as data (:class:`~segnest.data.bad_samples.BadSample`), so that
+    DataLoader workers do not die on a bad file and the main process decides whether to
+    skip it (:class:`~segnest.data.bad_samples.BadSamplePolicy`).
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], mean: Sequence[float],
@@ -161,8 +167,8 @@ class _EvalSamples(Dataset):
                 tensor, target = item["image"], item["mask"]
                 image = display_rgb(denormalize(tensor, self.mean, self.std))
         except SegnestError as err:
-            return index, None, None, None, str(err)
-        return index, image, tensor, target, None
+            return BadSample(index, str(err))
+        return index, image, tensor, target
 
 
 def _single(batch: list) -> Any:
@@ -259,7 +265,7 @@ def evaluate(
     loader = DataLoader(_EvalSamples(dataset, indices, settings.mean, settings.std),
                         batch_size=1, shuffle=False, num_workers=workers, collate_fn=_single)
     built_panels: list[np.ndarray] = []
-    skipped = 0
+    bad_samples = BadSamplePolicy(skip_bad_samples, warn=python_warning)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -270,15 +276,11 @@ def evaluate(
                                enabled=progress and rank == 0)
 
             def readable() -> Iterator[tuple[tuple, Any]]:
-                nonlocal skipped
-                for index, image, model_input, target, error in bar:
-                    if error is not None:
-                        if not skip_bad_samples:
-                            raise SegnestError(f"{error}, or pass --skip-bad-samples to skip "
-                                               "unreadable samples")
-                        warnings.warn(f"skipping sample {index}: {error}", stacklevel=2)
-                        skipped += 1
+                for item in bar:
+                    if isinstance(item, BadSample):
+                        bad_samples.check(item.error, f"sample {item.index}")
                         continue
+                    index, image, model_input, target = item
                     yield (index, image, target), model_input
 
             for (index, image, target), pred, confidence in segment(
@@ -307,19 +309,19 @@ def evaluate(
     results = matrix.compute()
     # The slowest rank sets the wall time; its forward share stays below its own total.
     spent = torch.tensor([total, timer.seconds], dtype=torch.float64, device=device)
-    counted = torch.tensor([len(indices) - skipped, skipped], dtype=torch.int64, device=device)
     if world > 1:
         torch.distributed.all_reduce(spent, op=torch.distributed.ReduceOp.MAX)
-        all_reduce_sum(counted)
+    skipped = bad_samples.total(device)
+    images = int(all_reduce_sum(torch.tensor([len(indices)], device=device))[0]) - skipped
     total_s, forward_s = (float(v) for v in spent.cpu())
     results["timing"] = {
         "total_s": total_s,
         "forward_s": forward_s,
-        "images": int(counted[0]),
+        "images": images,
         "forward_calls": timer.calls,
         "total_over_forward": total_s / forward_s if forward_s > 0 else None,
     }
-    results["skipped_samples"] = int(counted[1])
+    results["skipped_samples"] = skipped
     return results, built_panels
 
 
@@ -424,8 +426,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             f"checkpoint {cfg.checkpoint} does not name its dataset; pass --dataset"
         )
     data_root = cfg.data_root
-    if data_root is None and dataset_name == trained_dataset:
-        data_root = record.trained("data_root")
+    if data_root is None and dataset_name == trained_dataset and record.trained("data_root"):
+        data_root = str(recorded_data_root(record.trained("data_root"), cfg.checkpoint,
+                                           record.trained("work_dir")))
     settings = InferenceSettings.from_flags(cfg, checkpoint, dataset_name)
     info = init_distributed(cfg.device)
     precision = resolve_precision(cfg.precision, info.device)
@@ -494,8 +497,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                           Path(cfg.checkpoint).resolve().parent))
 
         write_run_atomically(tensorboard_run, fill)
-        if results["skipped_samples"]:
-            print(f"warning: {results['skipped_samples']} bad sample(s) were skipped")
+        if skipped := skipped_warning(results["skipped_samples"]):
+            print(skipped)
         print(f"metrics written to {json_path}; TensorBoard run {tensorboard_run}")
         if cfg.save_pred:
             previews = preview_folder(cfg.save_pred)

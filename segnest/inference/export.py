@@ -60,6 +60,7 @@ folder that cannot be written.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import warnings
@@ -94,6 +95,7 @@ from segnest.inference.openvino import (
 from segnest.inference.outputs import identities, prepare_folder, refuse_input_file, resolved
 from segnest.inference.predictor import Predictor
 from segnest.inference.strategies import _resize, infer
+from segnest.models.factory import checkpoint_task
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.compiling import has_cxx
 from segnest.runtime.files import atomic_path
@@ -113,14 +115,80 @@ MIN_WORKING_SIDE = 9
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-class LogitsOnly(nn.Module):
-    """The segmentation model in eval mode, returning the main logits as a plain tensor."""
+def guard_name(min_side: int) -> str:
+    """The name of :class:`MinSideGuard` inside a logits graph: ONNX Runtime names the
+    failing node in its error, so the name says what was refused."""
+    return f"input_outside_limits_min_side_{min_side}"
 
-    def __init__(self, model: nn.Module) -> None:
+
+@functools.cache
+def _scripted_min_side_check() -> Callable[[torch.Tensor, int], torch.Tensor]:
+    def refuse_small_image(image: torch.Tensor, min_side: int) -> torch.Tensor:
+        if image.size(2) < min_side or image.size(3) < min_side:
+            raise RuntimeError(
+                f"input outside limits: an image of {image.size(2)} x {image.size(3)} pixels; "
+                f"this model takes at least {min_side} pixels a side (its metadata's "
+                "input.min_side)")
+        return image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        return torch.jit.script(refuse_small_image)
+
+
+class MinSideGuard(nn.Module):
+    """An image ``(N, C, H, W)`` passed on unchanged, bit for bit, when H and W are at least
+    ``min_side`` (the metadata's ``input.min_side``); otherwise the exported graph itself
+    fails with an error naming the limit, so that a caller who runs the file directly (not
+    through segnest) gets no labels for an input the model does not take. Each exporter
+    gets the guard it can hold:
+
+    - torch.export (pt2, aoti): ``torch._check`` on each side becomes a constraint on the
+      program's dynamic height and width, checked on every call of a pt2 program ("Guard
+      failed: x.size()[2] >= 32"); an AOTInductor package checks it only with
+      ``AOTI_RUNTIME_CHECK_INPUTS=1`` in the environment (torch's switch).
+    - ONNX and OpenVINO (``gather``): the image times ``ones(1).gather(0, [min(H, W) <
+      min_side])``, exactly 1.0 for a valid image; the index out of range fails the
+      GatherElements node in ONNX Runtime and in OpenVINO's CPU plugin, whose errors name
+      the node, ``/input_outside_limits_min_side_32/...``. A Reshape to a mismatched shape
+      would not do (ONNX Runtime's ReshapeFusion rewrites such a shape to -1 and runs it),
+      nor an indexed Gather (OpenVINO folds it to the constant).
+    - TorchScript: a scripted check that raises with the sizes and the limit."""
+
+    def __init__(self, min_side: int, gather: bool = False) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.min_side = min_side
+        self.gather = gather
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.gather or torch.onnx.is_in_onnx_export():
+            sides = torch._shape_as_tensor(image)[2:]
+            small = (sides.amin(0, keepdim=True) < self.min_side).to(torch.int64)
+            return image * image.new_ones(1).gather(0, small).view(1, 1, 1, 1)
+        if torch.jit.is_tracing():
+            return _scripted_min_side_check()(image, self.min_side)
+        for axis, side in (("height", image.shape[2]), ("width", image.shape[3])):
+            torch._check(side >= self.min_side, lambda axis=axis, side=side: (
+                f"input outside limits: image {axis} {side} is below this model's "
+                f"min_side {self.min_side}"))
+        return image
+
+
+class LogitsOnly(nn.Module):
+    """The segmentation model in eval mode, returning the main logits as a plain tensor;
+    with ``min_side``, images with a smaller side are refused (:class:`MinSideGuard`)."""
+
+    def __init__(self, model: nn.Module, min_side: int | None = None,
+                 gather: bool = False) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.guard = None if min_side is None else guard_name(min_side)
+        if self.guard is not None:
+            self.add_module(self.guard, MinSideGuard(min_side, gather=gather))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.guard is not None:
+            image = getattr(self, self.guard)(image)
         out = self.model(image)
         return out["out"] if isinstance(out, dict) else out
 
@@ -379,12 +447,19 @@ def load_exported(fmt: str, path: Path) -> Runner | None:
 # ---------------------------------------------------------------- the command
 
 
-def check_sizes(size: int) -> list[tuple[int, int]]:
+def check_sizes(size: int, base_size: int | None = None) -> list[tuple[int, int]]:
     """(height, width) of the check images: the example size, a non-square one and an odd
-    one, to prove H and W are not baked in."""
+    one, to prove H and W are not baked in. With ``base_size`` (a logits graph, whose labels
+    are checked through predict's resize to long side ``base_size``), images are made tall
+    enough that the working size keeps the graph's smallest side, MIN_INPUT_SIZE: the graph
+    refuses anything smaller."""
     other = max(MIN_INPUT_SIZE, (size * 3 // 4) // 8 * 8)
-    return [(size, size), (other, size + 8),
-            (max(MIN_INPUT_SIZE + 1, size * 5 // 8) | 1, (size + size // 4) | 1)]
+    sizes = [(size, size), (other, size + 8),
+             (max(MIN_INPUT_SIZE + 1, size * 5 // 8) | 1, (size + size // 4) | 1)]
+    if base_size is None:
+        return sizes
+    return [(max(height, math.ceil(MIN_INPUT_SIZE * width / base_size)) | (height & 1), width)
+            for height, width in sizes]
 
 
 def check_images(height: int, width: int, channels: int, seed: int) -> torch.Tensor:
@@ -431,34 +506,54 @@ def verify(run: Runner, reference: nn.Module, predictor: Predictor, images: torc
     return float((labels.numpy() == expected).mean()), difference
 
 
-def run_export(cfg: ExportConfig) -> Path:
-    """Export the checkpoint's model; raises SegnestError when the check fails."""
+def prepare_export(cfg: ExportConfig) -> tuple[ExportConfig, Path, dict[str, Any]]:
+    """(``cfg`` validated, the file to write, the loaded checkpoint): what every task's
+    exporter starts from, each refusal one line before any work."""
     cfg = validate(cfg, FlagNames())  # a command's settings: named as its flags
+    source = Path(cfg.checkpoint)
+    suffix = (END_TO_END_SUFFIX if cfg.end_to_end else "") + SUFFIXES[cfg.format]
+    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + suffix)
+    if cfg.format == "onnx":
+        require_extra("onnx", "--format onnx", alternative=" or use --format pt2")
+    check_target(target, source, cfg.format)
+    return cfg, target, load_checkpoint(cfg.checkpoint)
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    """Export a segmentation checkpoint's model (``segnest export`` picks the exporter by
+    the checkpoint's task: :func:`segnest.tasks.dispatch.run_export`); raises SegnestError
+    when the check fails."""
+    cfg, target, checkpoint = prepare_export(cfg)
+    if checkpoint_task(checkpoint) == "detection":
+        raise SegnestError(f"{cfg.checkpoint} is a detection checkpoint; export it with "
+                           "'segnest export' (segnest.tasks.dispatch.run_export)")
+    return export_segmentation(cfg, checkpoint, target)
+
+
+def export_segmentation(cfg: ExportConfig, checkpoint: dict[str, Any], target: Path) -> Path:
+    """Export the segmentation ``checkpoint`` (``cfg`` validated) to ``target``, verified
+    against segnest's own inference before the atomic write."""
     fmt, end_to_end = cfg.format, cfg.end_to_end
     source = Path(cfg.checkpoint)
-    suffix = (END_TO_END_SUFFIX if end_to_end else "") + SUFFIXES[fmt]
-    target = Path(cfg.out) if cfg.out else source.with_name(source.stem + suffix)
-    if fmt == "onnx":
-        require_extra("onnx", "--format onnx", alternative=" or use --format pt2")
-    check_target(target, source, fmt)
     if fmt == "openvino":
         openvino()  # installed, or one line before any work
     if fmt == "aoti" and not has_cxx():
         raise SegnestError("--format aoti compiles C++ and needs a compiler (g++ or clang++) "
                            "on PATH, or CXX set to one; install one (e.g. 'apt install g++') "
                            "or use --format pt2")
-    checkpoint = load_checkpoint(cfg.checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, validate(InferenceFlags(
         device="cpu")), source=str(source))
     settings = predictor.settings
     reference = LogitsOnly(predictor.model)
     model = without_ceil_pools(predictor.model) if fmt in ("pt2", "aoti") else predictor.model
+    # The logits graph refuses what its metadata's min_side excludes (MinSideGuard); an
+    # end-to-end graph resizes any image itself.
     module = (EndToEnd(model, settings.mean, settings.std, settings.base_size) if end_to_end
-              else LogitsOnly(model)).eval()
+              else LogitsOnly(model, min_side=MIN_INPUT_SIZE, gather=fmt == "openvino")).eval()
     metadata = export_metadata(predictor, checkpoint, fmt, end_to_end)
     channels = predictor.in_channels
     batches = [check_images(h, w, channels, seed) for seed, (h, w) in
-               enumerate(check_sizes(cfg.size))]
+               enumerate(check_sizes(cfg.size, None if end_to_end else settings.base_size))]
     example = batches[0] if end_to_end else normalized(batches[0], predictor)
 
     if fmt == "openvino":

@@ -60,9 +60,10 @@ def to_openvino(module: nn.Module, example: torch.Tensor) -> Any:
     ov = openvino()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's deprecation and shape warnings
-        converted = ov.convert_model(module.eval(), example_input=example)
-    converted.reshape({0: ov.PartialShape([-1, example.shape[1], -1, -1])})
-    return converted
+        # Dynamic N, H and W from the start: converted at the example's static shape, the
+        # shape arithmetic of export.MinSideGuard would be folded away as constants.
+        return ov.convert_model(module.eval(), example_input=example,
+                                input=[ov.PartialShape([-1, example.shape[1], -1, -1])])
 
 
 def _digest(path: Path) -> str:

@@ -22,12 +22,13 @@ on an input file or the checkpoint (:mod:`segnest.inference.outputs`); that is c
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from segnest.data.bad_samples import BadSamplePolicy, python_warning
 from segnest.data.base import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from segnest.errors import SegnestError
 from segnest.inference.config import PredictConfig
@@ -129,8 +130,12 @@ def _below_folder(skip: Path | None, scanned: Path) -> Callable[[Path], bool]:
     return below
 
 
-def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
-    """Refuse an --out that would replace or mix with an input; returns --out resolved."""
+def check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]],
+                  written_names: Callable[[Path], list[Path]] | None = None) -> Path:
+    """Refuse an --out that would replace or mix with an input; returns --out resolved.
+    ``written_names``: the files (relative to --out) written for an output stem, by
+    default a segmentation's."""
+    written_names = written_names or (lambda stem: _written_names(cfg, stem))
     out = resolved(cfg.out)
     folders = [resolved(raw) for raw in cfg.inputs if Path(raw).is_dir()]
     for folder in folders:
@@ -143,7 +148,7 @@ def _check_outputs(cfg: PredictConfig, images: list[tuple[Path, Path]]) -> Path:
     inputs.update(identities({cfg.checkpoint: f"the checkpoint {cfg.checkpoint}"}))
     refuse_input_file(out / LEGEND_NAME, inputs, "--out")
     for _, stem in images:
-        for name in _written_names(cfg, stem):
+        for name in written_names(stem):
             target = out / name
             refuse_input_file(target, inputs, "--out")
             for folder in folders:
@@ -174,31 +179,35 @@ def what_predict_wrote(cfg: PredictConfig, predictor: Predictor, count: int, out
         "resized to each image's size (--base-size sets the working size)"])
 
 
+def readable_images(images: Sequence[tuple[Path, Path]], read: Callable[[Path], Any],
+                    bad_images: BadSamplePolicy, bar: Any
+                    ) -> Iterator[tuple[tuple[Path, Any], Path]]:
+    """``((stem, image read), file)`` for each ``(file, stem)`` of :func:`collect_images`
+    that ``read`` can read; the others go to ``bad_images`` (counted on ``bar``)."""
+    for file, stem in images:
+        try:
+            image = read(file)
+        except SegnestError as err:
+            bad_images.check(str(err), str(file))
+            bar.update(1)
+            continue
+        yield (stem, image), file
+
+
 def run_predict(cfg: PredictConfig) -> list[Path]:
     """Predict every input image; returns the colour mask paths, one per input."""
     cfg = validate(cfg, FlagNames())  # a command's settings: named as its flags
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # refused before any file
     images = collect_images(cfg.inputs, skip=cfg.out)
-    prepare_folder(_check_outputs(cfg, images), "--out")
+    prepare_folder(check_outputs(cfg, images), "--out")
     predictor = Predictor.load(cfg.checkpoint, cfg)
     out = Path(cfg.out)
     written: list[Path] = []
-    skipped = 0
     bar = progress_bar(total=len(images), desc="predict", unit="img")
+    bad_images = BadSamplePolicy(cfg.skip_bad_samples, "image(s)", warn=python_warning)
 
     def readable() -> Iterator[tuple[tuple[Path, np.ndarray], np.ndarray]]:
-        nonlocal skipped
-        for file, stem in images:
-            try:
-                image = predictor.read(file)
-            except SegnestError as err:
-                if not cfg.skip_bad_samples:
-                    raise SegnestError(f"{err}, or pass --skip-bad-samples to skip "
-                                       "unreadable images") from err
-                warnings.warn(f"skipping {file}: {err}", stacklevel=2)
-                skipped += 1
-                bar.update(1)
-                continue
+        for (stem, image), _ in readable_images(images, predictor.read, bad_images, bar):
             yield (stem, image), image
 
     for (stem, image), mask, confidence in predictor.segment(
@@ -216,6 +225,6 @@ def run_predict(cfg: PredictConfig) -> list[Path]:
     bar.close()
     save_legend(out, predictor.classes, predictor.palette)
     print(what_predict_wrote(cfg, predictor, len(written), out))
-    if skipped:
-        print(f"warning: {skipped} unreadable image(s) skipped")
+    if warning := bad_images.summary(bad_images.count):
+        print(warning)
     return written

@@ -51,6 +51,8 @@ OUTPUTS = ("labels", "probs", "confidence")
 ARRAY_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 # load_model's keyword arguments: the inference flags of segnest predict, by field name.
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(InferenceFlags) if f.name != "device")
+# load_model's keyword arguments for a classification checkpoint.
+CLASSIFIER_SETTINGS = ("top_k", "fuse_bn", "compile", "precision")
 
 
 class Predictor:
@@ -223,7 +225,10 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     logits model written by ``segnest export``/``segnest quantize`` (ONNX, or OpenVINO
     ``.xml``, whose ``precision`` is then OpenVINO's inference precision hint); a
     :class:`~segnest.inference.detection.DetectionPredictor` for a detection checkpoint
-    (its one setting: ``score_threshold``).
+    (its one setting: ``score_threshold``); a
+    :class:`~segnest.inference.classification.ClassifierPredictor` for a classification
+    checkpoint written by ``segnest pretrain`` (settings ``top_k``, ``fuse_bn``,
+    ``compile``, ``precision``).
 
     ``device`` is as ``--device`` (default: CUDA when visible, else the CPU). Keyword
     arguments override the inference settings the checkpoint records and are named as
@@ -233,6 +238,15 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device | None 
     ``compile``, ``precision``.
     """
     loaded = None if is_exported_model(checkpoint) else load_checkpoint(checkpoint)
+    if loaded is not None and checkpoint_task(loaded) == "classification":
+        from segnest.inference.classification import ClassifierPredictor
+
+        unknown = sorted(set(settings) - set(CLASSIFIER_SETTINGS))
+        if unknown:
+            raise SegnestError(f"load_model() of a classification checkpoint has no setting "
+                               f"{unknown[0]!r}; it takes {', '.join(CLASSIFIER_SETTINGS)}")
+        return ClassifierPredictor.from_checkpoint(
+            loaded, str(checkpoint), None if device is None else str(device), **settings)
     if loaded is not None and checkpoint_task(loaded) == "detection":
         from segnest.inference.detection import DetectionPredictor
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segnest.data import build_dataset
+from segnest.data import build_dataset, recorded_data_root
 from segnest.errors import SegnestError
 from segnest.inference.backends import OnnxModel
 from segnest.inference.config import InferenceFlags, QuantizeConfig
@@ -71,7 +71,7 @@ from segnest.models import model_from_checkpoint
 from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.files import atomic_path
 from segnest.runtime.record import CheckpointRecord
-from segnest.schema import FlagNames, validate
+from segnest.schema import MIN_INPUT_SIZE, FlagNames, validate
 
 # The default file name next to the checkpoint, per backend (config.QUANTIZE_BACKENDS).
 SUFFIXES = {"onnxruntime": ".int8.onnx", "openvino": ".int8.openvino.xml"}
@@ -207,7 +207,10 @@ def _dataset(cfg: QuantizeConfig, checkpoint: dict[str, Any], split: str) -> Any
         raise SegnestError(f"checkpoint {cfg.checkpoint} does not name its dataset; pass "
                            "--dataset (and --data-root) for the calibration images")
     same = name == trained
-    root = cfg.data_root or (record.trained("data_root") if same else None)
+    root = cfg.data_root
+    if root is None and same and record.trained("data_root"):
+        root = str(recorded_data_root(record.trained("data_root"), cfg.checkpoint,
+                                      record.trained("work_dir")))
     return build_dataset(name, root, split,
                          label_map=record.trained("label_map") if same else None,
                          in_channels=record.in_channels)
@@ -241,7 +244,10 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     # LogitsOnly must be in eval mode: the exporters restore the wrapper's mode on the
     # whole model afterwards, and a model left training (dropout) would make the reference
     # of the agreement check random.
-    logits = LogitsOnly(model).eval()
+    # The int8 ONNX graph refuses images below its metadata's min_side as the fp32 export
+    # does (export.MinSideGuard); NNCF's quantization drops the OpenVINO form of that guard
+    # (tried), so an int8 IR is held to it by segnest's loader only.
+    logits = LogitsOnly(model, min_side=None if backend == "openvino" else MIN_INPUT_SIZE).eval()
     if backend == "openvino":
         counts: dict[str, int] = {}
         quantized = quantize_ir(to_openvino(logits, calibration[0]), calibration)

@@ -33,6 +33,11 @@ share a chart:
 ``segmentation_images/...``             ``confusion_matrix``, ``legend`` and the
                                         ``image_gt_pred/<i>`` panels
 ``segmentation_per_class/IoU/<class>``  per-class IoU in percent
+``headline/detection_bbox_AP``, ``_segm_AP``  detection validation COCO AP in percent;
+                                        ``detection/`` holds its loss terms and the 12
+                                        numbers (``bbox_AP50`` ...),
+                                        ``detection_per_class/`` the per-class AP,
+                                        ``detection_images/gt_pred/<i>`` the panels
 ``config``                              text: the run's settings as YAML
 ====================================  ======================================================
 
@@ -91,6 +96,12 @@ def training_tag(task: str, scalar: str) -> str:
     return f"{task}/{scalar}"
 
 
+DETECTION = "detection"
+DETECTION_RUN = "train"
+DETECTION_HEADLINE = ("bbox_AP", "segm_AP")
+DETECTION_PANELS = f"{DETECTION}_images/gt_pred"
+DETECTION_PER_CLASS = f"{DETECTION}_per_class"
+
 METRIC_TAGS = tuple(headline_tag(SEGMENTATION, key) for key in HEADLINE_METRICS)
 """The HParams metrics of a segmentation run (train or eval)."""
 PRETRAINING_TAGS = tuple(headline_tag(PRETRAINING, key) for key in PRETRAINING_METRICS)
@@ -132,6 +143,32 @@ def log_segmentation_results(writer: Any, results: Mapping[str, Any],
         writer.add_image(LEGEND, visualize.legend_image(list(class_names), palette,
                                                         present=present),
                          step, dataformats="HWC")
+
+
+DETECTION_TAGS = tuple(headline_tag(DETECTION, key) for key in DETECTION_HEADLINE)
+"""The HParams metrics of a detection run: COCO box and mask AP in percent."""
+
+
+def log_detection_results(writer: Any, metrics: Mapping[str, Any],
+                          panels: Sequence[np.ndarray], step: int) -> None:
+    """COCO metrics of one detection validation at ``step``: ``bbox_AP``/``segm_AP`` in the
+    headline group, the 12 numbers per IoU type under ``detection/<type>_<number>``, the
+    per-class AP under ``detection_per_class/<type>_AP/<class>`` and the ground truth |
+    prediction panels under ``detection_images/gt_pred/<i>``; undefined numbers are left
+    out."""
+    for key, tag in zip(DETECTION_HEADLINE, DETECTION_TAGS, strict=True):
+        if metrics.get(key) is not None:
+            writer.add_scalar(tag, metrics[key], step)
+    for iou_type in ("bbox", "segm"):
+        for name, value in (metrics.get(iou_type) or {}).items():
+            if name == "per_class":
+                for label, ap in value.items():
+                    if ap is not None:
+                        writer.add_scalar(f"{DETECTION_PER_CLASS}/{iou_type}_AP/{label}",
+                                          ap, step)
+            elif value is not None:
+                writer.add_scalar(training_tag(DETECTION, f"{iou_type}_{name}"), value, step)
+    visualize.log_panels(writer, DETECTION_PANELS, panels, step)
 
 
 def log_results_card(writer: Any, title: str, results: Mapping[str, Any], step: int) -> None:
@@ -194,6 +231,30 @@ def segmentation_hparams(training: Mapping[str, Any],
         "lr": "default" if lr is None else lr,
         "pretrained": Path(training["pretrained"]).name if training.get("pretrained")
         else "none",
+    }
+
+
+# HParams columns of a pretraining run, named (as HPARAM_COLUMNS) so that TensorBoard's
+# sorting by name shows these five first; the total batch (per device x processes) comes
+# sixth, the rest of the settings are in the run's ``config`` text.
+PRETRAINING_HPARAM_COLUMNS = ("backbone", "crop", "epochs", "lr", "mixing", "total_batch")
+
+
+def pretraining_hparams(training: Mapping[str, Any], lr: float,
+                        total_batch: int) -> dict[str, Any]:
+    """The HParams columns (:data:`PRETRAINING_HPARAM_COLUMNS`) of a pretraining run from
+    its settings ``training``, the learning rate it uses (a default it computed included)
+    and its total batch. ``mixing`` names mixup and CutMix with their alphas, or none."""
+    mixes = [f"{name} {training[key]:g}" for name, key in (("mixup", "mixup"),
+                                                           ("cutmix", "cutmix"))
+             if training.get(key)]
+    return {
+        "backbone": training.get("backbone"),
+        "crop": training.get("crop_size"),
+        "epochs": training.get("epochs"),
+        "lr": lr,
+        "mixing": "+".join(mixes) or "none",
+        "total_batch": total_batch,
     }
 
 

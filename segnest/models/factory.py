@@ -89,8 +89,9 @@ def _check_task(checkpoint: dict, source: str, task: str) -> None:
     if task == "segmentation" and found == "classification":
         raise SegnestError(
             f"{source} is a classification pretraining checkpoint (task 'classification', "
-            "from segnest pretrain); eval/predict/export need a segmentation checkpoint from "
-            f"segnest train; to use it as a backbone pass it to segnest train --pretrained {source}"
+            "from segnest pretrain); export and quantize need a segmentation checkpoint from "
+            "segnest train (eval and predict take this one); to use it as a backbone pass it "
+            f"to segnest train --pretrained {source}"
         )
     if task == "segmentation" and found == "detection":
         raise SegnestError(

@@ -41,8 +41,8 @@ from segnest.runtime.checkpoint import load_checkpoint
 from segnest.runtime.hub import (
     cached_hf_file,
     cached_url_file,
+    check_sha256_prefix,
     find_hf_file,
-    sha256_of,
     torch_hub_checkpoint_dir,
 )
 
@@ -244,12 +244,9 @@ def check_hash_in_name(path: str | PathLike) -> None:
     expected = match.group(1)
     if expected.isdigit() and path.name not in OFFICIAL_FILE_NAMES:
         return  # digits only: more likely a date or a step (model-20231124.pth) than a hash
-    actual = sha256_of(path)[: len(expected)]
-    if actual != expected:
-        raise SegnestError(
-            f"{path}: its sha256 starts with {actual}, not {expected} as its name says; the "
-            "download is corrupted or incomplete, or another file was given this name: "
-            "download it again (if the suffix is not a hash, rename the file)")
+    check_sha256_prefix(path, expected, "the download is corrupted or incomplete, or another "
+                        "file was given this name: delete it and download it again (if the "
+                        "suffix is not a hash, rename the file)")
 
 
 def _target_key(key: str, prefix: str) -> str:
@@ -308,7 +305,8 @@ def load_pretrained(model: nn.Module, spec: str | PathLike) -> LoadReport:
     docstring for what fits."""
     named = named_weights(spec)
     path = resolve_pretrained(spec)
-    check_hash_in_name(path)
+    if named is None:  # named weights are checked in their cache by resolve_pretrained
+        check_hash_in_name(path)
     state = extract_state_dict(_read_weights(path))
     if not state:
         raise SegnestError(f"{path} holds no tensors: it is not a model checkpoint")

@@ -4,13 +4,15 @@ torch.hub) is found again instead of downloaded twice.
 
 - torch.hub: ``<torch.hub.get_dir()>/checkpoints/<file>`` (``$TORCH_HOME/hub``, else
   ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``). A file named
-  ``<name>-<hex>.<ext>`` carries the start of its sha256, checked when it is used.
+  ``<name>-<hex>.<ext>`` carries the start of its sha256, checked on download (by
+  torch.hub) and each time the cached file is used (as torch.hub's ``check_hash`` does).
 - Hugging Face hub: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
   ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``, in the hub's
   layout (``models--<org>--<name>/refs/main`` names a commit, ``snapshots/<commit>/<file>``
   links to ``blobs/<sha256>``). Reading the cache needs nothing installed; downloading
-  needs ``huggingface_hub`` (``pip install 'segnest[hub]'``). A blob named by a sha256 is
-  checked against it.
+  needs ``huggingface_hub`` (``pip install 'segnest[hub]'``). A blob named by a sha256 (a
+  Git LFS file: weights are) is checked against it each time it is used; a copy outside
+  that layout (a cache made without symbolic links) carries no hash to check.
 
 ``HF_HUB_OFFLINE=1`` (the hub's own switch) means no download is tried from either place:
 a file that is not cached is one :class:`SegnestError` line saying what to download and
@@ -64,6 +66,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_sha256_prefix(path: Path, prefix: str, fix: str) -> None:
+    """Refuse ``path`` unless its sha256 starts with ``prefix`` (torch.hub's ``check_hash``
+    for a file named ``<name>-<prefix>.<ext>``); ``fix`` says what to do instead."""
+    actual = sha256_of(path)[: len(prefix)]
+    if actual != prefix:
+        raise SegnestError(f"{path}: its sha256 starts with {actual}, not {prefix} as its name "
+                           f"says; {fix}")
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
@@ -82,6 +93,9 @@ def cached_url_file(urls: tuple[str, ...], file_name: str, hash_prefix: str | No
     that answers when it is not there yet (unless offline); ``what`` names it in errors."""
     target = torch_hub_checkpoint_dir() / file_name
     if target.is_file():
+        if hash_prefix:
+            check_sha256_prefix(target, hash_prefix, "the download is damaged or incomplete: "
+                                f"delete {target} and run again to download it anew")
         return target
     put = f"download {urls[0]} and put it at {target} (or pass the file's path to --pretrained)"
     if offline():
@@ -128,7 +142,8 @@ def check_hf_blob(path: Path) -> None:
     if actual != blob.name:
         raise SegnestError(
             f"{path}: its sha256 is {actual[:12]}..., not {blob.name[:12]}... as the hub "
-            f"recorded; the download is damaged: delete {blob} and fetch it again")
+            f"recorded; the download is damaged: delete {blob} and run again to download it "
+            "anew")
 
 
 def _download_hf(repo_id: str, file_name: str, revision: str) -> Path:

@@ -9,6 +9,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from segnest.errors import SegnestError
+from segnest.presets import DATASET_PRESETS
 from segnest.schema import (
     DEVICE,
     DEVICE_HELP,
@@ -18,8 +19,10 @@ from segnest.schema import (
     Names,
     help_,
 )
+from segnest.tasks.detection.config import DETECTION_PRESETS
 
 BENCH_MODES = ("infer", "train")
+DEMO_TASKS = ("segmentation", "detection")
 
 
 def _known_model(cfg: BenchConfig, names: Names) -> None:
@@ -59,11 +62,17 @@ class BenchConfig:
 class DemoConfig:
     """``segnest demo``: the whole pipeline on bundled data, in minutes, on a CPU."""
 
+    task: str = field(default="segmentation", metadata=help_(
+        "segmentation: pretrain a ResNeSt-14, train DeepLabV3 on it; detection: train Mask "
+        "R-CNN-ResNeSt-14 on the mini detection set, report box and mask AP",
+        choices=DEMO_TASKS))
     work_dir: str = field(default="runs/demo", metadata=help_("output folder"))
     pretrain_epochs: int = field(
         default=15, metadata=help_("classification pretraining epochs", min=1)
     )
-    iters: int = field(default=900, metadata=help_("segmentation training iterations", min=1))
+    iters: int | None = field(default=None, metadata=help_(
+        f"training iterations (default: the mini presets': {DATASET_PRESETS['mini']['iters']} "
+        f"segmentation, {DETECTION_PRESETS['mini']['iters']} detection)", min=1))
     compare_scratch: bool = field(
         default=False,
         metadata=help_("also train from scratch with the same budget and report both"),

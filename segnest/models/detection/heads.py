@@ -58,6 +58,13 @@ def box_regression_loss(deltas: Tensor, targets: Tensor, beta: float) -> Tensor:
     return F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")
 
 
+def per_image(values: Tensor, counts: list[int]) -> list[Tensor] | tuple[Tensor, ...]:
+    """``values`` split into consecutive parts of ``counts`` rows, one per image. One image
+    keeps all rows unsplit: a traced (ONNX) graph would otherwise fix the row count of the
+    example image."""
+    return [values] if len(counts) == 1 else values.split(counts)
+
+
 class LevelRoIAlign(nn.Module):
     """RoIAlign over FPN levels, each box pooled from the level its size maps to
     (FPN paper eq. 1: ``floor(4 + log2(sqrt(area) / 224))``, clamped to the levels).
@@ -233,9 +240,9 @@ class RCNNRoIHeads(RoIHeads):
         ``detections_per_img`` (torchvision's ``postprocess_detections``)."""
         num_classes = scores.shape[-1]
         result = []
-        for image_boxes, image_scores, shape in zip(boxes.split(boxes_per_image),
-                                                    scores.split(boxes_per_image), image_shapes,
-                                                    strict=True):
+        for image_boxes, image_scores, shape in zip(per_image(boxes, boxes_per_image),
+                                                    per_image(scores, boxes_per_image),
+                                                    image_shapes, strict=True):
             image_boxes = box_ops.clip_boxes_to_image(image_boxes, shape)
             labels = torch.arange(num_classes, device=scores.device).view(1, -1)
             labels = labels.expand_as(image_scores)
@@ -331,7 +338,7 @@ class CascadeRoIHeads(RCNNRoIHeads):
         """The boxes stage ``stage`` regresses its RoIs to, as the next stage's RoIs."""
         boxes = self.stage_coders[stage].decode(box_regression.detach(), rois)[:, 0]
         next_rois = []
-        for image_boxes, shape in zip(boxes.split([len(r) for r in rois]), image_shapes,
+        for image_boxes, shape in zip(per_image(boxes, [len(r) for r in rois]), image_shapes,
                                       strict=True):
             image_boxes = box_ops.clip_boxes_to_image(image_boxes, shape)
             if self.training:

@@ -8,13 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from segnest.engine.config import TrainingConfig
+from segnest.engine.config import TrainingConfig, backbone_fits, lr_rule_text, work_dirs_text
 from segnest.errors import SegnestError
 from segnest.schema import MIN_INPUT_SIZE, Names, help_
 
 PRETRAIN_DATASETS = ("imagenet", "mini")
 # The policies segnest.data.classification implements (it checks them for library callers).
 AUTO_AUGMENT_CHOICES = ("autoaugment", "randaugment", "none")
+# The base learning rate without --lr: (lr, batch) of ImageNet training, linear in the total
+# batch (segnest.engine.config.linear_lr).
+PRETRAIN_LR_RULE = (0.1, 256)
+# Images per device per step without --batch-size (and a preset that sets it).
+PRETRAIN_BATCH_SIZE = 64
 
 # ``segnest pretrain --dataset mini``: the bundled 64 px, 8-class set, about 1.5 minutes on
 # two CPU cores (no AutoAugment or mixup: they slow learning on this small set).
@@ -41,12 +46,12 @@ def _imagenet_needs_data(cfg: PretrainConfig, names: Names) -> None:
 class PretrainConfig(TrainingConfig):
     """``segnest pretrain``: ImageNet-style classification pretraining of a backbone."""
 
-    checks = (_warmup_within_epochs, _imagenet_needs_data)
+    checks = (_warmup_within_epochs, _imagenet_needs_data, backbone_fits)
     help_presets = PRETRAIN_PRESETS
 
     dataset: str = field(
         default="imagenet",
-        metadata=help_("imagenet (a folder via --data) or the bundled mini set",
+        metadata=help_("imagenet (a folder via --data-root) or the bundled mini set",
                        choices=PRETRAIN_DATASETS),
     )
     data_root: str | None = field(
@@ -54,9 +59,12 @@ class PretrainConfig(TrainingConfig):
                                      renamed_from="data")
     )
     epochs: int = field(default=270, metadata=help_("training epochs", min=1))
-    batch_size: int = field(default=64, metadata=help_("images per device per step", min=1))
+    batch_size: int = field(default=PRETRAIN_BATCH_SIZE,
+                            metadata=help_("images per device per step", min=1))
     lr: float | None = field(
-        default=None, metadata=help_("base lr (default 0.1 x total batch / 256)", above=0)
+        default=None, metadata=help_("base lr", above=0,
+                                     default_shown=lr_rule_text(PRETRAIN_LR_RULE,
+                                                                PRETRAIN_BATCH_SIZE))
     )
     weight_decay: float = field(
         default=1e-4, metadata=help_("weight decay (not on norm/bias)", min=0)
@@ -86,8 +94,12 @@ class PretrainConfig(TrainingConfig):
     )
     last_gamma: bool = field(default=True, metadata=help_("zero-init the last BN gamma per block"))
     work_dir: str | None = field(
-        default=None, metadata=help_("output folder (default runs/pretrain_<dataset>_<backbone>)"))
+        default=None, metadata=help_("output folder", default_shown=work_dirs_text(
+            "runs/pretrain_{}_{}", PRETRAIN_PRESETS, "imagenet", "resnest50")))
     export: str | None = field(
         default=None,
         metadata=help_("also write the bare backbone state dict (official key layout) here"),
+    )
+    skip_bad_samples: bool = field(
+        default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
     )

@@ -13,6 +13,7 @@ hands them to the training engine that ``segnest train`` shares
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from segnest.data.bad_samples import (
+    BadSample,
+    BadSamplePolicy,
+    GuardedSamples,
+    batch_usable,
+    collate_guarded,
+)
 from segnest.data.classification import build_classification_dataset, build_transforms
 from segnest.data.mini import ensure_mini_classification
 from segnest.data.sampling import EpochSampler, SeededSamples, init_train_worker
+from segnest.engine.config import linear_lr
 from segnest.engine.loop import Progress, stopped_message
 from segnest.engine.optim import build_param_groups
 from segnest.engine.process import check_run_flags, optimizer_step
@@ -41,6 +50,7 @@ from segnest.inference.tensorboard import (
     PRETRAINING_METRICS,
     PRETRAINING_TAGS,
     TB_FOLDER,
+    pretraining_hparams,
     training_tag,
 )
 from segnest.inference.visualize import denormalize
@@ -53,7 +63,7 @@ from segnest.runtime.distributed import (
 )
 from segnest.runtime.precision import autocast, precision_name
 from segnest.schema import FlagNames, validate
-from segnest.tasks.classification.config import PretrainConfig
+from segnest.tasks.classification.config import PRETRAIN_LR_RULE, PretrainConfig
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -105,29 +115,50 @@ def train_one_step(model: nn.Module, criterion: nn.Module, batch: tuple, mixer: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             precision: torch.dtype | None = None) -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent (top-5 becomes top-K when there are fewer than
-    5 classes), summed over all processes. The model (a DDP or compiled wrapper too) is
-    left in the mode it came in, as :func:`segnest.inference.evaluate.evaluate` does."""
+def count_hits(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+               precision: torch.dtype | None = None,
+               bad_samples: BadSamplePolicy | None = None) -> torch.Tensor:
+    """Per true class, summed over all processes: ``num_classes x 3`` counts of (top-1
+    hits, top-K hits, samples), K = min(5, classes). ``loader`` yields
+    :func:`~segnest.data.bad_samples.collate_guarded` batches; their bad samples go to
+    ``bad_samples`` (default: stop at the first). The model (a DDP or compiled wrapper too)
+    is left in the mode it came in, as :func:`segnest.inference.evaluate.evaluate` does."""
+    bad_samples = bad_samples or BadSamplePolicy(skip=False)
     was_training = model.training
     model.eval()
     ks = (1, min(5, num_classes))
-    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_classes, 3, dtype=torch.float64, device=device)
     try:
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+        for batch, bad in loader:
+            bad_samples.check_all(bad)
+            if batch is None:
+                continue
+            images, targets = (t.to(device, non_blocking=True) for t in batch)
             with autocast(device, precision):
                 logits = model(images)
-            top1, topk = topk_correct(logits.float(), targets, ks)
-            counts += torch.tensor([top1, topk, targets.numel()], dtype=torch.float64,
-                                   device=device)
+            for label in targets.unique().tolist():
+                chosen = targets == label
+                top1, topk = topk_correct(logits[chosen].float(), targets[chosen], ks)
+                counts[label] += torch.tensor([top1, topk, int(chosen.sum())],
+                                              dtype=torch.float64, device=device)
     finally:
         model.train(was_training)
-    correct1, correctk, total = all_reduce_sum(counts).tolist()
+    return all_reduce_sum(counts)
+
+
+def accuracy(counts: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-5 is top-K when there are fewer than 5
+    classes) of :func:`count_hits`'s counts."""
+    correct1, correctk, total = counts.sum(dim=0).tolist()
     total = max(total, 1.0)
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correctk / total}
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             precision: torch.dtype | None = None,
+             bad_samples: BadSamplePolicy | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent over every process's share of ``loader``."""
+    return accuracy(count_hits(model, loader, device, num_classes, precision, bad_samples))
 
 
 @torch.no_grad()
@@ -177,8 +208,9 @@ def make_val_loader(cfg: PretrainConfig, val_set: Dataset, dist: DistInfo) -> Da
     # Each process evaluates a disjoint slice, without the padding DistributedSampler adds,
     # so the summed counts cover every validation image exactly once.
     indices = range(dist.rank, len(val_set), dist.world_size)  # type: ignore[arg-type]
-    return DataLoader(Subset(val_set, indices), batch_size=cfg.batch_size, shuffle=False,
-                      num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
+    return DataLoader(GuardedSamples(Subset(val_set, indices)), batch_size=cfg.batch_size,
+                      shuffle=False, num_workers=cfg.workers, collate_fn=collate_guarded,
+                      pin_memory=dist.device.type == "cuda")
 
 
 def make_train_loader(cfg: PretrainConfig, train_set: SeededSamples, dist: DistInfo,
@@ -187,9 +219,10 @@ def make_train_loader(cfg: PretrainConfig, train_set: SeededSamples, dist: DistI
     train_set.set_epoch(epoch)
     sampler = EpochSampler(len(train_set), cfg.seed, epoch, dist.rank, dist.world_size,
                            start=start_batch * cfg.batch_size)
-    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+    return DataLoader(GuardedSamples(train_set), batch_size=cfg.batch_size, sampler=sampler,
                       num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
-                      drop_last=True, worker_init_fn=init_train_worker,
+                      collate_fn=collate_guarded, drop_last=True,
+                      worker_init_fn=init_train_worker,
                       generator=torch.Generator().manual_seed(
                           cfg.seed * 1_000_003 + epoch * 1_009 + dist.rank))
 
@@ -262,6 +295,8 @@ class ClassificationTask:
 
     def check(self, cfg: PretrainConfig, dist: DistInfo) -> PretrainConfig:
         self.cfg = check_config(cfg, dist)
+        self.bad_samples = BadSamplePolicy(self.cfg.skip_bad_samples, "sample(s)",
+                                           show=dist.is_main)
         return self.cfg
 
     def prepare_data(self, dist: DistInfo) -> int:
@@ -287,7 +322,7 @@ class ClassificationTask:
         return BuiltModel(create_model(self.cfg.backbone, **kwargs), self.cfg.backbone, kwargs)
 
     def default_lr(self, world_size: int) -> float:
-        return 0.1 * self.cfg.batch_size * world_size / 256
+        return linear_lr(PRETRAIN_LR_RULE, self.cfg.batch_size * world_size)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return build_param_groups(model, lr, self.cfg.weight_decay, no_decay_norm=True)
@@ -300,8 +335,9 @@ class ClassificationTask:
     def record(self) -> dict[str, Any]:
         return {"classes": self.classes}
 
-    def writer_hparams(self, training: Training) -> None:
-        return None
+    def writer_hparams(self, training: Training) -> dict[str, Any]:
+        return pretraining_hparams(dataclasses.asdict(self.cfg), training.lr,
+                                   training.images_per_step)
 
     def begin(self, training: Training) -> None:
         cfg = self.cfg
@@ -318,7 +354,14 @@ class ClassificationTask:
     def batches(self, training: Training, epoch: int, start_batch: int) -> DataLoader:
         return make_train_loader(self.cfg, self.train_set, training.dist, epoch, start_batch)
 
-    def step(self, training: Training, batch: tuple) -> dict[str, float]:
+    def step(self, training: Training, item: tuple[Any, list[BadSample]]
+             ) -> dict[str, float] | None:
+        batch, bad = item
+        self.bad_samples.check_all(bad)
+        size = 0 if batch is None else len(batch[1])
+        if self.cfg.skip_bad_samples and not batch_usable(size, training.device,
+                                                          training.dist.distributed):
+            return None
         scalars = train_one_step(training.train_model, self.criterion, batch, self.mixer,
                                  training.optimizer, training.scheduler, training.scaler,
                                  training.device, training.precision)
@@ -330,7 +373,7 @@ class ClassificationTask:
 
     def _evaluate(self, training: Training) -> dict[str, float]:
         return evaluate(training.train_model, self.val_loader, training.device,
-                        len(self.classes), training.precision)
+                        len(self.classes), training.precision, self.bad_samples)
 
     def validate(self, training: Training, progress: Progress) -> dict[str, float]:
         writer, num_classes = training.writer, len(self.classes)
@@ -360,11 +403,14 @@ class ClassificationTask:
         cfg, run, work_dir, dist = self.cfg, training.run, training.work_dir, training.dist
         paths = {"work_dir": str(work_dir), "last": str(work_dir / LAST_CHECKPOINT_NAME),
                  "best": str(work_dir / BEST_CHECKPOINT_NAME), "export": cfg.export}
+        skipped = self.bad_samples.total(training.device)
+        if dist.is_main and (warning := self.bad_samples.summary(skipped)):
+            print(warning)
         if not finished:
             if dist.is_main:
                 print(stopped_message(run, training.total_iters))
             return {"iterations": run.iteration, "interrupted": True,
-                    "signal": run.stopped_by, **paths}
+                    "signal": run.stopped_by, "skipped_samples": skipped, **paths}
         metrics = run.metrics or self._evaluate(training)
         if cfg.export and dist.is_main:
             save_checkpoint(backbone_state_dict(training.model), cfg.export)
@@ -378,4 +424,5 @@ class ClassificationTask:
         barrier()
         return {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": run.best,
                 "epochs": cfg.epochs, "iterations": run.iteration, "interrupted": False,
-                "seconds": time.perf_counter() - self.started, **paths}
+                "seconds": time.perf_counter() - self.started, "skipped_samples": skipped,
+                **paths}

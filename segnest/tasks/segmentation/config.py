@@ -1,6 +1,7 @@
-"""``segnest train``'s settings: the shared training flags (:class:`TrainingConfig`) and
-those of segmentation, with their rules. The dataset presets under them live in
-:mod:`segnest.presets`; those derived from the data and the machine in presets.py here.
+"""``segnest train``'s settings for segmentation: the shared training flags
+(:class:`IterationTrainingConfig`) and those of segmentation, with their rules. The dataset
+presets under them live in :mod:`segnest.presets`; those derived from the data and the
+machine in presets.py here.
 
 Torch-free: the command line imports it to build its flags."""
 
@@ -9,24 +10,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segnest.engine.config import TrainingConfig
+from segnest.engine.config import (
+    IterationTrainingConfig,
+    backbone_fits,
+    lr_rule_text,
+    work_dirs_text,
+)
 from segnest.errors import SegnestError
 from segnest.presets import CPU_MODEL, DATASET_PRESETS, DATASETS
 from segnest.schema import MIN_INPUT_SIZE, Names, default_of, help_
 
 OUTPUT_STRIDES = (8, 16, 32)
+# ``segnest train --model``: the segmentation heads (segnest.models.registry, task
+# "segmentation"; a test keeps the two equal, this module does not import torch).
+SEGMENTATION_MODELS = ("deeplabv3",)
+# The base learning rate without --lr: linear in the total batch (batch size x processes),
+# (lr, batch) as the authors' segmentation script states it.
+TRAIN_LR_RULE = (0.01, 16)
+# Images per device per step without --batch-size (and a preset that sets it).
+TRAIN_BATCH_SIZE = 2
+# What --help names as the presets' values of a flag (segnest.commands.config).
+HELP_PRESETS = {**DATASET_PRESETS, "folder without a GPU": CPU_MODEL}
 
 
-def _training_length(cfg: TrainConfig, names: Names) -> None:
-    if cfg.iters is None and cfg.epochs is None:
-        raise SegnestError("give the training length with --iters or --epochs")
+def _ohem_min_kept_text() -> str:
+    """--ohem-min-kept's default in --help (segnest.tasks.segmentation.losses keeps 1/10)."""
+    counts = [f"{name}: {int(0.1 * preset.get('batch_size', TRAIN_BATCH_SIZE) * crop**2)}"
+              for name, preset in DATASET_PRESETS.items()
+              if (crop := preset["crop_size"]) and name != "folder"]
+    return ("1/10 of its pixels, batch x crop x crop / 10: " + "; ".join(counts)
+            + "; folder: from the crop derived from its images")
 
 
-def _warmup_within_iters(cfg: TrainConfig, names: Names) -> None:
-    # The schedule accepts warmup == iters (the whole run warms up); longer cannot run.
-    if cfg.iters is not None and cfg.warmup_iters > cfg.iters:
-        raise SegnestError(f"{names.show('warmup_iters', cfg.warmup_iters)} is longer than "
-                           f"the run ({names.show('iters', cfg.iters)}); lower the warmup")
+def _val_interval_text() -> str:
+    return "a tenth of the run: " + "; ".join(
+        f"{name}: {preset['iters'] // 10} iterations" if preset.get("iters") else
+        f"{name}: {preset['epochs'] / 10:g} epochs" for name, preset in DATASET_PRESETS.items())
 
 
 def _scale_range(cfg: TrainConfig, names: Names) -> None:
@@ -75,30 +94,29 @@ def _ohem_settings_need_ohem(cfg: TrainConfig, names: Names) -> None:
 
 
 @dataclass
-class TrainConfig(TrainingConfig):
+class TrainConfig(IterationTrainingConfig):
     """``segnest train``: DeepLabV3 on a ResNeSt backbone with the paper's recipe."""
 
-    checks = (_training_length, _warmup_within_iters, _scale_range, _crop_fits,
-              _floor_below_lr, _class_weights_source, _ohem_settings_need_ohem)
-    # What --help names as the presets' values of a flag (segnest.commands.config).
-    help_presets = {**DATASET_PRESETS, "folder without a GPU": CPU_MODEL}
+    checks = (_scale_range, _crop_fits, _floor_below_lr, _class_weights_source,
+              _ohem_settings_need_ohem, backbone_fits)
+    help_presets = HELP_PRESETS
 
+    model: str = field(default="deeplabv3", metadata=help_(
+        "the segmentation head", choices=SEGMENTATION_MODELS))
     dataset: str = field(default="ade20k", metadata=help_("dataset", choices=DATASETS))
     data_root: str | None = field(
         default=None,
-        metadata=help_("dataset root (default: ./data/<dataset>, see datasets/README.md)"),
+        metadata=help_("dataset root, stored absolute (see datasets/README.md)",
+                       default_shown="ade20k: ./data/ade20k; cityscapes: ./data/cityscapes "
+                                     "($SEGNEST_DATA/<dataset> when set); folder: required; "
+                                     "mini: generated in the cache"),
     )
-    pretrained: str | None = field(
-        default=None, metadata=help_("backbone weights: a checkpoint file or ImageNet weights "
-                                     "by name (resnest50, timm:resnest14d.gluon_in1k, ...; "
-                                     "see docs/recipes.md)")
-    )
-    iters: int | None = field(
-        default=None, metadata=help_("training iterations (overrides --epochs)", min=1)
-    )
+    batch_size: int = field(default=TRAIN_BATCH_SIZE,
+                            metadata=help_("images per device per step", min=1))
     lr: float | None = field(
         default=None,
-        metadata=help_("base learning rate (default 0.01 x total batch / 16)", above=0),
+        metadata=help_("base learning rate", above=0,
+                       default_shown=lr_rule_text(TRAIN_LR_RULE, TRAIN_BATCH_SIZE)),
     )
     no_decay_norm: bool = field(
         default=False, metadata=help_("no weight decay on norm layers and biases")
@@ -108,7 +126,6 @@ class TrainConfig(TrainingConfig):
     )
     poly_power: float = field(default=0.9, metadata=help_("poly schedule power", min=0))
     min_lr: float = field(default=0.0, metadata=help_("poly schedule floor", min=0))
-    warmup_iters: int = field(default=0, metadata=help_("linear warmup iterations", min=0))
     crop_size: int | None = field(
         default=None, metadata=help_("training crop (square)", min=MIN_INPUT_SIZE)
     )
@@ -125,28 +142,23 @@ class TrainConfig(TrainingConfig):
     photometric: bool = field(default=False, metadata=help_("photometric distortion"))
     output_stride: int | None = field(
         default=None,
-        metadata=help_("backbone output stride (default 8, the model's)", choices=OUTPUT_STRIDES),
+        metadata=help_("backbone output stride", choices=OUTPUT_STRIDES, default_shown="8"),
     )
     aux: bool = field(default=True, metadata=help_("auxiliary FCN head on layer3"))
     aux_weight: float = field(default=0.2, metadata=help_("weight of the auxiliary loss", min=0))
     head_channels: int | None = field(
-        default=None, metadata=help_("ASPP channels (default: the model's, 256)", min=1)
+        default=None, metadata=help_("ASPP channels", min=1, default_shown="256")
     )
     checkpoint_activations: bool = field(
         default=False, metadata=help_("recompute backbone activations in backward to save memory")
     )
     work_dir: str | None = field(
-        default=None, metadata=help_("output folder (default runs/<dataset>_<backbone>)")
+        default=None, metadata=help_("output folder", default_shown=work_dirs_text(
+            "runs/{}_{}", HELP_PRESETS, "ade20k", "resnest50"))
     )
     val_interval: int | None = field(
         default=None,
-        metadata=help_("validate every N iterations (default: 10 times per run)", min=1),
-    )
-    val_samples: int | None = field(
-        default=None, metadata=help_("validate on the first N images only (default all)", min=1)
-    )
-    panels: int = field(
-        default=4, metadata=help_("validation images shown in TensorBoard", min=0)
+        metadata=help_("validate every N iterations", min=1, default_shown=_val_interval_text()),
     )
     skip_bad_samples: bool = field(
         default=False, metadata=help_("warn about and skip unreadable samples instead of stopping")
@@ -163,13 +175,15 @@ class TrainConfig(TrainingConfig):
     )
     mean: str | None = field(
         default=None,
-        metadata=help_("per-channel mean on a 0-1 scale, comma-separated (default: ImageNet's "
-                       "for 3 channels; required otherwise)"),
+        metadata=help_("per-channel mean on a 0-1 scale, comma-separated",
+                       default_shown="ImageNet's, 0.485,0.456,0.406, for 3 channels; required "
+                                     "otherwise"),
     )
     std: str | None = field(
         default=None,
-        metadata=help_("per-channel standard deviation on a 0-1 scale, comma-separated "
-                       "(default: ImageNet's for 3 channels; required otherwise)"),
+        metadata=help_("per-channel standard deviation on a 0-1 scale, comma-separated",
+                       default_shown="ImageNet's, 0.229,0.224,0.225, for 3 channels; required "
+                                     "otherwise"),
     )
     class_weights: str | None = field(
         default=None,
@@ -187,6 +201,6 @@ class TrainConfig(TrainingConfig):
     )
     ohem_min_kept: int | None = field(
         default=None,
-        metadata=help_("--loss ohem: keep at least this many hardest pixels per device batch "
-                       "(default 1/10 of its pixels)", min=0),
+        metadata=help_("--loss ohem: keep at least this many hardest pixels per device batch",
+                       min=0, default_shown=_ohem_min_kept_text()),
     )

@@ -11,20 +11,26 @@ Ctrl-C, logging).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
 from segnest.data import SegEvalTransform, SegTrainTransform, build_dataset
+from segnest.data.bad_samples import (
+    BadSample,
+    BadSamplePolicy,
+    GuardedSamples,
+    batch_usable,
+    collate_guarded,
+)
 from segnest.data.census import check_train_labels
 from segnest.data.sampling import EpochSampler, init_train_worker
 from segnest.data.transforms import IGNORE_INDEX, channel_statistics
+from segnest.engine.config import linear_lr
 from segnest.engine.loop import Progress, stopped_message
 from segnest.engine.optim import build_param_groups
 from segnest.engine.process import check_run_flags, optimizer_step
@@ -49,41 +55,13 @@ from segnest.models import DeepLabV3, create_model, load_pretrained
 from segnest.models.pixelwise import fuses_upsampling
 from segnest.models.registry import model_name
 from segnest.models.weights import NAMED_WEIGHTS, resolve_pretrained
-from segnest.runtime.distributed import DistInfo, agree
+from segnest.runtime.distributed import DistInfo
 from segnest.runtime.files import write_text_atomic
 from segnest.runtime.precision import autocast, precision_name
 from segnest.schema import FlagNames, validate
 from segnest.tasks.segmentation.class_weights import class_weights_for, summary, write_class_weights
-from segnest.tasks.segmentation.config import TrainConfig
+from segnest.tasks.segmentation.config import TRAIN_LR_RULE, TrainConfig
 from segnest.tasks.segmentation.losses import Ohem, segmentation_loss
-
-
-class GuardedSamples(Dataset):
-    """The training set with loading errors returned as data instead of raised.
-
-    A worker that raises dies with a multi-line traceback; returning the error lets the
-    main process stop with the dataset's one-line message, or skip the sample with
-    ``--skip-bad-samples``.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return self.dataset[index]
-        except SegnestError as err:
-            return {"error": str(err)}
-
-
-def collate_guarded(items: list[dict]) -> tuple[dict | None, list[str]]:
-    """(batch of the good samples or None, error messages of the bad ones)."""
-    errors = [item["error"] for item in items if "error" in item]
-    good = [item for item in items if "error" not in item]
-    return (default_collate(good) if good else None), errors
 
 
 def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
@@ -109,7 +87,7 @@ def check_config(cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
 
 def default_lr(cfg: TrainConfig, world_size: int) -> float:
     """0.01 for a total batch of 16 (the authors' distributed script), scaled linearly."""
-    return 0.01 * cfg.batch_size * world_size / 16
+    return linear_lr(TRAIN_LR_RULE, cfg.batch_size * world_size)
 
 
 def model_kwargs_for(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -199,14 +177,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     return fit(SegmentationTask(), cfg)
 
 
-def _usable(batch: dict | None, dist: DistInfo) -> bool:
-    """Whether every rank can train on its batch after bad samples were dropped: a batch
-    emptied by them is not, nor one of a single sample on a single device (BatchNorm needs
-    two; SyncBN pools them across devices)."""
-    usable = batch is not None and (dist.distributed or batch["image"].shape[0] >= 2)
-    return bool(agree(usable, dist.device, op="min"))
-
-
 class SegmentationTask:
     """``segnest train`` on the engine: a DeepLabV3 model, the poly schedule, the
     segmentation loss, and mIoU on the validation split deciding ``best.pt``."""
@@ -220,12 +190,12 @@ class SegmentationTask:
     best_metric = BestMetric("mIoU", "best_miou", higher_is_better=True, fraction_scale=100.0)
 
     def __init__(self) -> None:
-        self.skipped: list[str] = []
-        self.warned_samples: set[str] = set()
         self.warned_metrics: list[str] = []
 
     def check(self, cfg: TrainConfig, dist: DistInfo) -> TrainConfig:
         self.cfg = check_config(cfg, dist)
+        self.bad_samples = BadSamplePolicy(self.cfg.skip_bad_samples, "training sample(s)",
+                                           show=dist.is_main)
         if self.cfg.pretrained:  # fetched (or refused) before the work folder is touched
             resolve_pretrained(self.cfg.pretrained)
         return self.cfg
@@ -334,20 +304,13 @@ class SegmentationTask:
         return make_loader(self.train_set, self.train_transform, self.cfg, training.dist,
                            epoch, start_batch)
 
-    def step(self, training: Training, item: tuple[dict | None, list[str]]
+    def step(self, training: Training, item: tuple[dict | None, list[BadSample]]
              ) -> dict[str, float] | None:
         cfg, dist = self.cfg, training.dist
-        batch, errors = item
-        if errors:
-            if not cfg.skip_bad_samples:
-                raise SegnestError(f"{errors[0]} (or pass --skip-bad-samples to skip "
-                                   "unreadable samples with a warning)")
-            self.skipped.extend(errors)
-            for error in errors if dist.is_main else ():
-                if error not in self.warned_samples:  # once per file, not once per epoch
-                    self.warned_samples.add(error)
-                    tqdm.write(f"warning: skipping a bad sample: {error}", file=sys.stderr)
-        if cfg.skip_bad_samples and not _usable(batch, dist):
+        batch, bad = item
+        self.bad_samples.check_all(bad)
+        size = 0 if batch is None else batch["image"].shape[0]
+        if cfg.skip_bad_samples and not batch_usable(size, dist.device, dist.distributed):
             return None
         return train_one_step(training.train_model, batch, training.optimizer,
                               training.scheduler, training.scaler, cfg, training.device,
@@ -385,15 +348,15 @@ class SegmentationTask:
 
     def finish(self, training: Training, finished: bool) -> dict[str, Any]:
         run = training.run
-        if training.dist.is_main and self.skipped:
-            print(f"warning: {len(self.skipped)} bad training sample(s) were skipped "
-                  f"({len(self.warned_samples)} distinct file(s), named above)")
+        skipped = self.bad_samples.total(training.device)
+        if training.dist.is_main and (warning := self.bad_samples.summary(skipped)):
+            print(warning)
         if training.dist.is_main:
             print(stopped_message(run, training.total_iters) if not finished
                   else _summary(run, self.train_set.classes))
         return {"iteration": run.iteration, "interrupted": not finished,
                 "signal": run.stopped_by, "best_miou": run.best, "metrics": run.metrics,
-                "work_dir": str(training.work_dir), "skipped_samples": len(self.skipped)}
+                "work_dir": str(training.work_dir), "skipped_samples": skipped}
 
 
 def _summary(run: RunState, classes: list[str]) -> str:
@@ -408,7 +371,8 @@ def _summary(run: RunState, classes: list[str]) -> str:
              if best.is_file() else f"no best.pt: no validation had finite weights; {chosen}",
              "next:",
              f"  segnest eval --checkpoint {chosen} --multi-scale --flip",
-             f"  segnest predict IMAGES_OR_FOLDER --checkpoint {chosen} --out predictions",
-             f"  tensorboard --logdir {run.work_dir / TB_FOLDER}"]
+             f"  segnest predict IMAGES_OR_FOLDER --checkpoint {chosen} --out predictions"]
+    if (run.work_dir / TB_FOLDER).is_dir():  # not after --no-tensorboard
+        lines.append(f"  tensorboard --logdir {run.work_dir / TB_FOLDER}")
     return "\n".join(lines)
 
