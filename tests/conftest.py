@@ -172,10 +172,14 @@ def measured_hardware(monkeypatch):
     """Hardware decisions without timing this machine's CPU (no test depends on it): the
     dilated convolutions measure faster in float32, as on the CPU that chose it first.
     Tests of the decisions themselves patch the measurement again."""
+    from segnest.models import pixelwise
     from segnest.runtime import tuning
 
     tuning.hardware_decisions.cache_clear()
-    monkeypatch.setattr(tuning, "measure_dilated", lambda dilation, dtype: (0.001, 0.002))
+    monkeypatch.setattr(tuning, "measure_dilated",
+                        lambda dilation, dtype, training=False: (0.001, 0.002))
+    # The segmentation loss: upsampling in bands measures faster, as where it was chosen.
+    monkeypatch.setattr(pixelwise, "_time_loss_paths", lambda *args: (0.001, 0.002))
     monkeypatch.setattr(tuning, "cpu_model", lambda: "Test CPU")
     yield
     tuning.hardware_decisions.cache_clear()

@@ -15,9 +15,12 @@ random weights; what is timed does not depend on them):
   OpenVINO fp32, bf16 and int8 (NNCF), as a user would convert it.
 
 Training step (batch 2, ``--size``, SGD): segnest as ``segnest train`` runs it (auxiliary
-head and loss on, the loss upsampling the logits itself) vs smp's DeepLabV3 with
-cross-entropy, each in fp32 and bf16 (autocast, channels_last). Eager: ``segnest train``
-does not compile by default, nor does smp's usual loop.
+head and loss on, the hardware decisions of
+:func:`segnest.runtime.tuning.prepare_for_training` and the loss path of
+:func:`segnest.models.pixelwise.loss_upsampling`), and without the auxiliary head (the
+same work as smp's network), vs smp's DeepLabV3 with cross-entropy, each in fp32 and bf16
+(autocast, channels_last). Eager: ``segnest train`` does not compile by default, nor does
+smp's usual loop.
 
 Each round times every path once, in turns, after one warm-up call each (compilation
 happens there); the table gives medians and, for each path, the median over rounds of its
@@ -50,8 +53,15 @@ from segnest.inference.openvino import OpenVinoModel, StagedIR, quantize_ir, to_
 from segnest.inference.quantize import OnnxModel, quantize_onnx
 from segnest.inference.strategies import inference_model
 from segnest.models import create_model
-from segnest.runtime.precision import cpu_native_bf16, for_training
-from segnest.runtime.tuning import cpu_flags, cpu_model, hardware_decisions, model_dilations
+from segnest.models.pixelwise import FULL_SIZE, loss_upsampling
+from segnest.runtime.precision import cpu_native_bf16
+from segnest.runtime.tuning import (
+    cpu_flags,
+    cpu_model,
+    hardware_decisions,
+    model_dilations,
+    prepare_for_training,
+)
 from segnest.tasks.segmentation.losses import segmentation_loss
 
 CLASSES = 150
@@ -59,9 +69,9 @@ BF16 = torch.bfloat16
 Step = Callable[[], object]
 
 
-def segnest_model() -> torch.nn.Module:
+def segnest_model(aux: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_model("deeplabv3_resnest50", num_classes=CLASSES)
+    return create_model("deeplabv3_resnest50", num_classes=CLASSES, aux=aux)
 
 
 def smp_model() -> torch.nn.Module:
@@ -147,10 +157,20 @@ def training_paths(size: int, only: set[str]) -> dict[str, Step]:
     steps: dict[str, Step] = {}
     for label, dtype in dtypes.items():
         if "segnest" in only:
-            model = for_training(segnest_model().train(), torch.device("cpu"), dtype)
-            steps[f"segnest train {label}"] = train_step(
-                model, lambda m, x: m(x, upsample=False),
-                lambda out, t: segmentation_loss(out, t, 0.4)[0], x, target, dtype)
+            # As segnest train runs it (auxiliary head on), and without the auxiliary head:
+            # smp's network has none, so that row compares the same work.
+            loss_path = loss_upsampling(torch.device("cpu"), 2, CLASSES, (size, size))
+            upsample = loss_path.chosen == FULL_SIZE
+            for aux, name in ((True, f"segnest train {label}"),
+                              (False, f"segnest train {label} no aux")):
+                model = segnest_model(aux).train()
+                decisions = prepare_for_training(model, torch.device("cpu"), dtype)
+                if aux:
+                    print("\n".join(f"  training {label}: {line}"
+                                     for line in (*decisions.lines(), loss_path.line())))
+                steps[name] = train_step(
+                    model, lambda m, x, up=upsample: m(x, upsample=up),
+                    lambda out, t: segmentation_loss(out, t, 0.2)[0], x, target, dtype)
         if "smp" in only and importlib.util.find_spec("segmentation_models_pytorch"):
             peer = smp_model().train()
             if dtype is not None:

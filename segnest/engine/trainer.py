@@ -20,7 +20,8 @@ from segnest.engine.task import Task, Training
 from segnest.engine.workdir import run_folder
 from segnest.engine.writer import close_writer, open_writer
 from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
-from segnest.runtime.precision import for_training, grad_scaler, precision_name
+from segnest.runtime.precision import grad_scaler, precision_name
+from segnest.runtime.tuning import prepare_for_training
 
 
 def fit(task: Task, cfg: Any) -> dict[str, Any]:
@@ -62,7 +63,9 @@ def _assemble(task: Task, cfg: Any, dist: DistInfo) -> Training:
     scheduler = task.schedule(optimizer, total_iters, iters_per_epoch)
     precision = training_precision(cfg, device)
     scaler = grad_scaler(device, precision)
-    for_training(model, device, precision)
+    decisions = prepare_for_training(model, device, precision)
+    if dist.is_main and precision is not None and device.type == "cpu":
+        print("\n".join(f"hardware: {line}" for line in decisions.lines()))
     run = RunState(
         work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, iters_per_epoch=iters_per_epoch, best_metric=task.best_metric,

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segnest.runtime.memory import available_bytes
+from segnest.runtime.tuning import Choice, cache_key, cached_timings, time_paths
+
 
 def class_rows(logits: torch.Tensor) -> torch.Tensor | None:
     """``logits (B, C, H, W)`` viewed as ``(B, H, W, C)`` when that view is contiguous
@@ -56,9 +59,67 @@ CHUNK_BYTES = 8 * 2**20
 
 def fuses_upsampling(device: torch.device) -> bool:
     """Whether segmentation training on ``device`` hands low-resolution logits to
-    :func:`upsampled_cross_entropy` instead of upsampling them first. On for CPUs, where
-    it was measured; GPUs keep the plain path (unmeasured there)."""
+    :func:`upsampled_cross_entropy` instead of upsampling them first, where nothing was
+    measured for the run (:func:`loss_upsampling` decides for a training run): on for
+    CPUs, where it saved the full-size tensors' memory; GPUs keep the plain path."""
     return device.type == "cpu"
+
+
+# The two ways of taking the loss at full size (LossChoice.chosen).
+BANDS, FULL_SIZE = "in bands", "full size"
+# The full-size path keeps the upsampled logits, their log-softmax and their gradient
+# (float32); it is not considered where those take more than this share of the memory
+# available.
+FULL_SIZE_MEMORY_SHARE = 0.25
+
+
+def loss_upsampling(device: torch.device, batch: int, classes: int, size: tuple[int, int],
+                    output_stride: int = 8, align_corners: bool = True) -> Choice:
+    """How segmentation training on ``device`` takes its loss at full size, for a batch of
+    ``batch`` crops of ``size`` with ``classes`` classes and logits at 1/``output_stride``:
+    :data:`BANDS` (:func:`upsampled_cross_entropy` on the low-resolution logits) or
+    :data:`FULL_SIZE` (the model upsamples its channels_last logits, then
+    :func:`pixel_cross_entropy`). On a CPU measured (forward and backward of both on random
+    logits of that shape, cached per CPU and software, :mod:`segnest.runtime.tuning`), unless
+    the full-size tensors would not fit in memory; GPUs upsample first (unmeasured)."""
+    what = "segmentation loss upsampling"
+    if device.type != "cpu":
+        return Choice(what, FULL_SIZE, "rule: unmeasured on GPUs")
+    height, width = size
+    full_bytes = 3 * 4 * batch * classes * height * width
+    available = available_bytes()
+    if available is not None and full_bytes > FULL_SIZE_MEMORY_SHARE * available:
+        return Choice(what, BANDS, f"memory: the full-size logits, log-softmax and gradient "
+                      f"would take {full_bytes / 2**30:.1f} GB of the "
+                      f"{available / 2**30:.1f} GB available")
+    key = cache_key(what=what, batch=batch, classes=classes, size=[height, width],
+                     output_stride=output_stride)
+    timings, source = cached_timings(
+        key, ["seconds"], lambda _: _time_loss_paths(batch, classes, size, output_stride,
+                                                     align_corners))
+    bands_s, full_s = timings["seconds"]
+    chosen = BANDS if bands_s <= full_s else FULL_SIZE
+    return Choice(what, chosen, f"forward + backward in bands {1e3 * bands_s:.1f} ms vs "
+                  f"full size {1e3 * full_s:.1f} ms for {batch} x {classes} x {height} x "
+                  f"{width}, {source}")
+
+
+def _time_loss_paths(batch: int, classes: int, size: tuple[int, int], output_stride: int,
+                     align_corners: bool) -> tuple[float, ...]:
+    generator = torch.Generator().manual_seed(0)
+    low_size = tuple(-(-side // output_stride) for side in size)
+    logits = torch.randn(batch, classes, *low_size, generator=generator).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    target = torch.randint(0, classes, (batch, *size), generator=generator)
+
+    def bands() -> None:
+        upsampled_cross_entropy(logits, target, align_corners=align_corners).backward()
+
+    def full_size() -> None:
+        upsampled = F.interpolate(logits, size=size, mode="bilinear",
+                                  align_corners=align_corners)
+        pixel_cross_entropy(upsampled, target).backward()
+    return time_paths((bands, full_size))
 
 
 def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor,

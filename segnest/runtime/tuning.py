@@ -2,16 +2,17 @@
 best answer depends on the hardware, and says why.
 
 - **Precision of the ASPP's dilated convolutions under 16-bit autocast on a CPU**,
-  rate by rate: measured. oneDNN's bf16 kernels for wide dilations on a small map (rates
+  rate by rate, for inference and (separately: forward plus backward) for training:
+  measured. oneDNN's bf16 kernels for wide dilations on a small map (rates
   12/24/36 on a 64 x 64 map at output stride 8, most taps in the zero padding) were 1.4-6x
   slower than its fp32 NHWC kernels on one AMX CPU and 1.56-2.08x faster on an AVX-512
   BF16 CPU without AMX (experiments/benchmarks/README.md), so no rule holds: each rate's
   convolution (a reduced channel count, the real map size and dilation, channels_last) is
   timed in both precisions, interleaved, median of :data:`ROUNDS`, and the faster one kept.
-  The result is cached per CPU model, instruction set flags, torch and oneDNN version and
-  precision (``<segnest cache>/hardware/<key>.json``, written atomically); a cache that is
-  missing, corrupt, stale or unwritable costs one more measurement (about a second), never a
-  wrong answer.
+  The result is cached per CPU model, instruction set flags, torch and oneDNN version,
+  precision and mode (inference or training) (``<segnest cache>/hardware/<key>.json``,
+  written atomically); a cache that is missing, corrupt, stale or unwritable costs one more
+  measurement (about a second), never a wrong answer.
 - **Memory layout**: channels_last for 16-bit CPU inference and training and for compiled
   inference (rule: oneDNN's 16-bit and frozen convolutions run in NHWC; measured in
   experiments/benchmarks/README.md); GPUs keep the model's layout.
@@ -22,12 +23,15 @@ best answer depends on the hardware, and says why.
   (:mod:`segnest.runtime.compiling`): a dynamic-shape graph, which torch falls back to at the
   second input size by default, ran 1.22-1.26x slower than a graph per size.
 
-:func:`hardware_decisions` makes them (once per process per device kind and precision);
-:func:`apply_decisions` sets them on a model; ``segnest bench`` prints them.
+:func:`hardware_decisions` makes them (once per process per device kind, precision and
+mode); :func:`decide_for` sets them on a model, :func:`prepare_for_training` on a model
+about to train (``segnest train``, ``segnest bench --mode train``); ``segnest bench`` and
+a 16-bit CPU training run print them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,6 +39,7 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +48,7 @@ from torch import nn
 
 from segnest.errors import SegnestError
 from segnest.runtime.files import default_cache_dir, write_text_atomic
-from segnest.runtime.precision import precision_name
+from segnest.runtime.precision import for_training, precision_name
 
 # Instruction set flags that change which oneDNN kernels run (part of the cache key).
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16",
@@ -55,7 +60,7 @@ PROBE_CHANNELS = (512, 128)
 PROBE_MAP = 64
 ROUNDS = 5
 # Bumped when what is measured changes: older cache files are then measured again.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # The attribute of a module whose dilated convolutions can run in float32 under autocast
 # (segnest's ASPP): ``dilations`` (its rates) and ``float32_dilations`` (those kept float32).
 FLOAT32_DILATIONS = "float32_dilations"
@@ -112,12 +117,13 @@ def onednn_version() -> str:
     return found.group(1) if found else "none"
 
 
-def _cache_key(precision: str, dilations: tuple[int, ...]) -> dict[str, object]:
+def cache_key(**what: object) -> dict[str, object]:
+    """What a measurement depends on: the CPU, its kernel flags, the software and threads,
+    and ``what`` was measured (precision, mode, sizes)."""
     return {"version": CACHE_VERSION, "cpu": cpu_model(),
             "flags": sorted(f for f in KERNEL_FLAGS if f in cpu_flags()),
             "torch": torch.__version__, "onednn": onednn_version(),
-            "threads": torch.get_num_threads(), "precision": precision,
-            "dilations": list(dilations)}
+            "threads": torch.get_num_threads(), **what}
 
 
 def _cache_file(key: dict[str, object]) -> Path:
@@ -125,58 +131,103 @@ def _cache_file(key: dict[str, object]) -> Path:
     return default_cache_dir() / "hardware" / f"{digest}.json"
 
 
-def measure_dilated(dilation: int, dtype: torch.dtype) -> tuple[float, float]:
+def measure_dilated(dilation: int, dtype: torch.dtype, training: bool = False
+                    ) -> tuple[float, float]:
     """Median seconds of one dilated 3x3 convolution in float32 and in ``dtype``
-    (channels_last, eager, ``torch.inference_mode``), timed in turns."""
+    (channels_last, eager), timed in turns: its forward pass under ``torch.inference_mode``,
+    or with ``training`` its forward and backward pass as training runs it (float32
+    weights; the 16-bit one under autocast, as the ASPP's branches run in a 16-bit run)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(*PROBE_CHANNELS, 3, padding=dilation, dilation=dilation, bias=False)
-    conv = conv.eval().to(memory_format=torch.channels_last)
-    low = nn.Conv2d(*PROBE_CHANNELS, 3, padding=dilation, dilation=dilation, bias=False)
-    low.load_state_dict(conv.state_dict())
-    low = low.eval().to(dtype=dtype, memory_format=torch.channels_last)
+    conv = conv.to(memory_format=torch.channels_last)
     x = torch.randn(1, PROBE_CHANNELS[0], PROBE_MAP, PROBE_MAP).contiguous(
         memory_format=torch.channels_last)
-    x_low = x.to(dtype)
-    times: dict[str, list[float]] = {"fp32": [], "low": []}
-    with torch.inference_mode():
-        conv(x), low(x_low)  # warm-up: oneDNN picks and JIT-compiles its kernels
-        for _ in range(ROUNDS):
-            for name, run in (("fp32", lambda: conv(x)), ("low", lambda: low(x_low))):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    return statistics.median(times["fp32"]), statistics.median(times["low"])
+    if training:
+        x_low = x.to(dtype).requires_grad_(True)
+        x.requires_grad_(True)
+
+        def fp32() -> None:
+            conv(x).sum().backward()
+
+        def low() -> None:
+            with torch.autocast("cpu", dtype=dtype):
+                out = conv(x_low)
+            out.float().sum().backward()
+        context = contextlib.nullcontext
+    else:
+        low_conv = nn.Conv2d(*PROBE_CHANNELS, 3, padding=dilation, dilation=dilation,
+                             bias=False)
+        low_conv.load_state_dict(conv.state_dict())
+        low_conv = low_conv.eval().to(dtype=dtype, memory_format=torch.channels_last)
+        x_low = x.to(dtype)
+
+        def fp32() -> None:
+            conv(x)
+
+        def low() -> None:
+            low_conv(x_low)
+        context = torch.inference_mode
+    with context():  # the warm-up call lets oneDNN pick and JIT-compile its kernels
+        fp32_s, low_s = time_paths((fp32, low))
+    return fp32_s, low_s
 
 
-def _read_cache(path: Path, key: dict[str, object]) -> dict[str, list[float]] | None:
-    """The cached timings per rate, or None when missing, unreadable or not for ``key``."""
+def _read_cache(path: Path, key: dict[str, object], names: list[str]
+                ) -> dict[str, list[float]] | None:
+    """The cached timings of each of ``names``, or None when missing, unreadable or not
+    for ``key``."""
     try:
         cached = json.loads(path.read_text())
         if cached["key"] != key:
             return None
-        timings = {str(rate): [float(t) for t in cached["timings"][str(rate)]]
-                   for rate in key["dilations"]}
+        timings = {name: [float(t) for t in cached["timings"][name]] for name in names}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if any(len(pair) != 2 or min(pair) <= 0 for pair in timings.values()):
+    if any(len(pair) < 2 or min(pair) <= 0 for pair in timings.values()):
         return None
     return timings
 
 
-def _dilation_choices(dtype: torch.dtype, dilations: tuple[int, ...]
+def cached_timings(key: dict[str, object], names: list[str],
+                   measure: Callable[[str], tuple[float, ...]]
+                   ) -> tuple[dict[str, list[float]], str]:
+    """(seconds of the compared paths per name in ``names``, where they came from): from
+    the cache file of ``key`` (:func:`cache_key`) when it holds them all, else
+    ``measure(name)`` now, written to the cache atomically. A missing, corrupt, stale or
+    unwritable cache costs one more measurement, never a wrong answer."""
+    path = _cache_file(key)
+    timings = _read_cache(path, key, names)
+    if timings is not None:
+        return timings, f"cached in {path}"
+    timings = {name: list(measure(name)) for name in names}
+    try:
+        write_text_atomic(path, json.dumps({"key": key, "timings": timings}, indent=1))
+    except (SegnestError, OSError):
+        return timings, "measured now; cache not writable, measured again next run"
+    return timings, "measured now"
+
+
+def time_paths(paths: Sequence[Callable[[], object]]) -> tuple[float, ...]:
+    """Median seconds of each of ``paths``, run in turns (:data:`ROUNDS` rounds) after one
+    warm-up call each."""
+    for run in paths:
+        run()
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(ROUNDS):
+        for run, spent in zip(paths, times, strict=True):
+            start = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - start)
+    return tuple(statistics.median(spent) for spent in times)
+
+
+def _dilation_choices(dtype: torch.dtype, dilations: tuple[int, ...], training: bool
                       ) -> tuple[frozenset[int], list[Choice]]:
     precision = precision_name(dtype)
-    key = _cache_key(precision, dilations)
-    path = _cache_file(key)
-    timings = _read_cache(path, key)
-    source = f"cached in {path}"
-    if timings is None:
-        timings = {str(rate): list(measure_dilated(rate, dtype)) for rate in dilations}
-        source = "measured now"
-        try:
-            write_text_atomic(path, json.dumps({"key": key, "timings": timings}, indent=1))
-        except (SegnestError, OSError):
-            source = "measured now; cache not writable, measured again next run"
+    key = cache_key(precision=precision, mode="train" if training else "infer",
+                     dilations=list(dilations))
+    timings, source = cached_timings(key, [str(rate) for rate in dilations],
+                                     lambda rate: measure_dilated(int(rate), dtype, training))
     float32: set[int] = set()
     choices = []
     for rate in dilations:
@@ -184,34 +235,39 @@ def _dilation_choices(dtype: torch.dtype, dilations: tuple[int, ...]
         keep_fp32 = fp32_s < low_s
         if keep_fp32:
             float32.add(rate)
+        timed = "forward + backward" if training else "forward"
         choices.append(Choice(
             f"ASPP 3x3 conv, dilation {rate}", "fp32" if keep_fp32 else precision,
-            f"{precision} {1e3 * low_s:.1f} ms vs fp32 {1e3 * fp32_s:.1f} ms on a "
+            f"{timed} {precision} {1e3 * low_s:.1f} ms vs fp32 {1e3 * fp32_s:.1f} ms on a "
             f"{PROBE_MAP}x{PROBE_MAP} map, {source}"))
     return frozenset(float32), choices
 
 
 @functools.cache
 def hardware_decisions(device_type: str, dtype: torch.dtype | None,
-                       dilations: tuple[int, ...] = ()) -> HardwareDecisions:
+                       dilations: tuple[int, ...] = (), training: bool = False
+                       ) -> HardwareDecisions:
     """The choices for models run on ``device_type`` ("cpu", "cuda") at autocast ``dtype``
-    (None: float32) whose ASPP has ``dilations``; measured once per process (and cached on
-    disk per CPU) where they are measured."""
+    (None: float32) whose ASPP has ``dilations``, for inference or ``training``; measured
+    once per process (and cached on disk per CPU) where they are measured."""
     precision = precision_name(dtype)
     float32: frozenset[int] = frozenset()
     choices: list[Choice] = []
     cpu_16bit = device_type == "cpu" and dtype is not None
     if cpu_16bit and dilations:
-        float32, choices = _dilation_choices(dtype, dilations)
+        float32, choices = _dilation_choices(dtype, dilations, training)
     if device_type == "cpu":
         where = f"CPU: {cpu_model()}"
-        layout = ("channels_last" if dtype is not None else
-                  "channels_last when compiled, else the model's own (NCHW backbone, NHWC head)")
+        layout = ("channels_last" if dtype is not None else "the model's own (NCHW)" if training
+                  else "channels_last when compiled, else the model's own (NCHW backbone, "
+                  "NHWC head)")
         choices.append(Choice("memory layout", layout,
                               "rule: oneDNN's 16-bit and frozen convolutions run in NHWC"))
     else:
         where = device_type
         choices.append(Choice("memory layout", "the model's own", "rule: unmeasured on GPUs"))
+    if training:
+        return HardwareDecisions(where, precision, float32, tuple(choices))
     if dtype is not None:
         choices.append(Choice(f"weights in eager {precision} inference",
                               f"cast to {precision} once",
@@ -228,16 +284,27 @@ def model_dilations(model: nn.Module) -> tuple[int, ...]:
                          for rate in m.dilations}))
 
 
-def decide_for(model: nn.Module, device: torch.device, dtype: torch.dtype | None
-               ) -> HardwareDecisions:
-    """:func:`hardware_decisions` for ``model`` on ``device`` at ``dtype``, applied to it
-    (in place) and returned."""
-    decisions = hardware_decisions(device.type, dtype, model_dilations(model))
+def decide_for(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+               training: bool = False) -> HardwareDecisions:
+    """:func:`hardware_decisions` for ``model`` on ``device`` at ``dtype`` (for inference,
+    or ``training``), applied to it (in place) and returned."""
+    decisions = hardware_decisions(device.type, dtype, model_dilations(model), training)
     for module in model.modules():
         if hasattr(module, FLOAT32_DILATIONS):
             setattr(module, FLOAT32_DILATIONS,
                     frozenset(module.dilations) & decisions.float32_dilations)
     return decisions
+
+
+def prepare_for_training(model: nn.Module, device: torch.device, dtype: torch.dtype | None
+                         ) -> HardwareDecisions:
+    """``model`` (in place) in the memory layout it trains fastest in at ``dtype``
+    (:func:`segnest.runtime.precision.for_training`) and with its ASPP's dilated
+    convolutions in the precision each trains faster in on this hardware; the decisions."""
+    for_training(model, device, dtype)
+    if dtype is None:  # nothing runs under autocast: the model stays as it is
+        return hardware_decisions(device.type, None, (), training=True)
+    return decide_for(model, device, dtype, training=True)
 
 
 def cast_weights_once(model: nn.Module, dtype: torch.dtype) -> nn.Module:

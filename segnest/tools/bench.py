@@ -19,6 +19,7 @@ which can only grow, so there it is a lower bound when an earlier peak was highe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
@@ -37,16 +38,15 @@ from segnest.errors import SegnestError
 from segnest.inference.strategies import inference_model
 from segnest.models import create_model
 from segnest.models.deeplabv3 import DeepLabV3
-from segnest.models.pixelwise import fuses_upsampling
+from segnest.models.pixelwise import FULL_SIZE, loss_upsampling
 from segnest.runtime.compiling import compile_model
 from segnest.runtime.distributed import resolve_device
 from segnest.runtime.precision import (
     autocast,
-    for_training,
     precision_name,
     resolve_precision,
 )
-from segnest.runtime.tuning import hardware_decisions, model_dilations
+from segnest.runtime.tuning import hardware_decisions, model_dilations, prepare_for_training
 from segnest.tasks.segmentation.config import TrainConfig
 from segnest.tasks.segmentation.losses import segmentation_loss
 from segnest.tools.config import BenchConfig
@@ -191,16 +191,16 @@ def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
     model = create_model(cfg.model, num_classes=cfg.num_classes).to(device)
     train = cfg.mode == "train"
     if train:
-        for_training(model.train(), device, dtype)
+        decisions = prepare_for_training(model.train(), device, dtype)
         if cfg.checkpoint_activations:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise SegnestError(f"{cfg.model} has no activation checkpointing")
             model.set_grad_checkpointing(True)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    # What inference_model decides for this hardware (the same call, cached): printed.
-    decisions = hardware_decisions(device.type, dtype, () if train else model_dilations(model))
     if not train:
+        # What inference_model decides for this hardware (the same call, cached): printed.
+        decisions = hardware_decisions(device.type, dtype, model_dilations(model))
         # Eval's model, eager (FLOPs are counted on it) and, with --compile, compiled.
         model = inference_model(model, fuse=cfg.fuse_bn, precision=dtype)
     runner: Any = model
@@ -219,9 +219,14 @@ def run_bench(cfg: BenchConfig, *, channels_last: bool = False,
         with torch.inference_mode():
             net(x)
 
-    # Segmentation training on a CPU: the loss upsamples the logits, as in segnest train.
-    forward_kwargs = ({"upsample": False}
-                      if isinstance(model, DeepLabV3) and fuses_upsampling(device) else {})
+    # Segmentation training: the loss takes the logits as segnest train decides for this
+    # hardware and shape (upsampled by the model or in bands by the loss), printed too.
+    forward_kwargs = {}
+    if train and isinstance(model, DeepLabV3):
+        loss_path = loss_upsampling(device, cfg.batch, cfg.num_classes, (cfg.size, cfg.size),
+                                    align_corners=DeepLabV3.ALIGN_CORNERS)
+        forward_kwargs = {"upsample": loss_path.chosen == FULL_SIZE}
+        decisions = dataclasses.replace(decisions, choices=(*decisions.choices, loss_path))
 
     def train_step(net: Any = runner) -> None:
         with autocast(device, dtype):

@@ -52,7 +52,7 @@ from segnest.inference.tensorboard import (
     segmentation_hparams,
 )
 from segnest.models import DeepLabV3, create_model, load_pretrained
-from segnest.models.pixelwise import fuses_upsampling
+from segnest.models.pixelwise import FULL_SIZE, fuses_upsampling, loss_upsampling
 from segnest.models.registry import model_name
 from segnest.models.weights import NAMED_WEIGHTS, resolve_pretrained
 from segnest.runtime.distributed import DistInfo
@@ -127,16 +127,21 @@ def make_loader(dataset, transform: SegTrainTransform, cfg: TrainConfig, dist: D
 def train_one_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                    scheduler: PolyLR, scaler: torch.amp.GradScaler, cfg: TrainConfig,
                    device: torch.device, class_weights: torch.Tensor | None = None,
-                   precision: torch.dtype | None = None) -> dict[str, float]:
+                   precision: torch.dtype | None = None, upsample: bool | None = None
+                   ) -> dict[str, float]:
     """One SGD step with the loss of ``cfg`` (``--loss``, ``--ohem-*``) and
     ``class_weights``; returns the loss (and auxiliary loss). A non-finite loss is returned
     without updating anything. The forward runs under autocast to ``precision`` (None:
-    float32); the model hands back float32 logits, so the loss is float32."""
+    float32); the model hands back float32 logits, so the loss is float32. ``upsample``:
+    whether the model upsamples its logits before the loss (else the loss upsamples them
+    in bands; None: :func:`fuses_upsampling`'s default for the device)."""
     ohem = Ohem(cfg.ohem_thresh, cfg.ohem_min_kept) if cfg.loss == "ohem" else None
     image = batch["image"].to(device, non_blocking=True)
     target = batch["mask"].to(device, non_blocking=True)
     with autocast(device, precision):
-        outputs = model(image, upsample=not fuses_upsampling(device))
+        if upsample is None:
+            upsample = not fuses_upsampling(device)
+        outputs = model(image, upsample=upsample)
     loss, aux = segmentation_loss(outputs, target, cfg.aux_weight, class_weights, ohem)
     optimizer_step(loss, optimizer, scheduler, scaler)
     scalars = {"loss": loss.item()}
@@ -288,8 +293,14 @@ class SegmentationTask:
     def begin(self, training: Training) -> None:
         cfg, dist, work_dir = self.cfg, training.dist, training.work_dir
         self.val_interval = cfg.val_interval or max(1, training.total_iters // 10)
+        self.loss_path = loss_upsampling(training.device, cfg.batch_size,
+                                         self.train_set.num_classes,
+                                         (cfg.crop_size, cfg.crop_size),
+                                         align_corners=DeepLabV3.ALIGN_CORNERS)
         if not dist.is_main:
             return
+        if training.device.type == "cpu":
+            print(f"hardware: {self.loss_path.line()}")
         write_text_atomic(work_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg)))
         if self.weights is not None:
             write_class_weights(work_dir, self.weights, self.train_set.classes)
@@ -314,7 +325,8 @@ class SegmentationTask:
             return None
         return train_one_step(training.train_model, batch, training.optimizer,
                               training.scheduler, training.scaler, cfg, training.device,
-                              self.class_weights, training.precision)
+                              self.class_weights, training.precision,
+                              upsample=self.loss_path.chosen == FULL_SIZE)
 
     def validate_due(self, iteration: int) -> bool:
         return iteration % self.val_interval == 0
