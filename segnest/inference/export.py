@@ -145,8 +145,12 @@ class MinSideGuard(nn.Module):
 
     - torch.export (pt2, aoti): ``torch._check`` on each side becomes a constraint on the
       program's dynamic height and width, checked on every call of a pt2 program ("Guard
-      failed: x.size()[2] >= 32"); an AOTInductor package checks it only with
-      ``AOTI_RUNTIME_CHECK_INPUTS=1`` in the environment (torch's switch).
+      failed: x.size()[2] >= 32"). AOTInductor checks such constraints only with torch's
+      switch ``AOTI_RUNTIME_CHECK_INPUTS=1`` in the environment, so the program also holds
+      ``torch._assert_async`` on a tensor computed from the sizes: AOTInductor compiles it
+      into a kernel that throws on every call ("input outside limits: this model takes at
+      least 32 pixels a side ..."), constraint or not (a pt2 program refuses the size at
+      its constraint first).
     - ONNX and OpenVINO (``gather``): the image times ``ones(1).gather(0, [min(H, W) <
       min_side])``, exactly 1.0 for a valid image; the index out of range fails the
       GatherElements node in ONNX Runtime and in OpenVINO's CPU plugin, whose errors name
@@ -167,7 +171,14 @@ class MinSideGuard(nn.Module):
             return image * image.new_ones(1).gather(0, small).view(1, 1, 1, 1)
         if torch.jit.is_tracing():
             return _scripted_min_side_check()(image, self.min_side)
-        for axis, side in (("height", image.shape[2]), ("width", image.shape[3])):
+        height, width = image.shape[2], image.shape[3]
+        # A C++ string literal in AOTInductor's kernel: no quotes or backslashes.
+        torch._assert_async(
+            torch.scalar_tensor(torch.sym_min(height, width), dtype=torch.int64)
+            >= self.min_side,
+            f"input outside limits: this model takes at least {self.min_side} pixels a side "
+            "(its metadata's input.min_side)")
+        for axis, side in (("height", height), ("width", width)):
             torch._check(side >= self.min_side, lambda axis=axis, side=side: (
                 f"input outside limits: image {axis} {side} is below this model's "
                 f"min_side {self.min_side}"))
