@@ -334,9 +334,9 @@ def test_ceil_avg_pool_equals_the_ceil_mode_pool_it_replaces():
 @pytest.mark.parametrize("end_to_end", [False, True])
 def test_aoti_package_runs_at_any_batch_and_size(checkpoint, tmp_path, end_to_end,
                                                 monkeypatch):
-    # AOTInductor checks a program's input constraints (the logits graph's min_side) only
-    # with torch's switch on, read once per loaded program.
-    monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    # Without torch's switch, under which AOTInductor would check the program's input
+    # constraints: the package must refuse a too-small image by itself.
+    monkeypatch.delenv("AOTI_RUNTIME_CHECK_INPUTS", raising=False)
     path = run_export(ExportConfig(checkpoint=str(checkpoint), format="aoti", size=32,
                                    end_to_end=end_to_end))
     assert path.name == ("best.end2end.aoti.pt2" if end_to_end else "best.aoti.pt2")
@@ -354,8 +354,9 @@ def test_aoti_package_runs_at_any_batch_and_size(checkpoint, tmp_path, end_to_en
             exported = run_in_own_runtime("aoti", path, x)
             assert (exported - reference_logits(checkpoint, x)).abs().max() <= 1e-4
     if not end_to_end:  # the compiled program keeps the logits graph's min_side
-        with pytest.raises(Exception, match="32"):
-            run_in_own_runtime("aoti", path, torch.randn(2, 3, 16, 40))
+        for height, width in [(16, 40), (40, 31)]:
+            with pytest.raises(Exception, match="this model takes at least 32 pixels a side"):
+                run_in_own_runtime("aoti", path, torch.randn(2, 3, height, width))
 
 
 @pytest.mark.parametrize("content", [b"\x08\x09\x12\x07pytorch", b"\x08" + b"\xff" * 64],

@@ -118,6 +118,36 @@ def test_precision_reaches_openvino_as_its_hint_and_onnx_refuses_bf16(checkpoint
             segnest.load_model(onnx_path, device="cpu", precision="bf16")
 
 
+def without_guard(model):
+    """``model`` (an IR read by OpenVINO) with the image passed straight to what the
+    min_side guard's Multiply fed: the graph as it was before ``export.guard_ir``."""
+    guard = [op for op in model.get_ordered_ops()
+             if op.get_friendly_name() == "input_outside_limits_min_side_32/Multiply"]
+    assert len(guard) == 1, "the IR holds no min_side guard"
+    image = model.get_parameters()[0]
+    for reader in list(guard[0].output(0).get_target_inputs()):
+        reader.replace_source_output(image.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def assert_guarded(xml: Path) -> None:
+    """Run directly in OpenVINO, the IR at ``xml`` fails at its guard for a side below 32
+    and gives valid images exactly the outputs of the same graph without the guard."""
+    core = ov.Core()
+    hint = {"INFERENCE_PRECISION_HINT": "f32"}
+    compiled = core.compile_model(core.read_model(str(xml)), "CPU", hint)
+    for height, width in [(16, 40), (16, 16), (48, 31)]:
+        with pytest.raises(Exception, match="input_outside_limits_min_side_32/GatherElements"):
+            compiled(torch.randn(1, 3, height, width).numpy())
+    unguarded = core.compile_model(without_guard(core.read_model(str(xml))), "CPU", hint)
+    unguarded(torch.randn(1, 3, 16, 40).numpy())  # what the guard stops: labels
+    for batch, height, width in [(1, 32, 32), (2, 33, 61), (1, 40, 56)]:
+        x = torch.randn(batch, 3, height, width,
+                        generator=torch.Generator().manual_seed(height)).numpy()
+        assert (compiled(x)[0] == unguarded(x)[0]).all()
+
+
 def test_an_openvino_ir_refuses_an_image_below_its_min_side(checkpoint):  # noqa: F811
     """Plain OpenVINO fails at the graph's guard node; segnest's loader says it in one line
     before the runtime sees the input."""
@@ -125,13 +155,24 @@ def test_an_openvino_ir_refuses_an_image_below_its_min_side(checkpoint):  # noqa
 
     xml = run_export(ExportConfig(checkpoint=str(checkpoint), format="openvino", size=48))
     assert read_metadata(xml)["input"]["min_side"] == 32
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"})
-    for height, width in [(16, 16), (48, 31)]:
-        with pytest.raises(Exception, match="input_outside_limits_min_side_32"):
-            compiled(torch.randn(1, 3, height, width).numpy())
+    assert_guarded(xml)
     runner, _ = load_exported_model(xml)
     with pytest.raises(SegnestError, match="at least 32 pixels a side.*min_side.*16 x 40"):
         runner(torch.randn(1, 3, 16, 40))
     assert runner(torch.randn(1, 3, 32, 40)).shape == (1, NUM_CLASSES, 32, 40)
+
+
+def test_an_int8_openvino_ir_refuses_an_image_below_its_min_side(folder_dataset, tmp_path):
+    """segnest quantize --backend openvino: NNCF quantizes the graph without the guard, and
+    the IR written holds it, as the fp32 export's does."""
+    pytest.importorskip("nncf")
+    from test_quantize import NUM_CLASSES as CLASSES_3
+    from test_quantize import TINY as TINY_3
+
+    source = save_tiny_checkpoint(tmp_path / "run" / "best.pt", TINY_3,
+                                  generate_palette(CLASSES_3), sharpen_head=True)
+    out = run_quantize(QuantizeConfig(checkpoint=str(source), data_root=str(folder_dataset),
+                                      calibration_images=4, check_images=2,
+                                      backend="openvino"))["target"]
+    assert read_metadata(out)["input"]["min_side"] == 32
+    assert_guarded(out)

@@ -145,46 +145,89 @@ class MinSideGuard(nn.Module):
 
     - torch.export (pt2, aoti): ``torch._check`` on each side becomes a constraint on the
       program's dynamic height and width, checked on every call of a pt2 program ("Guard
-      failed: x.size()[2] >= 32"); an AOTInductor package checks it only with
-      ``AOTI_RUNTIME_CHECK_INPUTS=1`` in the environment (torch's switch).
-    - ONNX and OpenVINO (``gather``): the image times ``ones(1).gather(0, [min(H, W) <
+      failed: x.size()[2] >= 32"). AOTInductor checks such constraints only with torch's
+      switch ``AOTI_RUNTIME_CHECK_INPUTS=1`` in the environment, so the program also holds
+      ``torch._assert_async`` on a tensor computed from the sizes: AOTInductor compiles it
+      into a kernel that throws on every call ("input outside limits: this model takes at
+      least 32 pixels a side ..."), constraint or not (a pt2 program refuses the size at
+      its constraint first).
+    - ONNX (``torch.onnx`` export): the image times ``ones(1).gather(0, [min(H, W) <
       min_side])``, exactly 1.0 for a valid image; the index out of range fails the
-      GatherElements node in ONNX Runtime and in OpenVINO's CPU plugin, whose errors name
-      the node, ``/input_outside_limits_min_side_32/...``. A Reshape to a mismatched shape
-      would not do (ONNX Runtime's ReshapeFusion rewrites such a shape to -1 and runs it),
-      nor an indexed Gather (OpenVINO folds it to the constant).
+      GatherElements node in ONNX Runtime, whose error names the node,
+      ``/input_outside_limits_min_side_32/...``. A Reshape to a mismatched shape would not
+      do (ONNX Runtime's ReshapeFusion rewrites such a shape to -1 and runs it).
+    - OpenVINO: the same multiplication built into the converted (or NNCF-quantized) model
+      by :func:`guard_ir`, after conversion and quantization, which would otherwise see it.
     - TorchScript: a scripted check that raises with the sizes and the limit."""
 
-    def __init__(self, min_side: int, gather: bool = False) -> None:
+    def __init__(self, min_side: int) -> None:
         super().__init__()
         self.min_side = min_side
-        self.gather = gather
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if self.gather or torch.onnx.is_in_onnx_export():
+        if torch.onnx.is_in_onnx_export():
             sides = torch._shape_as_tensor(image)[2:]
             small = (sides.amin(0, keepdim=True) < self.min_side).to(torch.int64)
             return image * image.new_ones(1).gather(0, small).view(1, 1, 1, 1)
         if torch.jit.is_tracing():
             return _scripted_min_side_check()(image, self.min_side)
-        for axis, side in (("height", image.shape[2]), ("width", image.shape[3])):
+        height, width = image.shape[2], image.shape[3]
+        # A C++ string literal in AOTInductor's kernel: no quotes or backslashes.
+        torch._assert_async(
+            torch.scalar_tensor(torch.sym_min(height, width), dtype=torch.int64)
+            >= self.min_side,
+            f"input outside limits: this model takes at least {self.min_side} pixels a side "
+            "(its metadata's input.min_side)")
+        for axis, side in (("height", height), ("width", width)):
             torch._check(side >= self.min_side, lambda axis=axis, side=side: (
                 f"input outside limits: image {axis} {side} is below this model's "
                 f"min_side {self.min_side}"))
         return image
 
 
+def guard_ir(model: Any, min_side: int) -> Any:
+    """``model`` (an ``openvino.Model`` taking one ``(N, C, H, W)`` image) with
+    :class:`MinSideGuard`'s multiplication in front of everything that reads the image: the
+    image times ``GatherElements([1.0], [min(H, W) < min_side])``, exactly 1.0 for a valid
+    image, so the outputs stay bit for bit those of ``model``; for a smaller image the index
+    is out of range and OpenVINO's CPU plugin fails the node
+    ``input_outside_limits_min_side_32/GatherElements``. Built after conversion and NNCF
+    quantization, so that neither sees (or quantizes) it. OpenVINO folds an indexed Gather
+    from a constant, and a Reshape to a mismatched shape, at compile time; GatherElements
+    stays a run-time operation in the CPU plugin (tests/test_openvino.py runs it)."""
+    ov = openvino()
+    ops = ov.opset13
+    name = guard_name(min_side)
+    image = model.get_parameters()[0]
+    readers = list(image.output(0).get_target_inputs())
+
+    def named(node: Any, kind: str) -> Any:
+        node.set_friendly_name(f"{name}/{kind}")
+        return node
+
+    i64 = functools.partial(ops.constant, dtype=np.int64)
+    sides = named(ops.gather(ops.shape_of(image, "i64"), i64([2, 3]), i64(0)), "Gather")
+    smallest = named(ops.reduce_min(sides, i64([0]), keep_dims=True), "ReduceMin")
+    small = named(ops.convert(ops.less(smallest, i64([min_side])), "i64"), "Convert")
+    one = named(ops.gather_elements(ops.constant(np.ones(1, np.float32)), small, 0),
+                "GatherElements")
+    guarded = named(ops.multiply(image, one), "Multiply")
+    for reader in readers:
+        reader.replace_source_output(guarded.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 class LogitsOnly(nn.Module):
     """The segmentation model in eval mode, returning the main logits as a plain tensor;
     with ``min_side``, images with a smaller side are refused (:class:`MinSideGuard`)."""
 
-    def __init__(self, model: nn.Module, min_side: int | None = None,
-                 gather: bool = False) -> None:
+    def __init__(self, model: nn.Module, min_side: int | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.guard = None if min_side is None else guard_name(min_side)
         if self.guard is not None:
-            self.add_module(self.guard, MinSideGuard(min_side, gather=gather))
+            self.add_module(self.guard, MinSideGuard(min_side))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.guard is not None:
@@ -546,10 +589,12 @@ def export_segmentation(cfg: ExportConfig, checkpoint: dict[str, Any], target: P
     settings = predictor.settings
     reference = LogitsOnly(predictor.model)
     model = without_ceil_pools(predictor.model) if fmt in ("pt2", "aoti") else predictor.model
-    # The logits graph refuses what its metadata's min_side excludes (MinSideGuard); an
-    # end-to-end graph resizes any image itself.
+    # The logits graph refuses what its metadata's min_side excludes (MinSideGuard; an
+    # OpenVINO model gets it after conversion, guard_ir); an end-to-end graph resizes any
+    # image itself.
     module = (EndToEnd(model, settings.mean, settings.std, settings.base_size) if end_to_end
-              else LogitsOnly(model, min_side=MIN_INPUT_SIZE, gather=fmt == "openvino")).eval()
+              else LogitsOnly(model, min_side=None if fmt == "openvino" else MIN_INPUT_SIZE)
+              ).eval()
     metadata = export_metadata(predictor, checkpoint, fmt, end_to_end)
     channels = predictor.in_channels
     batches = [check_images(h, w, channels, seed) for seed, (h, w) in
@@ -557,7 +602,8 @@ def export_segmentation(cfg: ExportConfig, checkpoint: dict[str, Any], target: P
     example = batches[0] if end_to_end else normalized(batches[0], predictor)
 
     if fmt == "openvino":
-        staged = StagedIR(to_openvino(module, example), target, metadata)
+        staged = StagedIR(guard_ir(to_openvino(module, example), MIN_INPUT_SIZE), target,
+                          metadata)
         try:
             run = OpenVinoModel(staged.xml)
             results = [verify(run, reference, predictor, batch, end_to_end)

@@ -61,7 +61,7 @@ def to_openvino(module: nn.Module, example: torch.Tensor) -> Any:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's deprecation and shape warnings
         # Dynamic N, H and W from the start: converted at the example's static shape, the
-        # shape arithmetic of export.MinSideGuard would be folded away as constants.
+        # shape arithmetic of export.guard_ir would be folded away as constants.
         return ov.convert_model(module.eval(), example_input=example,
                                 input=[ov.PartialShape([-1, example.shape[1], -1, -1])])
 

@@ -48,6 +48,7 @@ from segnest.inference.export import (
     check_target,
     export_metadata,
     export_onnx,
+    guard_ir,
     require_extra,
 )
 from segnest.inference.metrics import ConfusionMatrix, percent
@@ -244,13 +245,14 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     # LogitsOnly must be in eval mode: the exporters restore the wrapper's mode on the
     # whole model afterwards, and a model left training (dropout) would make the reference
     # of the agreement check random.
-    # The int8 ONNX graph refuses images below its metadata's min_side as the fp32 export
-    # does (export.MinSideGuard); NNCF's quantization drops the OpenVINO form of that guard
-    # (tried), so an int8 IR is held to it by segnest's loader only.
+    # The int8 graph refuses images below its metadata's min_side as the fp32 export does
+    # (export.MinSideGuard); an IR gets the guard after NNCF's quantization (guard_ir), its
+    # outputs those of the unguarded int8 IR.
     logits = LogitsOnly(model, min_side=None if backend == "openvino" else MIN_INPUT_SIZE).eval()
     if backend == "openvino":
         counts: dict[str, int] = {}
-        quantized = quantize_ir(to_openvino(logits, calibration[0]), calibration)
+        quantized = guard_ir(quantize_ir(to_openvino(logits, calibration[0]), calibration),
+                             MIN_INPUT_SIZE)
         metadata["quantization"] = {
             "dtype": "int8", "method": "NNCF post-training quantization, performance preset",
             "calibration_images": len(calibration)}
