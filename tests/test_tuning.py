@@ -163,6 +163,29 @@ def test_16_bit_cpu_training_prints_the_decisions_it_runs_with(timings, folder_d
     assert "hardware: ASPP 3x3 conv, dilation 24: bf16 (forward + backward" in printed
 
 
+def test_a_measurement_on_a_busy_cpu_is_used_but_not_cached(timings, monkeypatch, tmp_path):
+    measured = timings({12: (2e-3, 1e-3)})
+    monkeypatch.setattr(tuning, "busy_cpu", lambda: "load 3.1 on 2 cores")
+    decisions = tuning.hardware_decisions("cpu", BF16, (12,))
+    assert decisions.float32_dilations == frozenset() and measured == [12]
+    assert "measured now on a busy CPU (load 3.1 on 2 cores), not cached" in \
+        decisions.lines()[0]
+    assert not (tmp_path / "cache" / "hardware").exists()
+    monkeypatch.setattr(tuning, "busy_cpu", lambda: None)
+    tuning.hardware_decisions.cache_clear()
+    tuning.hardware_decisions("cpu", BF16, (12,))
+    assert measured == [12, 12] and (tmp_path / "cache" / "hardware").exists()
+
+
+def test_busy_cpu_compares_the_load_with_the_cores_of_this_process(monkeypatch):
+    monkeypatch.undo()  # the real function, not the suite's stand-in
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(tuning.os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert tuning.busy_cpu() == "load 2.6 on 2 cores"
+    monkeypatch.setattr(tuning.os, "getloadavg", lambda: (1.4, 1.0, 1.0))
+    assert tuning.busy_cpu() is None
+
+
 def test_eager_16_bit_inference_casts_the_weights_once_with_the_same_logits(timings):
     timings({12: (2e-3, 1e-3), 24: (1e-3, 2e-3), 36: (2e-3, 1e-3)})
     model = tiny_segmenter()
