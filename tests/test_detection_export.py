@@ -10,6 +10,8 @@ import torch
 pytest.importorskip("pycocotools")
 onnxruntime = pytest.importorskip("onnxruntime")
 
+import segnest  # noqa: E402
+from segnest.cli import main  # noqa: E402
 from segnest.errors import SegnestError  # noqa: E402
 from segnest.inference import detection_export  # noqa: E402
 from segnest.inference.backends import read_metadata  # noqa: E402
@@ -36,7 +38,8 @@ def detection_checkpoint(tmp_path, architecture: str):
 
 
 @pytest.mark.parametrize("architecture", ["faster_rcnn", "mask_rcnn"])
-def test_onnx_export_gives_the_predictors_detections_at_any_image_size(tmp_path, architecture):
+def test_onnx_export_gives_the_predictors_detections_at_any_image_size(tmp_path, architecture,
+                                                                      capsys):
     checkpoint = detection_checkpoint(tmp_path, architecture)
     target = run_export(ExportConfig(checkpoint=str(checkpoint), format="onnx", size=64))
     assert target == tmp_path / "best.onnx"
@@ -57,6 +60,13 @@ def test_onnx_export_gives_the_predictors_detections_at_any_image_size(tmp_path,
         same = [np.array_equal(detections_mask(m), expected.mask(i))
                 for i, m in enumerate(masks)]
         assert np.mean(same) > 0.98
+    # The exported detector is not a segmentation model: eval/predict/load_model say so.
+    code = main(["eval", "--checkpoint", str(target)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert f"is a detection model ({architecture}_resnest14) exported to onnx" in err
+    with pytest.raises(SegnestError, match="take the checkpoint it was exported from"):
+        segnest.load_model(target)
 
 
 def detections_mask(rle) -> np.ndarray:

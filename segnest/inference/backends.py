@@ -217,6 +217,13 @@ def load_exported_model(path: str | os.PathLike, *, precision: str | None = None
     if not ir:
         require_extra("onnxruntime", f"running {path}")
     metadata = read_metadata(path)
+    if metadata.get("graph") == "detection":
+        outputs = ", ".join(metadata.get("outputs") or ("boxes", "labels", "scores"))
+        raise SegnestError(
+            f"{path} is a detection model ({metadata.get('model')}) exported to "
+            f"{metadata.get('format', 'onnx')}: image -> {outputs}; segnest eval and predict "
+            "take the checkpoint it was exported from (.pt), or run the file with its runtime "
+            "(docs/detection.md)")
     if metadata.get("graph", "logits") != "logits":
         raise SegnestError(
             f"{path} is an end-to-end graph (image -> labels, its own resize inside), which "
