@@ -316,3 +316,12 @@ def test_precision_comes_from_the_engine_bf16_trains_and_fp16_on_a_cpu_is_refuse
     with pytest.raises(SegnestError, match="fp16 needs a CUDA GPU"):
         run_detection(tiny(tmp_path / "fp16", tensorboard=False, precision="fp16"))
     assert not (tmp_path / "fp16").exists()
+
+
+def test_a_recipe_key_the_models_task_does_not_read_is_named_with_its_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: mask_rcnn\ndataset: mini\ncrop_size: 64\n")
+    assert main(["train", "--config", str(recipe)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"segnest: error: crop_size: 64 in recipe {recipe} applies to segmentation "
+                   "(--model deeplabv3) only, not to --model mask_rcnn; drop it")

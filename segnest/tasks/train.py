@@ -16,7 +16,7 @@ from typing import Any
 from segnest.commands.config import load_recipe, resolve_config
 from segnest.errors import SegnestError
 from segnest.presets import DATASETS
-from segnest.schema import flag, help_
+from segnest.schema import FlagNames, flag, help_
 from segnest.tasks.detection.config import (
     DETECTION_DATASETS,
     DETECTION_LR_RULE,
@@ -106,8 +106,8 @@ def settings_class(given: dict[str, Any]) -> type:
     known = {f.name for f in fields(cls)}
     for name in user:
         if name not in known and name in {f.name for f in fields(TrainFlags)}:
-            where = (f"{name}: in {recipe}" if recipe and name not in given
-                     else flag(name))
+            where = (FlagNames({name: recipe}).show(name, user[name])
+                     if recipe and name not in given else flag(name))
             other = TASK_MODELS[TrainConfig if cls is DetectionConfig else DetectionConfig]
             raise SegnestError(f"{where} applies to {other} only, not to --model {model}; "
                                "drop it")
