@@ -238,13 +238,15 @@ def test_the_segmentation_loss_takes_the_path_measured_faster_for_its_shape(
     from segnest.models.pixelwise import loss_upsampling
 
     measured = loss_timings(bands_s, full_s)
-    choice = loss_upsampling(torch.device("cpu"), 2, 150, (64, 48))
-    assert choice.chosen == chosen and measured == [(2, 150, 64, 48)]
+    choice = loss_upsampling(torch.device("cpu"), 2, 150, (256, 192))
+    assert choice.chosen == chosen and measured == [(2, 150, 256, 192)]
     assert f"in bands {1e3 * bands_s:.1f} ms vs full size {1e3 * full_s:.1f} ms" in choice.why
-    again = loss_upsampling(torch.device("cpu"), 2, 150, (64, 48))
+    again = loss_upsampling(torch.device("cpu"), 2, 150, (256, 192))
     assert again.chosen == chosen and "cached in" in again.why and len(measured) == 1
-    loss_upsampling(torch.device("cpu"), 4, 150, (64, 48))  # another shape: measured
+    loss_upsampling(torch.device("cpu"), 4, 150, (256, 192))  # another shape: measured
     assert len(measured) == 2
+    small = loss_upsampling(torch.device("cpu"), 8, 8, (96, 96))  # the demo's: 2.2 MB
+    assert small.chosen == "in bands" and small.why.startswith("rule:") and len(measured) == 2
 
 
 def test_the_full_size_loss_is_not_considered_where_it_would_not_fit_in_memory(
@@ -268,6 +270,7 @@ def test_training_takes_its_loss_the_way_measured_faster(
     from segnest.tasks.segmentation import task
 
     loss_timings(bands_s, full_s)
+    monkeypatch.setattr(pixelwise, "MEASURED_FROM_BYTES", 0)  # the tiny crops are measured
     seen = []
     real = pixelwise.upsampled_cross_entropy
     monkeypatch.setattr("segnest.tasks.segmentation.losses.upsampled_cross_entropy",
@@ -278,3 +281,38 @@ def test_training_takes_its_loss_the_way_measured_faster(
         capsys.readouterr().out
     # 32 x 32 crops: full-size logits reach the loss, or the head's 1/8 ones.
     assert seen and all(shape[-2:] == (logits_side, logits_side) for shape in seen)
+
+
+def test_a_resumed_run_keeps_the_decisions_its_checkpoint_recorded(
+        timings, loss_timings, folder_dataset, tmp_path, tiny_train_config, capsys,
+        monkeypatch):
+    """Another measurement at resume time (another load, another CPU) must not change the
+    numbers of a run that continues: the checkpoint records the choices it trained with."""
+    from segnest.models import pixelwise
+    from segnest.runtime.checkpoint import load_checkpoint
+    from segnest.tasks.segmentation import task
+
+    monkeypatch.setattr(pixelwise, "MEASURED_FROM_BYTES", 0)
+    timings({12: (2e-3, 1e-3), 24: (2e-3, 1e-3), 36: (1e-3, 2e-3)})
+    loss_timings(2e-3, 1e-3)
+    work = tmp_path / "run"
+    task.run_train(tiny_train_config(folder_dataset, work, iters=2, precision="bf16"))
+    first = capsys.readouterr().out
+    assert "hardware: segmentation loss upsampling: full size (forward" in first
+    recorded = load_checkpoint(work / "last.pt")["hardware"]
+    assert recorded[pixelwise.LOSS_UPSAMPLING] == "full size"
+    assert recorded[tuning.dilation_what(12)] == "bf16"
+    assert recorded[tuning.dilation_what(36)] == "fp32"
+
+    tuning.hardware_decisions.cache_clear()
+    timings({12: (1e-3, 2e-3), 24: (1e-3, 2e-3), 36: (2e-3, 1e-3)})  # the opposite now
+    loss_timings(1e-3, 2e-3)
+    monkeypatch.setenv("SEGNEST_CACHE", str(tmp_path / "another-cache"))
+    task.run_train(tiny_train_config(folder_dataset, work, iters=4, precision="bf16",
+                                     resume="auto"))
+    resumed = capsys.readouterr().out
+    assert ("hardware: segmentation loss upsampling: full size (recorded by the checkpoint "
+            "resumed)") in resumed
+    assert "hardware: ASPP 3x3 conv, dilation 12: bf16 (recorded by the checkpoint" in resumed
+    assert "hardware: ASPP 3x3 conv, dilation 36: fp32 (recorded by the checkpoint" in resumed
+    assert load_checkpoint(work / "last.pt")["hardware"] == recorded

@@ -112,6 +112,8 @@ class RunState:
         self.saved_iteration: int | None = None
         self.metrics: dict[str, Any] = {}
         self.stopped_by: str | None = None
+        # The hardware decisions of the checkpoint resumed (empty for a new run).
+        self.restored_hardware: dict[str, str] = {}
 
     @property
     def epoch(self) -> int:
@@ -137,6 +139,7 @@ class RunState:
         self.scheduler.resume_at(self.iteration)
         self.best = self.best_metric.stored_best(record)
         self.best_iteration = record.best_iteration
+        self.restored_hardware = dict(record.hardware or {})
         if path.resolve() == (self.work_dir / LAST_CHECKPOINT_NAME).resolve():
             self.saved_iteration = self.iteration
         self.metrics = dict(record.metrics)

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import nn
 
 from segnest.engine.loop import run_loop
 from segnest.engine.process import training_precision, training_process, wrap_for_training
@@ -19,9 +20,14 @@ from segnest.engine.state import RunState
 from segnest.engine.task import Task, Training
 from segnest.engine.workdir import run_folder
 from segnest.engine.writer import close_writer, open_writer
-from segnest.runtime.distributed import DistInfo, convert_sync_batchnorm, seed_everything
+from segnest.runtime.distributed import (
+    DistInfo,
+    broadcast_object,
+    convert_sync_batchnorm,
+    seed_everything,
+)
 from segnest.runtime.precision import grad_scaler, precision_name
-from segnest.runtime.tuning import prepare_for_training
+from segnest.runtime.tuning import HardwareDecisions, apply_recorded, prepare_for_training
 
 
 def fit(task: Task, cfg: Any) -> dict[str, Any]:
@@ -64,8 +70,6 @@ def _assemble(task: Task, cfg: Any, dist: DistInfo) -> Training:
     precision = training_precision(cfg, device)
     scaler = grad_scaler(device, precision)
     decisions = prepare_for_training(model, device, precision)
-    if dist.is_main and precision is not None and device.type == "cpu":
-        print("\n".join(f"hardware: {line}" for line in decisions.lines()))
     run = RunState(
         work_dir=work_dir, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, iters_per_epoch=iters_per_epoch, best_metric=task.best_metric,
@@ -73,6 +77,7 @@ def _assemble(task: Task, cfg: Any, dist: DistInfo) -> Training:
         record={**task.record(), "precision": precision_name(precision),
                 "config": dataclasses.asdict(cfg)})
     run.resume(cfg.resume)
+    _hardware_decisions(run, model, decisions, device, precision)
     training = Training(
         cfg=cfg, dist=dist, work_dir=work_dir, model=model,
         train_model=wrap_for_training(model, dist, cfg.compile), model_name=built.name,
@@ -85,3 +90,19 @@ def _assemble(task: Task, cfg: Any, dist: DistInfo) -> Training:
     training.train_model.train()
     return training
 
+
+
+def _hardware_decisions(run: RunState, model: nn.Module, decisions: HardwareDecisions,
+                        device: torch.device, precision: torch.dtype | None) -> None:
+    """The hardware decisions the run trains with, the same on every process and across a
+    resume: those of the checkpoint resumed where it recorded them, else the main
+    process's; applied to ``model`` and recorded in every checkpoint (``hardware``)."""
+    restored = run.restored_hardware
+    hardware = broadcast_object({**decisions.record(), **restored})
+    apply_recorded(model, hardware)
+    run.record["hardware"] = hardware
+    if run.dist.is_main and precision is not None and device.type == "cpu":
+        for choice in decisions.choices:
+            line = (f"{choice.what}: {hardware[choice.what]} (recorded by the checkpoint "
+                    "resumed)" if choice.what in restored else choice.line())
+            print(f"hardware: {line}")

@@ -65,12 +65,17 @@ def fuses_upsampling(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-# The two ways of taking the loss at full size (LossChoice.chosen).
+# The decision and the two ways of taking the loss at full size (its ``chosen``).
+LOSS_UPSAMPLING = "segmentation loss upsampling"
 BANDS, FULL_SIZE = "in bands", "full size"
 # The full-size path keeps the upsampled logits, their log-softmax and their gradient
 # (float32); it is not considered where those take more than this share of the memory
 # available.
 FULL_SIZE_MEMORY_SHARE = 0.25
+# Below this many bytes of full-size logits both paths take about a millisecond: timing
+# them would choose by noise (and two runs of one command could differ in float
+# rounding), so the banded default stands.
+MEASURED_FROM_BYTES = 16 * 2**20
 
 
 def loss_upsampling(device: torch.device, batch: int, classes: int, size: tuple[int, int],
@@ -81,8 +86,9 @@ def loss_upsampling(device: torch.device, batch: int, classes: int, size: tuple[
     :data:`FULL_SIZE` (the model upsamples its channels_last logits, then
     :func:`pixel_cross_entropy`). On a CPU measured (forward and backward of both on random
     logits of that shape, cached per CPU and software, :mod:`segnest.runtime.tuning`), unless
-    the full-size tensors would not fit in memory; GPUs upsample first (unmeasured)."""
-    what = "segmentation loss upsampling"
+    the full-size tensors would not fit in memory or are too small for the paths to differ
+    (:data:`MEASURED_FROM_BYTES`; banded then); GPUs upsample first (unmeasured)."""
+    what = LOSS_UPSAMPLING
     if device.type != "cpu":
         return Choice(what, FULL_SIZE, "rule: unmeasured on GPUs")
     height, width = size
@@ -92,6 +98,9 @@ def loss_upsampling(device: torch.device, batch: int, classes: int, size: tuple[
         return Choice(what, BANDS, f"memory: the full-size logits, log-softmax and gradient "
                       f"would take {full_bytes / 2**30:.1f} GB of the "
                       f"{available / 2**30:.1f} GB available")
+    if full_bytes < 3 * MEASURED_FROM_BYTES:
+        return Choice(what, BANDS, f"rule: {full_bytes / 3 / 2**20:.1f} MB of full-size "
+                      "logits, too little for the paths to differ beyond timing noise")
     key = cache_key(what=what, batch=batch, classes=classes, size=[height, width],
                      output_stride=output_stride)
     timings, source = cached_timings(

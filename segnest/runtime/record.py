@@ -47,6 +47,9 @@ class CheckpointRecord:
     inference: dict[str, Any] | None = None  # InferenceSettings as trained
     class_weights: list[float] | None = None
     precision: str | None = None
+    # The hardware decisions training ran with (what -> chosen: the ASPP's per-dilation
+    # precision, the segmentation loss's path), which a resumed run takes over.
+    hardware: dict[str, str] | None = None
     # Where the run stood.
     iteration: int | None = None
     position: int | None = None

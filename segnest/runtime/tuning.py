@@ -79,6 +79,12 @@ class Choice:
         return f"{self.what}: {self.chosen} ({self.why})"
 
 
+def dilation_what(rate: int) -> str:
+    """What the precision decision of the ASPP's convolution of dilation ``rate`` is
+    called (in the printed choices and in a checkpoint's record of them)."""
+    return f"ASPP 3x3 conv, dilation {rate}"
+
+
 @dataclass(frozen=True)
 class HardwareDecisions:
     """The choices for one device kind and precision."""
@@ -90,6 +96,11 @@ class HardwareDecisions:
 
     def lines(self) -> list[str]:
         return [choice.line() for choice in self.choices]
+
+    def record(self) -> dict[str, str]:
+        """What was chosen, by what it is about: what a training checkpoint records so that
+        a resumed run continues with the same choices (:func:`apply_recorded`)."""
+        return {choice.what: choice.chosen for choice in self.choices}
 
 
 def cpu_flags() -> set[str]:
@@ -257,7 +268,7 @@ def _dilation_choices(dtype: torch.dtype, dilations: tuple[int, ...], training: 
             float32.add(rate)
         timed = "forward + backward" if training else "forward"
         choices.append(Choice(
-            f"ASPP 3x3 conv, dilation {rate}", "fp32" if keep_fp32 else precision,
+            dilation_what(rate), "fp32" if keep_fp32 else precision,
             f"{timed} {precision} {1e3 * low_s:.1f} ms vs fp32 {1e3 * fp32_s:.1f} ms on a "
             f"{PROBE_MAP}x{PROBE_MAP} map, {source}"))
     return frozenset(float32), choices
@@ -325,6 +336,21 @@ def prepare_for_training(model: nn.Module, device: torch.device, dtype: torch.dt
     if dtype is None:  # nothing runs under autocast: the model stays as it is
         return hardware_decisions(device.type, None, (), training=True)
     return decide_for(model, device, dtype, training=True)
+
+
+def apply_recorded(model: nn.Module, recorded: dict[str, str]) -> None:
+    """Set on ``model`` (in place) the per-dilation precisions ``recorded`` holds (a
+    :meth:`HardwareDecisions.record`, from the checkpoint a run resumes or from the main
+    process): the same choices give the same numbers; rates it does not name keep theirs."""
+    for module in model.modules():
+        if not hasattr(module, FLOAT32_DILATIONS):
+            continue
+        float32 = set(getattr(module, FLOAT32_DILATIONS))
+        for rate in module.dilations:
+            chosen = recorded.get(dilation_what(rate))
+            if chosen is not None:
+                (float32.add if chosen == "fp32" else float32.discard)(rate)
+        setattr(module, FLOAT32_DILATIONS, frozenset(float32))
 
 
 def cast_weights_once(model: nn.Module, dtype: torch.dtype) -> nn.Module:

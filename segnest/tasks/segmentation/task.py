@@ -52,12 +52,18 @@ from segnest.inference.tensorboard import (
     segmentation_hparams,
 )
 from segnest.models import DeepLabV3, create_model, load_pretrained
-from segnest.models.pixelwise import FULL_SIZE, fuses_upsampling, loss_upsampling
+from segnest.models.pixelwise import (
+    FULL_SIZE,
+    LOSS_UPSAMPLING,
+    fuses_upsampling,
+    loss_upsampling,
+)
 from segnest.models.registry import model_name
 from segnest.models.weights import NAMED_WEIGHTS, resolve_pretrained
-from segnest.runtime.distributed import DistInfo
+from segnest.runtime.distributed import DistInfo, broadcast_object
 from segnest.runtime.files import write_text_atomic
 from segnest.runtime.precision import autocast, precision_name
+from segnest.runtime.tuning import Choice
 from segnest.schema import FlagNames, validate
 from segnest.tasks.segmentation.class_weights import class_weights_for, summary, write_class_weights
 from segnest.tasks.segmentation.config import TRAIN_LR_RULE, TrainConfig
@@ -293,10 +299,7 @@ class SegmentationTask:
     def begin(self, training: Training) -> None:
         cfg, dist, work_dir = self.cfg, training.dist, training.work_dir
         self.val_interval = cfg.val_interval or max(1, training.total_iters // 10)
-        self.loss_path = loss_upsampling(training.device, cfg.batch_size,
-                                         self.train_set.num_classes,
-                                         (cfg.crop_size, cfg.crop_size),
-                                         align_corners=DeepLabV3.ALIGN_CORNERS)
+        self.loss_path = self._loss_path(training)
         if not dist.is_main:
             return
         if training.device.type == "cpu":
@@ -310,6 +313,23 @@ class SegmentationTask:
               f"iterations, {dist.world_size} x {training.device}, batch "
               f"{cfg.batch_size}/device, lr {training.lr:g}, "
               f"{precision_name(training.precision)}; logs and checkpoints in {work_dir}")
+
+    def _loss_path(self, training: Training) -> Choice:
+        """How the loss takes the logits to full size (:func:`loss_upsampling`): as the
+        checkpoint resumed recorded it, else measured on the main process; the same on
+        every process, and recorded in the checkpoints (a resumed run continues exactly)."""
+        cfg, run = self.cfg, training.run
+        recorded = run.record["hardware"].get(LOSS_UPSAMPLING)
+        if recorded is not None:
+            return Choice(LOSS_UPSAMPLING, recorded, "recorded by the checkpoint resumed")
+        choice = None
+        if training.dist.is_main:
+            choice = loss_upsampling(training.device, cfg.batch_size,
+                                     self.train_set.num_classes, (cfg.crop_size, cfg.crop_size),
+                                     align_corners=DeepLabV3.ALIGN_CORNERS)
+        choice = broadcast_object(choice)
+        run.record["hardware"] = {**run.record["hardware"], LOSS_UPSAMPLING: choice.chosen}
+        return choice
 
     def batches(self, training: Training, epoch: int, start_batch: int) -> DataLoader:
         return make_loader(self.train_set, self.train_transform, self.cfg, training.dist,
