@@ -325,3 +325,13 @@ def test_a_recipe_key_the_models_task_does_not_read_is_named_with_its_recipe(tmp
     err = capsys.readouterr().err.strip()
     assert err == (f"segnest: error: crop_size: 64 in recipe {recipe} applies to segmentation "
                    "(--model deeplabv3) only, not to --model mask_rcnn; drop it")
+
+
+@pytest.mark.parametrize("text", ["model: [mask_rcnn]\n", "model: mask_rcnn\ndataset: [mini]\n"])
+def test_a_recipe_value_of_the_wrong_type_for_model_or_dataset_is_one_line(tmp_path, capsys,
+                                                                          text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert main(["train", "--config", str(recipe)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "segnest: error:" in err

@@ -91,11 +91,12 @@ def settings_class(given: dict[str, Any]) -> type:
     after refusing in one line a dataset of the other task or a setting it does not read."""
     user, recipe = _user_values(given)
     model = user.get("model", TrainFlags.model)
-    if model not in TASK_SETTINGS:
+    if not isinstance(model, str) or model not in TASK_SETTINGS:
         raise SegnestError(f"--model {model!r} is not one of {', '.join(TRAIN_MODELS)}; pick "
                            "one of those")
     cls = TASK_SETTINGS[model]
     dataset = user.get("dataset")
+    dataset = dataset if isinstance(dataset, str) else None  # a wrong type: validation's
     if cls is DetectionConfig and dataset in set(DATASETS) - set(DETECTION_DATASETS):
         raise SegnestError(f"--dataset {dataset!r} is a segmentation dataset; --model {model} "
                            "trains on --dataset coco (with --data-root, or own data with "
