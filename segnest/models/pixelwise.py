@@ -89,7 +89,7 @@ def loss_upsampling(device: torch.device, batch: int, classes: int, size: tuple[
     the full-size tensors would not fit in memory or are too small for the paths to differ
     (:data:`MEASURED_FROM_BYTES`; banded then); GPUs upsample first (unmeasured)."""
     what = LOSS_UPSAMPLING
-    if device.type != "cpu":
+    if not fuses_upsampling(device):
         return Choice(what, FULL_SIZE, "rule: unmeasured on GPUs")
     height, width = size
     full_bytes = 3 * 4 * batch * classes * height * width

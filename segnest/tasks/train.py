@@ -105,8 +105,9 @@ def settings_class(given: dict[str, Any]) -> type:
         raise SegnestError(f"--dataset {dataset!r} is a detection dataset; give --model "
                            f"{', '.join(DETECTION_MODELS)}, or a segmentation dataset")
     known = {f.name for f in fields(cls)}
+    flags = {f.name for f in fields(TrainFlags)}
     for name in user:
-        if name not in known and name in {f.name for f in fields(TrainFlags)}:
+        if name not in known and name in flags:
             where = (FlagNames({name: recipe}).show(name, user[name])
                      if recipe and name not in given else flag(name))
             other = TASK_MODELS[TrainConfig if cls is DetectionConfig else DetectionConfig]
